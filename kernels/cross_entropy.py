@@ -72,7 +72,8 @@ def _load_z(ptrs, mask, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
     """Logits as fp32 ``z = softcap(x / temperature)``; masked lanes are -inf."""
     z = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
     if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap)
+        # tanh(-inf) = -1 would turn masked lanes into -softcap: mask again.
+        z = tl.where(mask, softcap * _tanh(z / softcap), float("-inf"))
     return z
 
 
@@ -171,7 +172,8 @@ def _ce_kernel(
                             HAS_SOFTCAP)
                 dz = p_coef * tl.exp(z - lse) - tl.where(cols == target, t_coef, 0.0) - u_coef
                 if HAS_SOFTCAP:
-                    dz = dz * (1.0 - (z / softcap) * (z / softcap))
+                    zc = tl.where(mask, z, 0.0) / softcap
+                    dz = dz * (1.0 - zc * zc)
                 tl.store(grad_row_ptr + cols, dz.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -335,31 +337,45 @@ def _linear_ce_pass(hidden, weight, targets, scale, ignore_index, label_smoothin
     Returns (grad_hidden or None, grad_weight or None); the weight gradient is in the weight
     dtype (accumulated in fp32 when ``weight_grad_fp32``).
     """
-    n, V = hidden.shape[0], weight.shape[0]
+    n = hidden.shape[0]
     write_grad = need_hidden_grad or need_weight_grad
-    grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
-    grad_weight = None
-    if need_weight_grad:
-        acc_dtype = torch.float32 if weight_grad_fp32 else weight.dtype
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+    grads = LinearGrads(hidden, weight, need_hidden_grad, need_weight_grad, weight_grad_fp32)
     scratch = torch.empty(n, dtype=torch.float32, device=hidden.device) if loss is None else loss
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     for sl in chunks(n, rows):
-        h = hidden[sl]
-        logits = h @ weight.t()
+        logits = hidden[sl] @ weight.t()
         chunk_scale = scale[sl] if scale.dim() else scale
         _launch_ce(logits, targets[sl], scratch[sl], lse[sl], logits if write_grad else None,
                    chunk_scale, ignore_index, label_smoothing, z_loss, softcap)
-        if need_hidden_grad:
-            torch.matmul(logits, weight, out=grad_hidden[sl])
-        if need_weight_grad:
-            if grad_weight.dtype == logits.dtype:
-                grad_weight.addmm_(logits.t(), h)
+        grads.add_chunk(sl, logits)
+    return grads.result()
+
+
+class LinearGrads:
+    """Gradients of ``hidden @ weight.T`` accumulated chunk by chunk from d(logits) chunks."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, need_hidden: bool,
+                 need_weight: bool, weight_grad_fp32: bool) -> None:
+        self.hidden, self.weight = hidden, weight
+        self.grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        self.grad_weight = None
+        if need_weight:
+            acc_dtype = torch.float32 if weight_grad_fp32 else weight.dtype
+            self.grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+
+    def add_chunk(self, sl: slice, dlogits: torch.Tensor) -> None:
+        if self.grad_hidden is not None:
+            torch.matmul(dlogits, self.weight, out=self.grad_hidden[sl])
+        if self.grad_weight is not None:
+            if self.grad_weight.dtype == dlogits.dtype:
+                self.grad_weight.addmm_(dlogits.t(), self.hidden[sl])
             else:
-                grad_weight += logits.t() @ h
-    if grad_weight is not None:
-        grad_weight = grad_weight.to(weight.dtype)
-    return grad_hidden, grad_weight
+                # One rounded 16-bit GEMM per chunk, summed across chunks in fp32.
+                self.grad_weight += dlogits.t() @ self.hidden[sl]
+
+    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        gw = self.grad_weight
+        return self.grad_hidden, (gw.to(self.weight.dtype) if gw is not None else None)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

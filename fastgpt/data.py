@@ -1,0 +1,297 @@
+"""Data: text -> token shards -> random training windows, and packing of variable-length examples.
+
+Token shards (written by ``fastgpt prepare``) are flat arrays of token ids behind a 32-byte header:
+
+    magic b"FGPTTOK1" | uint32 version | uint32 bytes per token (2 or 4) | uint64 tokens | uint32 vocab | pad
+
+Documents are separated by the tokenizer's <|endoftext|> id. A dataset folder holds
+``train_000.bin ...``, ``val_000.bin ...`` and ``meta.json`` (tokenizer, counts, sources).
+:class:`TokenLoader` memory-maps the shards and samples random windows (uint16 -> int64 on the fly),
+so loading costs microseconds per batch and never limits a GPU.
+
+:func:`pack_rows` packs variable-length examples (SFT conversations, ranked responses, PPO
+rollouts) into fixed (rows, row_len) batches with ``cu_seqlens`` boundaries: no padding inside a
+row except its unused tail, and no attention across examples.
+"""
+from __future__ import annotations
+
+import json
+import random
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .tokenizer import Tokenizer, tokenizer_from_dict
+
+MAGIC = b"FGPTTOK1"
+HEADER = struct.Struct("<8sIIQI4x")  # 32 bytes
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """Bad or missing data (one-line message naming the file, line or field)."""
+
+
+# ------------------------------------------------------------------------ reading sources
+def iter_documents(paths: Sequence[str | Path], text_field: str = "text") -> Iterator[tuple[str, str]]:
+    """(source, text) for every document: a .txt file is one document, a .jsonl line is one
+    (its ``text_field``), a directory is every .txt / .jsonl file below it, sorted."""
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise DataError(f"{p}: no such file or directory")
+        files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl")) if p.is_dir() else [p]
+        if p.is_dir() and not files:
+            raise DataError(f"{p}: directory holds no .txt or .jsonl files")
+        for f in files:
+            if f.suffix == ".jsonl":
+                yield from read_jsonl_field(f, text_field)
+            elif f.suffix == ".txt":
+                yield str(f), f.read_text(encoding="utf-8", errors="replace")
+            else:
+                raise DataError(f"{f}: unsupported file type (expected .txt, .jsonl or a directory)")
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line; a malformed line names file:line."""
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+
+
+def read_jsonl_field(path: str | Path, name: str) -> Iterator[tuple[str, str]]:
+    for lineno, obj in read_jsonl(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get(name), str):
+            raise DataError(f"{path}:{lineno}: expected an object with a string field '{name}'")
+        yield f"{path}:{lineno}", obj[name]
+
+
+# ---------------------------------------------------------------------------- shards
+def _dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def write_shard(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
+    dtype = _dtype_for(vocab_size)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(HEADER.pack(MAGIC, 1, dtype.itemsize, len(tokens), vocab_size))
+        f.write(np.asarray(tokens, dtype=dtype).tobytes())
+    tmp.replace(path)
+
+
+def open_shard(path: Path) -> tuple[np.memmap, int]:
+    """Memory-map a shard; returns (tokens, vocab_size)."""
+    with open(path, "rb") as f:
+        head = f.read(HEADER.size)
+    if len(head) < HEADER.size:
+        raise DataError(f"{path}: truncated token shard (no header)")
+    magic, version, width, n, vocab = HEADER.unpack(head)
+    if magic != MAGIC or version != 1 or width not in (2, 4):
+        raise DataError(f"{path}: not a fastgpt token shard (bad header)")
+    expected = HEADER.size + n * width
+    if path.stat().st_size != expected:
+        raise DataError(f"{path}: truncated token shard ({path.stat().st_size} bytes, expected {expected})")
+    dtype = np.uint16 if width == 2 else np.uint32
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(n,)), vocab
+
+
+def prepare(inputs: Sequence[str | Path], out_dir: str | Path, tokenizer: Tokenizer,
+            val_fraction: float = 0.01, shard_tokens: int = 100_000_000, text_field: str = "text",
+            seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Tokenize documents into train/val shards under ``out_dir``; returns the written meta."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    buffers: dict[str, list[int]] = {"train": [], "val": []}
+    counts = {"train": 0, "val": 0}
+    docs = {"train": 0, "val": 0}
+    shards: dict[str, list[str]] = {"train": [], "val": []}
+
+    def flush(split: str, final: bool = False) -> None:
+        buf = buffers[split]
+        while len(buf) >= shard_tokens or (final and buf):
+            chunk, buffers[split] = buf[:shard_tokens], buf[shard_tokens:]
+            buf = buffers[split]
+            name = f"{split}_{len(shards[split]):03d}.bin"
+            write_shard(out / name, np.array(chunk), tokenizer.vocab_size)
+            shards[split].append(name)
+
+    bar = tqdm(desc="prepare", unit="doc", disable=not progress)
+    for _, text in iter_documents(inputs, text_field):
+        if not text.strip():
+            continue
+        split = "val" if rng.random() < val_fraction else "train"
+        ids = [tokenizer.eot_id] + tokenizer.encode(text)
+        buffers[split].extend(ids)
+        counts[split] += len(ids)
+        docs[split] += 1
+        flush(split)
+        bar.update(1)
+    bar.close()
+    if docs["train"] + docs["val"] == 0:
+        raise DataError(f"{', '.join(map(str, inputs))}: no documents with text found")
+    if docs["val"] == 0 and docs["train"] > 1 and not shards["train"] and val_fraction > 0:
+        # a small corpus drew no validation document: move the last one over
+        last = buffers["train"]
+        cut = max(i for i, t in enumerate(last) if t == tokenizer.eot_id)
+        if cut > 0:
+            buffers["val"], buffers["train"] = last[cut:], last[:cut]
+            counts["val"], counts["train"] = len(buffers["val"]), counts["train"] - len(buffers["val"])
+            docs["val"], docs["train"] = 1, docs["train"] - 1
+    flush("train", final=True)
+    flush("val", final=True)
+    meta = {"format": "fastgpt-tokens-1", "tokenizer": tokenizer.to_dict(), "vocab_size": tokenizer.vocab_size,
+            "tokens": counts, "documents": docs, "shards": shards, "sources": [str(p) for p in inputs]}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def load_meta(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise DataError(f"{path}: not found (run `fastgpt prepare` to build a dataset folder)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON ({e.msg})") from None
+
+
+def dataset_tokenizer(data_dir: str | Path) -> Tokenizer:
+    return tokenizer_from_dict(load_meta(data_dir)["tokenizer"])
+
+
+class TokenLoader:
+    """Random (batch, block_size) windows from a split's shards; resumable via state_dict."""
+
+    def __init__(self, data_dir: str | Path, split: str, block_size: int, batch_size: int,
+                 vocab_size: int, seed: int = 0, rank: int = 0, device: torch.device | str = "cpu") -> None:
+        meta = load_meta(data_dir)
+        names = meta["shards"].get(split, [])
+        if not names:
+            raise DataError(f"{data_dir}: no '{split}' shards (run `fastgpt prepare`)")
+        self.shards = [open_shard(Path(data_dir) / n) for n in names]
+        for (tokens, vocab), name in zip(self.shards, names):
+            if vocab > vocab_size:
+                raise DataError(f"{Path(data_dir) / name}: tokenized with a vocabulary of {vocab} ids, "
+                                f"the model has {vocab_size}")
+        self.sizes = np.array([len(t) for t, _ in self.shards])
+        usable = self.sizes - block_size - 1
+        if (usable < 0).all():
+            raise DataError(f"{data_dir}: '{split}' split has {int(self.sizes.max())} tokens per shard at most, "
+                            f"fewer than block_size + 1 = {block_size + 1}")
+        self.weights = np.clip(usable, 0, None) / np.clip(usable, 0, None).sum()
+        self.block_size, self.batch_size, self.vocab_size = block_size, batch_size, vocab_size
+        self.device = torch.device(device)
+        self.data_dir, self.split = Path(data_dir), split
+        self.rng = np.random.default_rng([seed, rank])
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        T = self.block_size
+        which = self.rng.choice(len(self.shards), size=self.batch_size, p=self.weights)
+        rows = np.empty((self.batch_size, T + 1), dtype=np.int64)
+        for i, s in enumerate(which):
+            tokens = self.shards[s][0]
+            start = int(self.rng.integers(0, len(tokens) - T))
+            rows[i] = tokens[start:start + T + 1]
+        if rows.max() >= self.vocab_size:
+            raise DataError(f"{self.data_dir}: token id {int(rows.max())} in '{self.split}' is beyond the "
+                            f"model's vocabulary of {self.vocab_size}")
+        t = torch.from_numpy(rows)
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        return t[:, :-1], t[:, 1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+# ---------------------------------------------------------------------------- packing
+@dataclass
+class PackedBatch:
+    """Examples packed into (rows, row_len); each row's unused tail is one ignored pad segment.
+
+    ``labels[r, t]`` is the target of ``idx[r, t]`` (IGNORE_INDEX where not trained).
+    ``spans[i]`` is the flat [start, end) of example ``i`` in the flattened rows.
+    """
+
+    idx: torch.Tensor
+    labels: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    spans: list[tuple[int, int]]
+    n_real: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def efficiency(self) -> float:
+        """Fraction of the batch's positions that hold real example tokens."""
+        return self.n_real / self.idx.numel()
+
+    def last_positions(self) -> torch.Tensor:
+        """Flat index of each example's last token, (n_examples,) int64."""
+        return torch.tensor([e - 1 for _, e in self.spans], dtype=torch.long, device=self.idx.device)
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        nb = device != "cpu" and torch.device(device).type == "cuda"
+        return PackedBatch(self.idx.to(device, non_blocking=nb), self.labels.to(device, non_blocking=nb),
+                           self.cu_seqlens.to(device, non_blocking=nb), self.max_seqlen, self.spans,
+                           self.n_real, self.extras)
+
+
+def pack_rows(examples: Sequence[tuple[Sequence[int], Sequence[int] | None]], n_rows: int, row_len: int,
+              pad_id: int) -> tuple[PackedBatch, int]:
+    """First-fit pack ``examples`` (input ids, labels or None) in order into ``n_rows`` rows.
+
+    Stops at the first example that fits in no row; returns (batch, examples used). Every
+    example must be at most ``row_len`` long (truncate before packing, and count it).
+    """
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    fill = [0] * n_rows
+    used = 0
+    for i, (ids, _) in enumerate(examples):
+        n = len(ids)
+        if n == 0:
+            raise DataError(f"example {i} is empty")
+        if n > row_len:
+            raise DataError(f"example {i} has {n} tokens, longer than the row length {row_len}")
+        r = next((r for r in range(n_rows) if fill[r] + n <= row_len), None)
+        if r is None:
+            break
+        rows[r].append(i)
+        fill[r] += n
+        used += 1
+    idx = torch.full((n_rows, row_len), pad_id, dtype=torch.long)
+    labels = torch.full((n_rows, row_len), IGNORE_INDEX, dtype=torch.long)
+    seg_lengths: list[int] = []
+    spans: list[tuple[int, int] | None] = [None] * used
+    for r, members in enumerate(rows):
+        pos = 0
+        for i in members:
+            ids, lab = examples[i]
+            n = len(ids)
+            idx[r, pos:pos + n] = torch.as_tensor(ids, dtype=torch.long)
+            if lab is not None:
+                labels[r, pos:pos + n] = torch.as_tensor(lab, dtype=torch.long)
+            spans[i] = (r * row_len + pos, r * row_len + pos + n)
+            seg_lengths.append(n)
+            pos += n
+        if pos < row_len:
+            seg_lengths.append(row_len - pos)
+    cu = torch.zeros(len(seg_lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(seg_lengths), 0)
+    real = sum(fill)
+    return PackedBatch(idx, labels, cu, max(seg_lengths), spans, real), used  # type: ignore[arg-type]

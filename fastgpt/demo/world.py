@@ -1,0 +1,700 @@
+"""A tiny, self-generated world of instruction tasks for the CPU demo.
+
+The demo has to run pre-training, SFT, reward modelling and PPO on a 2-core CPU
+in minutes, with a byte-level model of a few million parameters and a 256-byte
+context, and still show held-out evidence that every stage did something. No
+downloaded data set is small and regular enough for that, so this module makes
+one: a handful of task families (small arithmetic, word and list manipulation,
+facts from small tables) whose prompts are short, whose vocabulary is small and
+whose answers can be recomputed from the prompt alone.
+
+Every stage gets its own view of the same world:
+
+* pre-training reads plain statements ("7 plus 5 is 12.") so the facts and
+  skills are in the weights before any chat formatting is taught;
+* SFT reads demonstrations of deliberately uneven quality (verbose, terse,
+  repetitive, a few wrong) so the SFT model learns the assistant format but not
+  the concise canonical style the simulated labeler rewards, leaving PPO
+  something measurable to improve;
+* the comparison, PPO and evaluation stages get prompt sets that share no
+  prompt string with each other or with SFT, so every reported number is on
+  prompts the model was never trained to answer.
+
+Families live in a registry (`FAMILIES`); adding one is writing a `Family`
+subclass and appending an instance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Iterable, Iterator
+
+Args = dict[str, str]
+
+# The labeler reads a result out of the sentence after one of these verbs, so
+# every canonical answer states its result after one of them, and no filler
+# phrase below may contain them.
+CLAIM_VERBS = ("is", "says", "has")
+
+# Demonstration styles and their share of the SFT set. Verbose and repetitive
+# demos both open with "Sure", so greedy decoding of the SFT model tends to
+# start chatty rather than canonical; the labeler's preferred canonical style
+# is only a quarter of the data.
+STYLE_MIX: dict[str, float] = {
+    "verbose": 0.40,
+    "canonical": 0.25,
+    "terse": 0.15,
+    "repetitive": 0.12,
+    "wrong": 0.08,
+}
+
+PREAMBLES = (
+    "Sure! Let me think.",
+    "Sure! Happy to help.",
+    "Sure thing! Let me work it out.",
+    "Sure! Good question.",
+)
+CLOSERS = (
+    "I hope this helps!",
+    "Let me know if you need more help.",
+    "Happy to help!",
+    "",
+)
+
+# Only the labeler's filler penalty needs to recognise these; kept here so the
+# generator and the judge cannot drift apart.
+FILLER_PHRASES = (
+    "sure",
+    "let me think",
+    "let me work it out",
+    "happy to help",
+    "good question",
+    "great question",
+    "hope this helps",
+    "let me know",
+    "of course",
+    "certainly",
+    "okay",
+    "here you go",
+)
+
+_SEP = r"[\s,]+"
+
+
+def _template_regex(template: str, fields: dict[str, str]) -> re.Pattern[str]:
+    # Parsing is derived from the same templates that generate prompts, so
+    # answer_for can never disagree with the generator about what a prompt means.
+    parts = re.split(r"\{(\w+)\}", template)
+    out = []
+    for i, part in enumerate(parts):
+        out.append(f"(?P<{part}>{fields[part]})" if i % 2 else re.escape(part))
+    return re.compile("".join(out))
+
+
+def _strip_value(text: str) -> str:
+    text = re.sub(r"\s+", " ", text).strip()
+    return text.strip(" .!?,;:\"'")
+
+
+class Family:
+    """One task family: prompt templates, answer rule, corpus and demo text."""
+
+    name: str = ""
+    templates: tuple[str, ...] = ()
+    fields: dict[str, str] = {}
+    case_sensitive: bool = False
+
+    def __init__(self) -> None:
+        self._patterns = [_template_regex(t, self.fields) for t in self.templates]
+
+    # -- to implement -------------------------------------------------------
+    def all_args(self) -> Iterable[Args]:
+        """Every argument set this family generates (the prompt space)."""
+        raise NotImplementedError
+
+    def result(self, args: Args) -> str | None:
+        """The bare answer, or None when the arguments are outside the world."""
+        raise NotImplementedError
+
+    def canonical(self, args: Args, result: str) -> str:
+        """The one-sentence answer the labeler prefers, stating `result`."""
+        raise NotImplementedError
+
+    def wrong_result(self, args: Args, rng: random.Random) -> str:
+        """A plausible but incorrect result, for the wrong demonstrations."""
+        raise NotImplementedError
+
+    # -- shared machinery ---------------------------------------------------
+    def sample_args(self, rng: random.Random) -> Args:
+        return rng.choice(self._arg_list())
+
+    def _arg_list(self) -> list[Args]:
+        cached = getattr(self, "_args_cache", None)
+        if cached is None:
+            cached = list(self.all_args())
+            self._args_cache = cached
+        return cached
+
+    def all_prompts(self) -> list[str]:
+        return [t.format(**a) for a in self._arg_list() for t in self.templates]
+
+    def sample_prompt(self, rng: random.Random) -> str:
+        return rng.choice(self.templates).format(**self.sample_args(rng))
+
+    def parse(self, prompt: str) -> Args | None:
+        prompt = prompt.strip()
+        for pattern in self._patterns:
+            m = pattern.fullmatch(prompt)
+            if m and self.result(m.groupdict()) is not None:
+                return m.groupdict()
+        return None
+
+    def answer(self, prompt: str) -> str | None:
+        args = self.parse(prompt)
+        if args is None:
+            return None
+        return self.canonical(args, self.result(args))  # type: ignore[arg-type]
+
+    def statement(self, rng: random.Random) -> str:
+        args = self.sample_args(rng)
+        return self.canonical(args, self.result(args))  # type: ignore[arg-type]
+
+    def normalize_value(self, text: str) -> str:
+        """Canonical form of a claimed result, for comparing with `result`."""
+        text = _strip_value(text)
+        return text if self.case_sensitive else text.lower()
+
+    def demonstration(self, prompt: str, style: str, rng: random.Random) -> str:
+        """An assistant reply to `prompt` written in `style` (see STYLE_MIX)."""
+        args = self.parse(prompt)
+        if args is None:
+            raise ValueError(f"{self.name}: not a prompt of this family: {prompt!r}")
+        result = self.result(args)
+        assert result is not None
+        if style == "wrong":
+            # Wrong demos look like any other demo; only the value is off.
+            style = rng.choice(("canonical", "verbose", "terse"))
+            result = self.wrong_result(args, rng)
+        sentence = self.canonical(args, result)
+        if style == "canonical":
+            return sentence
+        if style == "terse":
+            return result
+        if style == "verbose":
+            return " ".join(p for p in (rng.choice(PREAMBLES), sentence, rng.choice(CLOSERS)) if p)
+        if style == "repetitive":
+            reps = [sentence] * rng.randint(2, 3)
+            return " ".join([rng.choice(PREAMBLES), *reps])
+        raise ValueError(f"unknown style {style!r}")
+
+
+def _other_number(value: int, rng: random.Random, low: int = 0) -> str:
+    candidates = [v for v in range(value - 3, value + 4) if v != value and v >= low]
+    return str(rng.choice(candidates))
+
+
+class Add(Family):
+    name = "add"
+    templates = ("What is {a} plus {b}?", "What is {a} + {b}?", "Add {a} and {b}.")
+    fields = {"a": r"\d{1,3}", "b": r"\d{1,3}"}
+
+    def __init__(self, limit: int = 13) -> None:
+        self.limit = limit
+        super().__init__()
+
+    def all_args(self) -> Iterable[Args]:
+        for a, b in product(range(self.limit), repeat=2):
+            yield {"a": str(a), "b": str(b)}
+
+    def result(self, args: Args) -> str | None:
+        return str(int(args["a"]) + int(args["b"]))
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"{args['a']} plus {args['b']} is {result}."
+
+    def wrong_result(self, args: Args, rng: random.Random) -> str:
+        return _other_number(int(self.result(args)), rng)  # type: ignore[arg-type]
+
+
+class Sub(Family):
+    name = "sub"
+    templates = ("What is {a} minus {b}?", "What is {a} - {b}?", "Subtract {b} from {a}.")
+    fields = {"a": r"\d{1,3}", "b": r"\d{1,3}"}
+
+    def __init__(self, limit: int = 13) -> None:
+        self.limit = limit
+        super().__init__()
+
+    def all_args(self) -> Iterable[Args]:
+        # Non-negative results only: negative numbers add a sign rule the tiny
+        # model would have to learn for little benefit to the demo.
+        for a in range(self.limit):
+            for b in range(a + 1):
+                yield {"a": str(a), "b": str(b)}
+
+    def result(self, args: Args) -> str | None:
+        return str(int(args["a"]) - int(args["b"]))
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"{args['a']} minus {args['b']} is {result}."
+
+    def wrong_result(self, args: Args, rng: random.Random) -> str:
+        return _other_number(int(self.result(args)), rng)  # type: ignore[arg-type]
+
+
+WORDS = (
+    "cat dog sun map pen cup hat box pig bus egg jam fox owl bee ant key bed car "
+    "toy sea ice web fish bird tree star moon cake book door lamp milk rain ship "
+    "frog bell ring sand wind leaf rock salt corn road apple bread chair plant "
+    "horse river stone cloud light table water house smile train "
+    "pot net bag arm leg ear eye gum hen cow kid mud nut pin rug van "
+    "coat drum goat kite lion nest rose sock wall wolf "
+    "beach candy clock dress grape lemon mouse paper queen sheep snake tiger"
+).split()
+
+
+class WordFamily(Family):
+    fields = {"w": r"[a-z]{2,8}"}
+
+    def all_args(self) -> Iterable[Args]:
+        for w in WORDS:
+            yield {"w": w}
+
+
+class Reverse(WordFamily):
+    name = "reverse"
+    templates = ("Reverse the word {w}.", "What is {w} backwards?", "Spell {w} backwards.")
+
+    def result(self, args: Args) -> str | None:
+        return args["w"][::-1]
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"The reverse of {args['w']} is {result}."
+
+    def wrong_result(self, args: Args, rng: random.Random) -> str:
+        right = args["w"][::-1]
+        letters = list(args["w"])
+        for _ in range(20):
+            rng.shuffle(letters)
+            guess = "".join(letters)
+            if guess != right:
+                return guess
+        return args["w"] + args["w"][-1]
+
+
+class FirstLetter(WordFamily):
+    name = "first_letter"
+    templates = ("What is the first letter of {w}?", "What letter does {w} start with?")
+
+    def result(self, args: Args) -> str | None:
+        return args["w"][0]
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"The first letter of {args['w']} is {result}."
+
+    def wrong_result(self, args: Args, rng: random.Random) -> str:
+        others = [c for c in args["w"] if c != args["w"][0]] or list("xyz")
+        return rng.choice(others)
+
+
+class LastLetter(WordFamily):
+    name = "last_letter"
+    templates = ("What is the last letter of {w}?", "What letter does {w} end with?")
+
+    def result(self, args: Args) -> str | None:
+        return args["w"][-1]
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"The last letter of {args['w']} is {result}."
+
+    def wrong_result(self, args: Args, rng: random.Random) -> str:
+        others = [c for c in args["w"] if c != args["w"][-1]] or list("xyz")
+        return rng.choice(others)
+
+
+class Upper(WordFamily):
+    name = "upper"
+    templates = ("Write {w} in capitals.", "Uppercase the word {w}.", "What is {w} in capital letters?")
+    case_sensitive = True
+
+    def result(self, args: Args) -> str | None:
+        return args["w"].upper()
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"The word {args['w']} in capitals is {result}."
+
+    def wrong_result(self, args: Args, rng: random.Random) -> str:
+        return rng.choice((args["w"].capitalize(), args["w"], args["w"][:-1].upper() + args["w"][-1]))
+
+
+class Length(WordFamily):
+    name = "length"
+    templates = ("How many letters are in {w}?", "Count the letters in {w}.")
+
+    def result(self, args: Args) -> str | None:
+        return str(len(args["w"]))
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"The word {args['w']} has {result} letters."
+
+    def normalize_value(self, text: str) -> str:
+        # "has 3 letters" states the result with its unit; the unit is not the claim.
+        return re.sub(r"\s+letters?$", "", super().normalize_value(text))
+
+    def wrong_result(self, args: Args, rng: random.Random) -> str:
+        return _other_number(len(args["w"]), rng, low=1)
+
+
+class ListFamily(Family):
+    fields = {"xs": r"\d(?: \d){1,5}"}
+
+    def __init__(self, lengths: tuple[int, ...] = (3, 4)) -> None:
+        self.lengths = lengths
+        super().__init__()
+
+    def all_args(self) -> Iterable[Args]:
+        for n in self.lengths:
+            for xs in product("0123456789", repeat=n):
+                yield {"xs": " ".join(xs)}
+
+    def normalize_value(self, text: str) -> str:
+        return " ".join(re.split(_SEP, _strip_value(text)))
+
+    @staticmethod
+    def _numbers(args: Args) -> list[int]:
+        return [int(x) for x in args["xs"].split()]
+
+
+class Sort(ListFamily):
+    name = "sort"
+    templates = ("Sort {xs}.", "Sort these numbers: {xs}.", "Put {xs} in order.")
+
+    def result(self, args: Args) -> str | None:
+        return " ".join(str(x) for x in sorted(self._numbers(args)))
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"{args['xs']} sorted is {result}."
+
+    def wrong_result(self, args: Args, rng: random.Random) -> str:
+        xs = sorted(self._numbers(args))
+        if len(set(xs)) > 1:
+            while True:
+                i, j = rng.sample(range(len(xs)), 2)
+                if xs[i] != xs[j]:
+                    xs[i], xs[j] = xs[j], xs[i]
+                    break
+        else:
+            xs[-1] = (xs[-1] + 1) % 10
+        return " ".join(str(x) for x in xs)
+
+
+class Largest(ListFamily):
+    name = "max"
+    templates = ("What is the largest of {xs}?", "Which is biggest: {xs}?")
+
+    def result(self, args: Args) -> str | None:
+        return str(max(self._numbers(args)))
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"The largest of {args['xs']} is {result}."
+
+    def wrong_result(self, args: Args, rng: random.Random) -> str:
+        xs = self._numbers(args)
+        others = [x for x in xs if x != max(xs)]
+        return str(rng.choice(others)) if others else _other_number(max(xs), rng)
+
+
+class Smallest(ListFamily):
+    name = "min"
+    templates = ("What is the smallest of {xs}?", "Which is smallest: {xs}?")
+
+    def result(self, args: Args) -> str | None:
+        return str(min(self._numbers(args)))
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"The smallest of {args['xs']} is {result}."
+
+    def wrong_result(self, args: Args, rng: random.Random) -> str:
+        xs = self._numbers(args)
+        others = [x for x in xs if x != min(xs)]
+        return str(rng.choice(others)) if others else _other_number(min(xs), rng)
+
+
+class TableFamily(Family):
+    """Facts the model can only know from the pre-training corpus."""
+
+    key: str = "k"
+    table: dict[str, str] = {}
+
+    def all_args(self) -> Iterable[Args]:
+        for k in self.table:
+            yield {self.key: k}
+
+    def result(self, args: Args) -> str | None:
+        return self.table.get(args[self.key])
+
+    def wrong_result(self, args: Args, rng: random.Random) -> str:
+        right = self.table[args[self.key]]
+        return rng.choice(sorted({v for v in self.table.values() if v != right}))
+
+
+class Colour(TableFamily):
+    name = "colour"
+    key = "s"
+    templates = ("What colour is {s}?", "What is the colour of {s}?", "Tell me the colour of {s}.", "Name the colour of {s}.")
+    fields = {"s": r"[a-z][a-z ]{1,20}"}
+    table = {
+        "a banana": "yellow", "a lemon": "yellow", "the sun": "yellow", "an apple": "red",
+        "a tomato": "red", "a cherry": "red", "a strawberry": "red", "grass": "green",
+        "a lime": "green", "a frog": "green", "a pea": "green", "the sky": "blue",
+        "the sea": "blue", "snow": "white", "milk": "white", "coal": "black",
+        "a crow": "black", "a carrot": "orange", "a pumpkin": "orange", "a plum": "purple",
+        "a grape": "purple", "chocolate": "brown", "a flamingo": "pink",
+    }
+
+    def canonical(self, args: Args, result: str) -> str:
+        s = args["s"]
+        return f"{s[0].upper()}{s[1:]} is {result}."
+
+
+class Capital(TableFamily):
+    name = "capital"
+    key = "c"
+    templates = (
+        "What is the capital of {c}?", "Name the capital of {c}.",
+        "Which city is the capital of {c}?", "Tell me the capital of {c}.",
+    )
+    fields = {"c": r"[A-Z][a-z]+"}
+    table = {
+        "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Japan": "Tokyo",
+        "Egypt": "Cairo", "Peru": "Lima", "Kenya": "Nairobi", "Norway": "Oslo",
+        "Greece": "Athens", "Cuba": "Havana", "Chile": "Santiago", "Poland": "Warsaw",
+        "Ireland": "Dublin", "Austria": "Vienna", "Portugal": "Lisbon", "Russia": "Moscow",
+    }
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"The capital of {args['c']} is {result}."
+
+
+class Sound(TableFamily):
+    name = "sound"
+    key = "a"
+    templates = (
+        "What does a {a} say?", "What sound does a {a} make?",
+        "What noise does a {a} make?", "How does a {a} sound?",
+    )
+    fields = {"a": r"[a-z]+"}
+    table = {
+        "cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa",
+        "pig": "oink", "owl": "hoot", "horse": "neigh", "lion": "roar", "frog": "ribbit",
+        "bee": "buzz", "snake": "hiss", "mouse": "squeak", "crow": "caw",
+    }
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"A {args['a']} says {result}."
+
+
+FAMILIES: list[Family] = [
+    Add(), Sub(), Reverse(), FirstLetter(), LastLetter(), Upper(), Length(),
+    Sort(), Largest(), Smallest(), Colour(), Capital(), Sound(),
+]
+FAMILY_BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
+
+
+def parse_prompt(prompt: str) -> tuple[Family, Args] | None:
+    """The family and arguments of a world prompt, or None if it is not one."""
+    for fam in FAMILIES:
+        args = fam.parse(prompt)
+        if args is not None:
+            return fam, args
+    return None
+
+
+def task_for(prompt: str) -> str | None:
+    """Name of the family a prompt belongs to."""
+    parsed = parse_prompt(prompt)
+    return parsed[0].name if parsed else None
+
+
+def result_for(prompt: str) -> str | None:
+    """The bare correct result of a prompt ("12", "tac"), or None."""
+    parsed = parse_prompt(prompt)
+    return parsed[0].result(parsed[1]) if parsed else None
+
+
+def answer_for(prompt: str) -> str | None:
+    """The canonical one-sentence correct answer of any world prompt, or None."""
+    parsed = parse_prompt(prompt)
+    if parsed is None:
+        return None
+    fam, args = parsed
+    return fam.canonical(args, fam.result(args))  # type: ignore[arg-type]
+
+
+def pretrain_texts(n: int, seed: int = 0, exclude_prompts: Iterable[str] = (), qa_fraction: float = 0.2) -> list[str]:
+    """`n` plain-text documents of 1-4 statements about the world.
+
+    A `qa_fraction` of the sentences are written FAQ-style ("What is 7 plus 5?
+    7 plus 5 is 12.") so the base model sees question wordings next to their
+    answers, as web text would show it; prompts in `exclude_prompts` (the
+    held-out evaluation set) never appear that way.
+    """
+    rng = random.Random(seed)
+    excluded = set(exclude_prompts)
+    docs = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 4)):
+            fam = rng.choice(FAMILIES)
+            if rng.random() < qa_fraction:
+                prompt = fam.sample_prompt(rng)
+                if prompt not in excluded:
+                    parts.append(f"{prompt} {fam.answer(prompt)}")
+                    continue
+            parts.append(fam.statement(rng))
+        docs.append(" ".join(parts))
+    return docs
+
+
+def _style_list(n: int, mix: dict[str, float], rng: random.Random) -> list[str]:
+    # Exact counts (largest remainder) rather than independent draws, so small
+    # SFT sets still carry every style in the intended proportion.
+    total = sum(mix.values())
+    raw = {s: n * w / total for s, w in mix.items()}
+    counts = {s: math.floor(v) for s, v in raw.items()}
+    for s in sorted(raw, key=lambda s: raw[s] - counts[s], reverse=True)[: n - sum(counts.values())]:
+        counts[s] += 1
+    styles = [s for s, c in counts.items() for _ in range(c)]
+    rng.shuffle(styles)
+    return styles
+
+
+def _allocate(sizes: list[int], caps: list[float], rng: random.Random) -> list[list[str]]:
+    """Split the prompt space into disjoint sets of the given sizes.
+
+    Each set takes prompts round-robin over families, so every set covers every
+    family; `caps` bounds the share of a family's prompt space one set may take,
+    so that small fact tables are not used up by the first sets (an SFT set
+    without colour questions would never teach that wording).
+    """
+    pools = {}
+    for fam in FAMILIES:
+        prompts = fam.all_prompts()
+        rng.shuffle(prompts)
+        pools[fam.name] = prompts
+    capacity = {name: len(p) for name, p in pools.items()}
+    if sum(sizes) > sum(capacity.values()):
+        raise ValueError(f"asked for {sum(sizes)} prompts; the world has {sum(capacity.values())}")
+    out = []
+    for n, cap in zip(sizes, caps):
+        limit = {name: max(1, int(cap * capacity[name])) for name in pools}
+        taken = dict.fromkeys(pools, 0)
+        chosen: list[str] = []
+        order = sorted(pools)
+        rng.shuffle(order)
+        relaxed = False
+        while len(chosen) < n:
+            progressed = False
+            for name in order:
+                if len(chosen) >= n:
+                    break
+                if taken[name] < limit[name] and pools[name]:
+                    chosen.append(pools[name].pop())
+                    taken[name] += 1
+                    progressed = True
+            if not progressed:
+                if relaxed:
+                    raise ValueError("prompt space exhausted")
+                limit = dict.fromkeys(pools, math.inf)  # type: ignore[arg-type]
+                relaxed = True
+        rng.shuffle(chosen)
+        out.append(chosen)
+    return out
+
+
+@dataclass
+class WorldData:
+    """Everything the demo pipeline reads, before it is written to disk."""
+
+    pretrain: list[str]
+    sft: list[dict]
+    compare_prompts: list[str]
+    ppo_prompts: list[str]
+    eval_items: list[dict]
+    seed: int = 0
+    style_mix: dict[str, float] = field(default_factory=lambda: dict(STYLE_MIX))
+
+
+def make_world(
+    seed: int = 0,
+    n_pretrain: int = 20000,
+    n_sft: int = 2000,
+    n_compare: int = 600,
+    n_ppo: int = 400,
+    n_eval: int = 260,
+    style_mix: dict[str, float] | None = None,
+) -> WorldData:
+    """Generate the whole world deterministically from `seed`.
+
+    SFT records are `{"messages": [...], "task": ..., "style": ...}`; the
+    extra keys are bookkeeping for analysis and can be ignored by trainers.
+    """
+    rng = random.Random(seed)
+    mix = dict(style_mix or STYLE_MIX)
+    # Evaluation is allocated first and gets the largest per-family share so
+    # its per-family numbers stay balanced; SFT takes whatever is left.
+    eval_prompts, ppo, compare, sft_prompts = _allocate(
+        [n_eval, n_ppo, n_compare, n_sft], [0.25, 0.2, 0.2, 1.0], rng
+    )
+    eval_items = []
+    for p in eval_prompts:
+        fam, args = parse_prompt(p)  # type: ignore[misc]
+        result = fam.result(args)
+        eval_items.append({"prompt": p, "task": fam.name, "answer": fam.canonical(args, result), "result": result})
+    sft = []
+    for p, style in zip(sft_prompts, _style_list(len(sft_prompts), mix, rng)):
+        fam, _ = parse_prompt(p)  # type: ignore[misc]
+        reply = fam.demonstration(p, style, rng)
+        sft.append({
+            "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": reply}],
+            "task": fam.name,
+            "style": style,
+        })
+    pretrain = pretrain_texts(n_pretrain, seed=rng.randrange(2**32), exclude_prompts=eval_prompts)
+    return WorldData(pretrain, sft, compare, ppo, eval_items, seed=seed, style_mix=mix)
+
+
+def _write_jsonl(path: Path, rows: Iterator[dict] | list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_world(data: WorldData, out_dir: str | Path) -> dict[str, Path]:
+    """Write the world as JSONL files; returns {name: path}.
+
+    pretrain.jsonl: {"text"}; sft.jsonl: {"messages", "task", "style"};
+    compare_prompts.jsonl and ppo_prompts.jsonl: {"prompt"};
+    eval.jsonl: {"prompt", "task", "answer", "result"}.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "pretrain": out / "pretrain.jsonl",
+        "sft": out / "sft.jsonl",
+        "compare_prompts": out / "compare_prompts.jsonl",
+        "ppo_prompts": out / "ppo_prompts.jsonl",
+        "eval": out / "eval.jsonl",
+    }
+    _write_jsonl(paths["pretrain"], ({"text": t} for t in data.pretrain))
+    _write_jsonl(paths["sft"], data.sft)
+    _write_jsonl(paths["compare_prompts"], ({"prompt": p} for p in data.compare_prompts))
+    _write_jsonl(paths["ppo_prompts"], ({"prompt": p} for p in data.ppo_prompts))
+    _write_jsonl(paths["eval"], data.eval_items)
+    return paths
