@@ -7,6 +7,8 @@ fsynced, then renamed over the old one, so an interrupted save never damages wha
 """
 from __future__ import annotations
 
+from .errors import FastGPTError
+
 import os
 import pickle
 import tempfile
@@ -25,7 +27,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "fastgpt-checkpoint-1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FastGPTError, ValueError):
     """A checkpoint that is missing, damaged or of the wrong kind (one-line message)."""
 
 

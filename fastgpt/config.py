@@ -7,6 +7,8 @@ not code paths.  An unknown key anywhere is an error that names the key and wher
 """
 from __future__ import annotations
 
+from .errors import FastGPTError
+
 import dataclasses
 import sys
 from dataclasses import dataclass, field, fields
@@ -19,7 +21,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+class ConfigError(FastGPTError, ValueError):
     """A configuration value or key that is not what was expected (one-line message)."""
 
 

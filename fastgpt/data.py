@@ -15,6 +15,8 @@ row except its unused tail, and no attention across examples.
 """
 from __future__ import annotations
 
+from .errors import FastGPTError
+
 import json
 import random
 import struct
@@ -33,7 +35,7 @@ HEADER = struct.Struct("<8sIIQI4x")  # 32 bytes
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
+class DataError(FastGPTError, ValueError):
     """Bad or missing data (one-line message naming the file, line or field)."""
 
 

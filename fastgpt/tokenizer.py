@@ -15,6 +15,8 @@ model learns to stop; padding uses <|pad|>, which is never the end-of-turn token
 """
 from __future__ import annotations
 
+from .errors import FastGPTError
+
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +25,7 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assis
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(FastGPTError, ValueError):
     """Bad tokenizer input or file (one-line message)."""
 
 
@@ -124,6 +126,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     p = Path(path)
     if not p.exists():
         raise TokenizerError(f"{p}: tokenizer file not found")
+    if p.is_dir():  # a Hugging Face folder (tokenizer.json or vocab.json + merges.txt)
+        from .tokenizer_hf import HFTokenizer
+        return HFTokenizer.from_file(p)
     try:
         d = json.loads(p.read_text())
     except json.JSONDecodeError as e:

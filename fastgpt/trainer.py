@@ -12,6 +12,8 @@ Non-finite losses never reach the weights: the step is skipped and counted, and 
 """
 from __future__ import annotations
 
+from .errors import FastGPTError
+
 import contextlib
 import json
 import math
@@ -37,7 +39,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e1
                    "A10G": 125e12, "RTX 4090": 165e12}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(FastGPTError, RuntimeError):
     """A run that cannot continue (one-line message)."""
 
 

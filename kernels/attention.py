@@ -215,9 +215,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
                      mask=row_ok[:, None], other=0.0)
         lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        pt = tl.exp2(tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale - lse[None, :])
-        if MASK:
-            pt = tl.where(rows[None, :] >= offs_n[:, None], pt, 0.0)
+        qkt = tl.dot(k, qt, input_precision=DOT_PREC) * qk_scale
+        if MASK:  # mask the logits, not P: masked logits can exceed lse and overflow exp2
+            qkt = tl.where(rows[None, :] >= offs_n[:, None], qkt, float("-inf"))
+        pt = tl.exp2(qkt - lse[None, :])
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dst = pt * (dpt - delta[None, :])
@@ -293,12 +294,13 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, s
         else:
             kt = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None])
             vt = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None])
-        p = tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse[:, None])
+        qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         if MASK:
             keep = cols[None, :] < seq_len
             if IS_CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None])
-            p = tl.where(keep, p, 0.0)
+            qk = tl.where(keep, qk, float("-inf"))
+        p = tl.exp2(qk - lse[:, None])
         dp = tl.dot(do, vt, input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
@@ -599,13 +601,14 @@ def _decode_combine_kernel(MPart, LPart, OPart, Out, cache_seqlens, chunk,
              + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=(r < TQ * GROUP)[:, None])
 
 
-def _decode_num_splits(max_len: int, batch: int, n_kv_heads: int) -> int:
+def _decode_num_splits(max_len: int, batch: int, n_kv_heads: int,
+                       device: torch.device | None = None) -> int:
     """Enough splits to give the GPU ~2 programs per SM, none shorter than the minimum chunk."""
     by_length = triton.cdiv(max_len, _DECODE_MIN_SPLIT_KEYS)
-    if _INTERPRET or not torch.cuda.is_available():
+    if _INTERPRET or device is None or device.type != "cuda":
         by_occupancy = by_length
     else:
-        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
         by_occupancy = triton.cdiv(2 * sms, max(1, batch * n_kv_heads))
     return max(1, min(_DECODE_MAX_SPLITS, by_length, by_occupancy))
 
@@ -638,7 +641,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     has_idx = cache_batch_idx is not None
     idx = (cache_batch_idx.to(device=q.device, dtype=torch.int32).contiguous() if has_idx
            else cache_seqlens)  # placeholder pointer, never read
-    n_splits = _decode_num_splits(t_max, batch, n_kv_heads)
+    n_splits = _decode_num_splits(t_max, batch, n_kv_heads, q.device)
     chunk = triton.cdiv(triton.cdiv(t_max, n_splits), _DECODE_BLOCK_N) * _DECODE_BLOCK_N
     n_splits = triton.cdiv(t_max, chunk)
     m_part = torch.empty((batch, n_kv_heads, n_splits, rows), device=q.device, dtype=torch.float32)

@@ -351,13 +351,34 @@ def _linear_ce_pass(hidden, weight, targets, scale, ignore_index, label_smoothin
     return grads.result()
 
 
+_FP32_ADDMM = {"ok": True}
+
+
+def _fp32_addmm_into(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """acc += a @ b for 16-bit a, b straight into the fp32 ``acc`` (cuBLAS ``out_dtype``).
+
+    Saves the (V, d) 16-bit temporary and its extra read/write per chunk.  False where the
+    installed torch / device lacks ``addmm(..., out_dtype=)`` (then the caller falls back).
+    """
+    if not (acc.is_cuda and _FP32_ADDMM["ok"]):
+        return False
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        _FP32_ADDMM["ok"] = False
+        return False
+
+
 class LinearGrads:
     """Gradients of ``hidden @ weight.T`` accumulated chunk by chunk from d(logits) chunks."""
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, need_hidden: bool,
                  need_weight: bool, weight_grad_fp32: bool) -> None:
         self.hidden, self.weight = hidden, weight
-        self.grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # Row-major whatever hidden's strides, so each chunk's rows are a valid matmul out=.
+        self.grad_hidden = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+                            if need_hidden else None)
         self.grad_weight = None
         if need_weight:
             acc_dtype = torch.float32 if weight_grad_fp32 else weight.dtype
@@ -367,11 +388,12 @@ class LinearGrads:
         if self.grad_hidden is not None:
             torch.matmul(dlogits, self.weight, out=self.grad_hidden[sl])
         if self.grad_weight is not None:
-            if self.grad_weight.dtype == dlogits.dtype:
-                self.grad_weight.addmm_(dlogits.t(), self.hidden[sl])
-            else:
+            gw, h = self.grad_weight, self.hidden[sl]
+            if gw.dtype == dlogits.dtype:
+                gw.addmm_(dlogits.t(), h)
+            elif not _fp32_addmm_into(gw, dlogits.t(), h):
                 # One rounded 16-bit GEMM per chunk, summed across chunks in fp32.
-                self.grad_weight += dlogits.t() @ self.hidden[sl]
+                gw += dlogits.t() @ h
 
     def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         gw = self.grad_weight

@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 Args = dict[str, str]
 
@@ -670,7 +670,7 @@ def make_world(
     return WorldData(pretrain, sft, compare, ppo, eval_items, seed=seed, style_mix=mix)
 
 
-def _write_jsonl(path: Path, rows: Iterator[dict] | list[dict]) -> None:
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -28,9 +28,14 @@ pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Norm-wise relative error ||a - e|| / ||e|| in fp64; NaN anywhere makes it NaN."""
+    """Norm-wise relative error ||a - e|| / ||e|| in fp64; NaN anywhere makes it NaN.
+
+    The denominator is floored at an RMS of 1e-3 so exactly-zero references (dq of length-1
+    sequences) are compared against rounding noise rather than divided by zero.
+    """
     a, e = actual.double(), expected.double()
-    return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
+    floor = 1e-3 * max(1, e.numel()) ** 0.5
+    return ((a - e).norm() / e.norm().clamp_min(floor)).item()
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
@@ -109,7 +114,14 @@ def test_single_token_sequences_only():
     torch.manual_seed(4)
     cu = torch.arange(4, device=DEVICE, dtype=torch.int32)
     q, k, v = (randn(3, 2, 16, dtype=torch.float32) for _ in range(3))
-    check_against_reference(q, k, v, True, cu, 1)
+    dout = torch.randn_like(q)
+    out = attention_api(q, k, v, True, None, cu, 1)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    # Each token attends only to itself: out = v, dv = dout, dk = 0, and dq is exactly zero in
+    # exact arithmetic (rowsum(dO*O) cancels dO.v), so it is checked to rounding level.
+    assert_close(out, v.detach(), 1e-6, "out")
+    assert_close(dv, dout, 1e-6, "dv")
+    assert dq.abs().max() < 1e-5 and dk.abs().max() < 1e-5
 
 
 def test_non_contiguous_inputs():
@@ -184,7 +196,31 @@ def test_torch_compile_fullgraph():
     # autograd registrations) without a C++ toolchain; inductor is exercised on GPU below.
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     x = randn(B, T, 3 * H * D, dtype=torch.float32)
-    w = randn(3 * H * D, 3 * H * D, dtype=torch.float32)
+    w = (torch.randn(3 * H * D, 3 * H * D, device=DEVICE) / (3 * H * D) ** 0.5).requires_grad_()
+    dy = torch.randn(B, T, device=DEVICE)
+    out = compiled(x, w)
+    grads = torch.autograd.grad(out, (x, w), dy)
+    with K.backend("reference"):
+        ref = block(x, w)
+    ref_grads = torch.autograd.grad(ref, (x, w), dy)
+    assert_close(out, ref, 1e-5, "compiled out")
+    for g, rg in zip(grads, ref_grads):
+        assert_close(g, rg, 1e-5, "compiled grad")
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_cpu():
+    """Inductor (C++ on CPU, ~40 s) around the opaque custom ops, forward and backward."""
+    torch.manual_seed(13)
+    B, T, H, D = 1, 20, 2, 16
+
+    def block(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        q, k, v = (x @ w).view(B, T, 3, H, D).unbind(2)
+        return attention_api(q, k, v, causal=True).sum(dim=(2, 3))
+
+    compiled = torch.compile(block, fullgraph=True)
+    x = randn(B, T, 3 * H * D, dtype=torch.float32)
+    w = (torch.randn(3 * H * D, 3 * H * D, device=DEVICE) / (3 * H * D) ** 0.5).requires_grad_()
     dy = torch.randn(B, T, device=DEVICE)
     out = compiled(x, w)
     grads = torch.autograd.grad(out, (x, w), dy)
@@ -208,12 +244,14 @@ def _decode_case(B, Tq, Hq, Hkv, D, Bc, Tmax, lengths, dtype, batch_idx=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tq", [1, 3])
-def test_decode_matches_reference_with_splits(poisoned_empty, dtype, tq):
-    from fastgpt.kernels.attention import _decode_num_splits
+def test_decode_matches_reference_with_splits(poisoned_empty, monkeypatch, dtype, tq):
+    from fastgpt.kernels import attention as attn  # the module: the API function is bound above
 
+    # Split even this short cache (on GPU the default minimum chunk would give one split).
+    monkeypatch.setattr(attn, "_DECODE_MIN_SPLIT_KEYS", 16)
     torch.manual_seed(10)
     Tmax = 70
-    assert _decode_num_splits(Tmax, 4, 2) > 1  # several splits, some empty for short rows
+    assert attn._decode_num_splits(Tmax, 4, 2) > 1  # several splits, some empty for short rows
     # Row lengths: only the new tokens, ragged, a full cache; rows read permuted cache rows.
     q, kc, vc, seqlens, idx = _decode_case(4, tq, 4, 2, 16, 5, Tmax, [tq, 17, 70, 40], dtype,
                                            batch_idx=[4, 0, 2, 1])

@@ -196,6 +196,14 @@ def test_linear_ce_options(option):
     _check_linear(*_linear_inputs(gen), "mean", 1e-5, gen, **OPTIONS[option])
 
 
+def test_linear_ce_transposed_views():
+    gen = torch.Generator().manual_seed(15)
+    hidden = torch.randn(D, N, generator=gen).t()
+    weight = (torch.randn(D, V, generator=gen) * 0.3).t()
+    assert not hidden.is_contiguous() and not weight.is_contiguous()
+    _check_linear(hidden, weight, make_targets(N, V, gen), "mean", 1e-5, gen)
+
+
 @pytest.mark.parametrize("need", [(True, False), (False, True)])
 def test_linear_ce_partial_grads(need):
     gen = torch.Generator().manual_seed(5)
