@@ -1,7 +1,7 @@
 """Benchmarks: fused attention forward and forward+backward.
 
 Compared implementations (each skipped where unavailable):
-    fastgpt      the Triton kernels (fastgpt.kernels.attention with the "triton" backend)
+    fastgpt      the Triton kernels (fastgpt.kernels.triton_attention, the "triton" backend)
     eager        the PyTorch reference (materialises the B x H x S x S fp32 scores)
     compiled     the reference under torch.compile
     sdpa_flash   F.scaled_dot_product_attention restricted to the FlashAttention backend
@@ -72,7 +72,7 @@ def _case_name(case: dict) -> str:
 
 # ---------------------------------------------------------------------- implementations
 def _fastgpt(q, k, v, causal):
-    from fastgpt.kernels.attention import attention_triton
+    from fastgpt.kernels.triton_attention import attention_triton
     return attention_triton(q, k, v, causal)
 
 

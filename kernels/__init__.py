@@ -32,7 +32,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
               max_seqlen: int | None = None) -> torch.Tensor:
     """Fused (FlashAttention-style) attention. See :func:`reference.attention_reference`."""
     if use_triton(q):
-        from .attention import attention_triton
+        from .triton_attention import attention_triton
         return attention_triton(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen)
     return attention_reference(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen)
 
@@ -42,7 +42,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      cache_batch_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of a few new queries against a KV cache. See :func:`reference.decode_attention_reference`."""
     if use_triton(q):
-        from .attention import decode_attention_triton
+        from .triton_attention import decode_attention_triton
         return decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale,
                                        cache_batch_idx)
     return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, softmax_scale,
@@ -54,7 +54,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                   softcap: float | None = None) -> torch.Tensor:
     """Cross-entropy on (N, V) logits. See :func:`reference.cross_entropy_reference`."""
     if use_triton(logits):
-        from .cross_entropy import cross_entropy_triton
+        from .triton_cross_entropy import cross_entropy_triton
         return cross_entropy_triton(logits, targets, ignore_index, reduction, label_smoothing,
                                     z_loss, softcap)
     return cross_entropy_reference(logits, targets, ignore_index, reduction, label_smoothing,
@@ -68,7 +68,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """lm_head matmul fused with cross-entropy; the (N, V) logits never exist in full on the
     Triton path. See :func:`reference.linear_cross_entropy_reference`."""
     if use_triton(hidden):
-        from .cross_entropy import linear_cross_entropy_triton
+        from .triton_cross_entropy import linear_cross_entropy_triton
         return linear_cross_entropy_triton(hidden, weight, targets, ignore_index, reduction,
                                            label_smoothing, z_loss, softcap)
     return linear_cross_entropy_reference(hidden, weight, targets, ignore_index, reduction,
@@ -81,6 +81,6 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """Per-token (log p(target), entropy) from hidden states and the lm_head weight.
     See :func:`reference.linear_logprobs_reference`."""
     if use_triton(hidden):
-        from .logprobs import linear_logprobs_triton
+        from .triton_logprobs import linear_logprobs_triton
         return linear_logprobs_triton(hidden, weight, targets, temperature, ignore_index)
     return linear_logprobs_reference(hidden, weight, targets, temperature, ignore_index)

@@ -7,14 +7,13 @@ marked ``gpu``.
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
 import torch
 
 import fastgpt.kernels as K
-# Bound now: importing the submodule fastgpt.kernels.attention (which the first Triton call
-# does) rebinds the package attribute ``attention`` from the function to that module.
 from fastgpt.kernels import attention as attention_api
 from fastgpt.kernels import decode_attention as decode_attention_api
 from fastgpt.kernels.reference import attention_reference, decode_attention_reference
@@ -170,7 +169,7 @@ def test_input_validation():
 
 # ------------------------------------------------------------------ custom op / compile
 def test_custom_ops_pass_opcheck():
-    from fastgpt.kernels import attention as attn
+    attn = importlib.import_module("fastgpt.kernels.triton_attention")
 
     torch.manual_seed(8)
     cu = torch.tensor([0, 5, 21], device=DEVICE, dtype=torch.int32)
@@ -245,7 +244,7 @@ def _decode_case(B, Tq, Hq, Hkv, D, Bc, Tmax, lengths, dtype, batch_idx=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tq", [1, 3])
 def test_decode_matches_reference_with_splits(poisoned_empty, monkeypatch, dtype, tq):
-    from fastgpt.kernels import attention as attn  # the module: the API function is bound above
+    attn = importlib.import_module("fastgpt.kernels.triton_attention")
 
     # Split even this short cache (on GPU the default minimum chunk would give one split).
     monkeypatch.setattr(attn, "_DECODE_MIN_SPLIT_KEYS", 16)
@@ -273,7 +272,7 @@ def test_decode_without_batch_idx_strided_cache_and_scale():
 
 
 def test_decode_single_split_for_short_cache():
-    from fastgpt.kernels.attention import _decode_num_splits
+    from fastgpt.kernels.triton_attention import _decode_num_splits
 
     assert _decode_num_splits(8, 1, 1) == 1
     torch.manual_seed(12)

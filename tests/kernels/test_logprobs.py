@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastgpt.kernels as K
-from fastgpt.kernels.logprobs import linear_logprobs_triton
+from fastgpt.kernels.triton_logprobs import linear_logprobs_triton
 from fastgpt.kernels.reference import linear_logprobs_reference
 
 IGNORE = -100

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import (
+from .triton_cross_entropy import (
     LinearGrads,
     _block_v,
     _load_z,
@@ -149,7 +149,8 @@ def linear_logprobs_triton(hidden: torch.Tensor, weight: torch.Tensor, targets: 
 
     hidden (..., d), weight (V, d), targets (...); outputs have targets' shape.  Gradients of
     both outputs flow to hidden and weight (chunk logits recomputed in backward).
-    ``weight_grad_fp32`` and ``chunk_size`` as in :func:`.cross_entropy.linear_cross_entropy_triton`.
+    ``weight_grad_fp32`` and ``chunk_size``: as in
+    :func:`.cross_entropy.linear_cross_entropy_triton`.
     """
     h2, t1 = flatten_linear_inputs(hidden, weight, targets)
     if not hidden.dtype.is_floating_point:

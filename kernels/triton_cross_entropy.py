@@ -246,7 +246,7 @@ def chunk_rows(n: int, V: int, dtype: torch.dtype, chunk_size: int | None = None
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
-    rows = max(1, _CHUNK_BYTES // (V * torch.empty((), dtype=dtype).element_size()))
+    rows = max(1, _CHUNK_BYTES // (V * dtype.itemsize))
     if rows >= 128:
         rows -= rows % 128
     return max(1, min(n, rows))
