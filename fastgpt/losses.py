@@ -1,0 +1,171 @@
+"""Stage losses as pure functions of tensors: the K-wise ranking loss (reward model) here, and
+the RL pieces (KL estimate, GAE, clipped PPO losses) below it."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+# ------------------------------------------------------------------------ reward model
+def ranking_pairs(ranking: Sequence[int | Sequence[int]]) -> list[tuple[int, int]]:
+    """All (better, worse) pairs implied by a best-first ranking; a nested list is a tie group
+    and yields no pair within itself. ``[2, [0, 3], 1]`` -> (2,0) (2,3) (2,1) (0,1) (3,1)."""
+    groups = [list(g) if isinstance(g, (list, tuple)) else [g] for g in ranking]
+    return [(b, w) for i, better in enumerate(groups) for worse in groups[i + 1:] for b in better for w in worse]
+
+
+def ranking_loss(scores: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, prompt: torch.Tensor,
+                 n_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """InstructGPT's K-wise loss: every prompt's C(K,2) pairs form one batch element.
+
+    scores (R,) holds one reward per response, each response scored once; ``better``/``worse``
+    (P,) index into it and ``prompt`` (P,) says which prompt each pair belongs to. The loss is
+    the mean over prompts of the mean over that prompt's pairs of -log sigmoid(r_better - r_worse).
+    Returns (loss, per-pair correctness as float).
+    """
+    margin = scores[better] - scores[worse]
+    per_pair = -F.logsigmoid(margin)
+    per_prompt = torch.zeros(n_prompts, dtype=per_pair.dtype, device=per_pair.device).index_add_(0, prompt, per_pair)
+    counts = torch.zeros(n_prompts, dtype=per_pair.dtype, device=per_pair.device).index_add_(
+        0, prompt, torch.ones_like(per_pair))
+    loss = (per_prompt / counts.clamp(min=1)).sum() / max(1, int((counts > 0).sum()))
+    return loss, (margin > 0).float()
+
+
+# ---------------------------------------------------------------------------------- RL (PPO)
+# Every RL tensor below is (N, T) over response tokens with a bool/0-1 ``mask`` of real tokens
+# (1-D works too); means are over masked tokens only, so padding never moves a statistic.
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased (Bessel-corrected) variance over masked entries, as lm-human-preferences."""
+    m = mask.to(x.dtype)
+    n = m.sum()
+    centred = (x - masked_mean(x, mask)) * m
+    return (centred ** 2).sum() / (n - 1).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over masked entries; ``shift_mean=False`` only rescales (reward
+    whitening must keep the sign of the rewards). Masked-out entries come back as 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from tokens sampled by the policy.
+
+    k1 = log p - log q (unbiased, can be negative; what InstructGPT's reward penalty uses);
+    k3 = (r - 1) - log r with r = q / p (unbiased, always >= 0, lower variance; Schulman's note).
+    """
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"kl estimator {kind!r}: expected 'k1' or 'k3'")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over (N, T) right-padded response tokens.
+
+    The value after a sequence's last real token is 0 (the episode ends there), so padding
+    contributes nothing. Returns (advantages, returns = advantages + values), both 0 on padding.
+    """
+    m = mask.to(values.dtype)
+    rewards, values = rewards * m, values * m
+    T = rewards.shape[-1]
+    adv = torch.zeros_like(values)
+    last = torch.zeros_like(values[..., 0])
+    for t in reversed(range(T)):  # T is at most a few hundred tokens: a Python loop is fine
+        next_value = values[..., t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[..., t] + gamma * next_value - values[..., t]
+        last = (delta + gamma * lam * last) * m[..., t]
+        adv[..., t] = last
+    return adv, (adv + values) * m
+
+
+def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip: float = 0.2
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate: mean of max(-A r, -A clip(r, 1-eps, 1+eps)), r = exp(logp - old).
+
+    Returns (loss, fraction of tokens where the clipped term won, approx KL(old || new) as the
+    k3 estimate mean((r - 1) - log r), the quantity early stopping watches).
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).to(logp.dtype), mask)
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return loss, clipfrac, approx_kl
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.5 * mean of max((v - R)^2, (clip(v, v_old +- eps) - R)^2); ``clip`` <= 0 turns the
+    clipping off. Returns (loss, fraction of tokens where the clipped term won)."""
+    unclipped = (values - returns) ** 2
+    if clip <= 0:
+        return 0.5 * masked_mean(unclipped, mask), torch.zeros((), device=values.device)
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).to(values.dtype), mask)
+    return loss, clipfrac
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns): 1 is a perfect critic, <= 0 a useless one."""
+    var_returns = masked_var(returns, mask)
+    if float(var_returns) == 0.0:
+        return float("nan")
+    return float(1.0 - masked_var(returns - values, mask) / var_returns)
+
+
+class FixedKLController:
+    """A constant KL coefficient beta."""
+
+    def __init__(self, beta: float) -> None:
+        self.value = beta
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = state["value"]
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. (2019): move beta so the per-sequence KL tracks ``target``.
+
+    beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon), where n_steps is
+    the number of sequences just rolled out; the clipped error keeps one noisy batch from
+    swinging beta.
+    """
+
+    def __init__(self, beta: float, target: float, horizon: int) -> None:
+        super().__init__(beta)
+        if target <= 0 or horizon <= 0:
+            raise ValueError("adaptive KL: target and horizon must be positive")
+        self.target, self.horizon = target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
