@@ -6,6 +6,12 @@ attention path.  A row that emits a stop token (the end-of-turn token by default
 ``max_new_tokens`` leaves the active set: the decode step reads cache rows through an index, so
 finished rows cost no work and nothing is copied.  Sampling (temperature, top-k, top-p,
 repetition penalty) draws from a seeded ``torch.Generator``: same seed, same tokens.
+
+Per token, the engine can report the log-probability of the chosen token under the distribution
+it was sampled from (after temperature / top-k / top-p), and streams each token to ``on_token``
+as soon as it exists.  On CUDA the decode step can be compiled (``compile_decode=True``):
+decoding one token is a long chain of small kernels whose launch overhead dominates at small
+batch, which is exactly what ``torch.compile`` fuses away; elsewhere the flag is ignored.
 """
 from __future__ import annotations
 
@@ -15,7 +21,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from .errors import FastGPTError
 from .model import GPT
+
+
+class GenerationError(FastGPTError, ValueError):
+    """A generation request that cannot run (one-line message)."""
 
 
 @dataclass
@@ -30,16 +41,22 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens}: expected >= 1")
+            raise GenerationError(f"max_new_tokens={self.max_new_tokens}: expected >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
-            raise ValueError("sampling: expected temperature >= 0, 0 < top_p <= 1, top_k >= 0, "
-                             "repetition_penalty > 0")
+            raise GenerationError("sampling: expected temperature >= 0, 0 < top_p <= 1, top_k >= 0, "
+                                  "repetition_penalty > 0")
 
 
 @dataclass
 class Generation:
     tokens: list[int] = field(default_factory=list)  # new tokens, the stop token included if emitted
     finished: bool = False                           # True when a stop token ended it
+    logprobs: list[float] = field(default_factory=list)  # per token, when generate(logprobs=True)
+
+    @property
+    def finish_reason(self) -> str:
+        """"stop" (a stop token) or "length" (max_new_tokens or the context ran out)."""
+        return "stop" if self.finished else "length"
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
@@ -64,41 +81,73 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None,
-                seen: torch.Tensor | None = None) -> torch.Tensor:
+                seen: torch.Tensor | None = None, with_logprobs: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Next token per row, and (optionally) its log-prob under the processed distribution."""
     logits = process_logits(logits.float(), params, seen)
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        tokens = logits.argmax(dim=-1)
+    else:
+        tokens = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(-1)
+    logprobs = None
+    if with_logprobs:
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, logprobs
+
+
+_compiled_decode: dict[int, Callable] = {}
+
+
+def _decode_fn(model: GPT, compile_decode: bool) -> Callable:
+    """model.decode, compiled once per model on CUDA when asked (dynamic shapes: the active
+    batch shrinks as rows finish, and recompiling per batch size would cost more than it saves)."""
+    device = model.wte.weight.device
+    if not compile_decode or device.type != "cuda":
+        return model.decode
+    key = id(model)
+    if key not in _compiled_decode:
+        _compiled_decode[key] = torch.compile(model.decode, dynamic=True)
+    return _compiled_decode[key]
+
+
+def check_prompts(model: GPT, prompts: Sequence[Sequence[int]]) -> None:
+    """Raise GenerationError for an empty prompt or one that leaves no room to generate."""
+    block = model.config.block_size
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise GenerationError(f"prompt {i} is empty")
+        if len(p) >= block:
+            raise GenerationError(f"prompt {i} has {len(p)} tokens; the model's context is {block} "
+                                  f"tokens, so at most {block - 1} fit with room to answer")
 
 
 @torch.no_grad()
 def generate(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
              vocab_limit: int | None = None, batch_size: int = 0,
-             on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
+             on_token: Callable[[int, int], None] | None = None, logprobs: bool = False,
+             compile_decode: bool = False) -> list[Generation]:
     """Sample a continuation for every prompt (lists of token ids).
 
     ``vocab_limit`` masks ids at and above it (the model's vocabulary may be padded past the
     tokenizer's). ``batch_size`` > 0 splits the prompts into batches of that many rows.
     ``on_token(prompt_index, token)`` is called for every new token (streaming output).
+    ``logprobs`` fills each Generation's per-token log-probs. Generation stops at
+    ``max_new_tokens`` or when the longest prompt's row reaches the model's context.
     """
     if not prompts:
         return []
+    check_prompts(model, prompts)
     if batch_size and len(prompts) > batch_size:
         out: list[Generation] = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             cb = None if on_token is None else (lambda i, t, s=start: on_token(s + i, t))
-            out += generate(model, chunk, params, vocab_limit=vocab_limit, on_token=cb)
+            out += generate(model, chunk, params, vocab_limit=vocab_limit, on_token=cb, logprobs=logprobs,
+                            compile_decode=compile_decode)
         return out
     device = model.wte.weight.device
-    block = model.config.block_size
     longest = max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
-        raise ValueError("cannot generate from an empty prompt")
-    if longest >= block and model.wpe is not None:
-        raise ValueError(f"prompt of {longest} tokens does not fit the model's context of {block}")
-    max_new = min(params.max_new_tokens, block - longest) if model.wpe is not None else params.max_new_tokens
+    max_new = min(params.max_new_tokens, model.config.block_size - longest)
     B = len(prompts)
     gen = None
     if params.seed is not None:
@@ -107,6 +156,7 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParam
                 else contextlib.nullcontext())
     was_training = model.training
     model.eval()
+    decode = _decode_fn(model, compile_decode)
     cache = model.new_cache(B, longest + max_new,
                             dtype=torch.bfloat16 if device.type == "cuda" else None)
     V = model.config.vocab_size
@@ -118,27 +168,33 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParam
     stop = torch.tensor(list(params.stop_ids) or [-1], device=device)
     results = [Generation() for _ in range(B)]
     active = torch.arange(B, device=device)
-    with autocast:
-        logits = model.prefill([list(p) for p in prompts], cache, active)
-    for _ in range(max_new):
-        logits = logits.float()
-        if vocab_limit is not None and vocab_limit < V:
-            logits[:, vocab_limit:] = float("-inf")
-        tokens = sample_next(logits, params, gen, None if seen is None else seen[active])
-        if seen is not None:
-            seen[active, tokens] = True
-        done = torch.isin(tokens, stop)
-        tokens_list, done_list, rows_list = tokens.tolist(), done.tolist(), active.tolist()
-        for row, tok, d in zip(rows_list, tokens_list, done_list):
-            results[row].tokens.append(tok)
-            results[row].finished = d
-            if on_token is not None:
-                on_token(row, tok)
-        keep = ~done
-        if not bool(keep.any()):
-            break
-        active, tokens = active[keep], tokens[keep]
+    try:
         with autocast:
-            logits = model.decode(tokens[:, None], cache, active)[:, -1]
-    model.train(was_training)
+            logits = model.prefill([list(p) for p in prompts], cache, active)
+        for _ in range(max_new):
+            logits = logits.float()
+            if vocab_limit is not None and vocab_limit < V:
+                logits[:, vocab_limit:] = float("-inf")
+            tokens, lps = sample_next(logits, params, gen, None if seen is None else seen[active], logprobs)
+            if seen is not None:
+                seen[active, tokens] = True
+            done = torch.isin(tokens, stop)
+            # one device->host sync per step for the whole batch
+            tokens_list, done_list, rows_list = tokens.tolist(), done.tolist(), active.tolist()
+            lp_list = lps.tolist() if lps is not None else None
+            for j, (row, tok, d) in enumerate(zip(rows_list, tokens_list, done_list)):
+                results[row].tokens.append(tok)
+                results[row].finished = d
+                if lp_list is not None:
+                    results[row].logprobs.append(lp_list[j])
+                if on_token is not None:
+                    on_token(row, tok)
+            keep = ~done
+            if not bool(keep.any()) or _ == max_new - 1:
+                break
+            active, tokens = active[keep], tokens[keep]
+            with autocast:
+                logits = decode(tokens[:, None], cache, active)[:, -1]
+    finally:
+        model.train(was_training)
     return results

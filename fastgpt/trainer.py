@@ -59,6 +59,8 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Held-out metrics (called under no_grad, model in eval mode)."""
 
+    # Optional: ``progress_keys``, names of metrics to show in the progress bar besides the loss.
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -283,7 +285,9 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.stage, unit="step",
                    disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True, leave=True)
         window: dict[str, float] = {}
+        counts: dict[str, int] = {}  # a metric may be missing on some steps: average what was reported
         window_steps, window_tokens, window_time = 0, 0, 0.0
+        bar_keys = ("loss", "tokens_per_s", "mfu", *getattr(self.task, "progress_keys", ()))
         last_eval: dict[str, float] = {}
         start = time.perf_counter()
         while self.step < cfg.max_steps:
@@ -322,21 +326,23 @@ class Trainer:
             window_steps += 1
             window_tokens += tokens * self.dist.world_size
             window_time += dt
-            window["loss"] = window.get("loss", 0.0) + loss_value
-            for k, v in metrics.items():
-                window[k] = window.get(k, 0.0) + v
+            step_metrics = {"loss": loss_value, **metrics}
             if grad_norm is not None:
-                window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
+                step_metrics["grad_norm"] = grad_norm
+            for k, v in step_metrics.items():
+                if math.isfinite(v):
+                    window[k] = window.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
 
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                record = {"step": self.step, "lr": lr, **{k: v / window_steps for k, v in window.items()}}
+                record = {"step": self.step, "lr": lr, **{k: v / counts[k] for k, v in window.items()}}
                 record["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
                 if peak and self.flops_per_token:
                     record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (peak * self.dist.world_size)
                 self._log(record)
-                bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "tokens_per_s", "mfu") if k in record}
+                bar.set_postfix({k: f"{record[k]:.4g}" for k in bar_keys if k in record}
                                 | {k: f"{v:.3g}" for k, v in last_eval.items() if k.startswith("val")})
-                window, window_steps, window_tokens, window_time = {}, 0, 0, 0.0
+                window, counts, window_steps, window_tokens, window_time = {}, {}, 0, 0, 0.0
             if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
                 last_eval = self.evaluate()
                 self._log({"step": self.step, **{f"eval/{k}": v for k, v in last_eval.items()}})

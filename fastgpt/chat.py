@@ -1,0 +1,119 @@
+"""``fastgpt chat CKPT``: talk to any stage's checkpoint in the terminal, answers streamed as
+they are generated.
+
+The conversation is re-encoded with the chat template each turn and generated through the KV-cache
+engine; when it outgrows the model's context, the oldest turns are dropped (the system message
+stays). Commands: ``/reset`` forgets the conversation, ``/system TEXT`` sets the system message
+(and resets), ``/quit`` (or end of input) leaves.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from typing import Callable, TextIO
+
+from .tokenizer import Message, Tokenizer, encode_prompt
+
+HELP = "commands: /reset, /system TEXT, /quit"
+
+
+class StreamPrinter:
+    """Decodes a growing list of ids and writes only the new text. Text is printed whole: a
+    multi-byte character split over byte tokens waits until its last byte arrives."""
+
+    def __init__(self, tok: Tokenizer, out: TextIO) -> None:
+        self.tok, self.out = tok, out
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, row: int, token: int) -> None:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence so far
+            return
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+def fit_context(tok: Tokenizer, system: str | None, turns: list[Message], budget: int) -> tuple[list[int], int]:
+    """Prompt ids of the conversation, dropping the oldest turns until it fits ``budget`` tokens;
+    returns (ids, number of turns dropped)."""
+    dropped = 0
+    while True:
+        msgs = ([{"role": "system", "content": system}] if system else []) + turns[dropped:]
+        ids = encode_prompt(tok, msgs)
+        if len(ids) <= budget or dropped >= len(turns) - 1:
+            return ids[-budget:] if len(ids) > budget else ids, dropped
+        dropped += 1
+
+
+def chat_loop(model, tok: Tokenizer, params, read: Callable[[str], str], out: TextIO,
+              system: str | None = None) -> None:
+    """Read user lines, answer each with streamed output, until /quit or end of input."""
+    from .engine import generate
+    turns: list[Message] = []
+    block = model.config.block_size
+    budget = block - min(params.max_new_tokens, block // 2)  # leave room for the answer
+    out.write(f"({HELP})\n")
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            out.write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            turns = []
+            out.write("(conversation reset)\n")
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            turns = []
+            out.write(f"(system message {'set' if system else 'cleared'}; conversation reset)\n")
+            continue
+        if text.startswith("/"):
+            out.write(f"(unknown command {text.split()[0]}; {HELP})\n")
+            continue
+        turns.append({"role": "user", "content": text})
+        ids, dropped = fit_context(tok, system, turns, budget)
+        if dropped:
+            turns = turns[dropped:]
+            out.write(f"(dropped {dropped} old turn(s) to fit the context)\n")
+        out.write("assistant> ")
+        out.flush()
+        printer = StreamPrinter(tok, out)
+        turn_params = replace(params, seed=None if params.seed is None else params.seed + len(turns))
+        gen = generate(model, [ids], turn_params, vocab_limit=tok.vocab_size, on_token=printer)[0]
+        out.write("\n")
+        turns.append({"role": "assistant", "content": tok.decode(gen.tokens)})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a run folder or checkpoint file of any stage (pretrain, sft, ppo)")
+    parser.add_argument("--system", default=None, help="system message")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .engine import SamplingParams
+    from .trainer import resolve_device
+    model, tok, ckpt = load_model(args.checkpoint, kind="gpt", device=resolve_device(args.device))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                            stop_ids=(tok.end_id,), seed=args.seed)
+    print(f"fastgpt chat: {ckpt['stage']} checkpoint {args.checkpoint}")
+    chat_loop(model, tok, params, input, sys.stdout, system=args.system)
+    return 0

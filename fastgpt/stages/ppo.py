@@ -1,0 +1,580 @@
+"""Stage 3b: PPO against the reward model (InstructGPT), trained through the shared trainer loop.
+
+One trainer step is one optimizer step on one minibatch of rollouts.  The task keeps a buffer of
+minibatches; when it runs dry, ``next_batch`` rolls out a new batch first:
+
+1. sample ``rollout_batch_size`` prompts and generate with the KV-cache engine at ``temperature``;
+2. one packed forward each for the policy's log-probs and values, the frozen SFT reference's
+   log-probs (all with logits divided by the sampling temperature, through the fused log-prob
+   kernel) and the frozen reward model's score at the last token;
+3. per-token reward = -beta * KL(policy || SFT) plus the normalised score on the last token
+   (responses cut off without <|end|> get ``missing_eos_penalty`` as their score instead);
+4. GAE advantages (whitened) and returns, then ``ppo_epochs`` shuffled passes of
+   ``mini_batch_size`` sequences, dropped early when the approximate KL passes ``early_stop_kl``.
+
+The trainable module is :class:`PolicyValue` (checkpoint kind ``policy_value``; ``fastgpt chat``
+and ``load_model(kind="gpt")`` read its policy).  The reward can be any Python callable
+(``PPOTask(..., reward_fn=...)``), which is how the tests give PPO a known objective.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .. import kernels
+from ..checkpoint import load_model
+from ..config import ModelConfig, TrainConfig
+from ..data import IGNORE_INDEX, DataError, PackedBatch, TokenLoader, pack_rows, read_jsonl
+from ..engine import SamplingParams, generate
+from ..errors import FastGPTError
+from ..losses import (AdaptiveKLController, FixedKLController, explained_variance, gae, kl_estimate,
+                      masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
+from ..model import GPT, ScalarModel
+from ..tokenizer import Tokenizer, encode_prompt, prompt_messages, validate_messages
+from ..trainer import Trainer, TrainingError, distributed_env, resolve_device, seed_everything
+from .common import freeze, require_same_tokenizer
+
+# reward_fn(prompts, responses) -> normalised score per sequence, (N,) float tensor.
+RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    out_dir: str = "runs/ppo"
+    sft_checkpoint: str = ""          # policy init and frozen reference
+    reward_checkpoint: str = ""       # frozen reward model (scalar checkpoint)
+    prompts: str = ""                 # JSONL of {"prompt"} or {"messages"}; "" = built-in world
+    eval_prompts: str = ""            # held-out prompts for the summary; "" = built-in world's
+    world_seed: int = 0               # seed of the built-in world (match the SFT/RM data)
+    eval_max_prompts: int = 64
+    # rollout
+    rollout_batch_size: int = 64
+    mini_batch_size: int = 16         # sequences per trainer step (x grad_accum)
+    ppo_epochs: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    # reward shaping
+    beta: float = 0.05                # KL penalty coefficient (initial value if adaptive)
+    adaptive_kl: bool = False
+    target_kl: float = 6.0            # adaptive controller's per-sequence KL target (nats)
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"          # "k1" | "k3"
+    reward_clip: float = 0.0          # clip normalised scores to +-this; 0 = off
+    missing_eos_penalty: float = -1.0  # score of a response that never emitted <|end|>; 0 = off
+    whiten_rewards: bool = False
+    # PPO
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    early_stop_kl: float = 0.0        # drop the rest of the buffer when approx KL exceeds it; 0 = off
+    whiten_advantages: bool = True
+    # models
+    value_model: str = "reward"       # "reward": a copy of the reward model; "head": head on the policy
+    value_head_zero: bool = False     # start the value head at zero
+    # PPO-ptx
+    ptx_data: str = ""                # dataset folder (`fastgpt prepare`); "" = no pretraining mix
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 4
+    max_bad_rollouts: int = 3         # rollouts with non-finite rewards tolerated before stopping
+    # trainer defaults that suit PPO (InstructGPT/lm-human-preferences)
+    max_steps: int = 200
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0         # constant learning rate
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-5
+    eval_interval: int = 0
+    log_interval: int = 1
+    ckpt_interval: int = 50
+
+
+class PPOError(FastGPTError, ValueError):
+    """Bad PPO input (one-line message)."""
+
+
+# ------------------------------------------------------------------------------- models
+class PolicyValue(nn.Module):
+    """The trainable pair: a GPT policy and a value model (a ScalarModel or a head on the policy)."""
+
+    def __init__(self, policy: GPT, value: ScalarModel | None = None) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value = value
+        self.value_head = nn.Linear(policy.config.n_embd, 1) if value is None else None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.policy.config
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None, temperature: float = 1.0,
+                lm_idx: torch.Tensor | None = None, lm_targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-token (log p(target), entropy, value) of packed rows, each (B, T) fp32, and the LM
+        loss on an optional pretraining batch (PPO-ptx), all in one forward for DDP."""
+        h = self.policy.hidden_states(idx, cu_seqlens, max_seqlen=max_seqlen)
+        # the fused kernel: the (tokens x vocabulary) logits never exist in full
+        lp, ent = kernels.linear_logprobs(h.reshape(-1, h.shape[-1]), self.policy.lm_head.weight,
+                                          targets.reshape(-1), temperature=temperature, ignore_index=IGNORE_INDEX)
+        if self.value is not None:
+            values = self.value(idx, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        else:
+            values = self.value_head(h).squeeze(-1).float()
+        lm_loss = None
+        if lm_idx is not None:
+            lm_loss = self.policy(lm_idx, lm_targets)[1]
+        return lp.view(targets.shape), ent.view(targets.shape), values, lm_loss
+
+
+def value_from_reward(rm: ScalarModel, offset: float, scale: float, zero_head: bool) -> ScalarModel:
+    """A trainable copy of the reward model whose head is rescaled to predict normalised scores
+    ((r - offset) / scale), so the critic starts on the reward's scale; or a zero head."""
+    value = copy.deepcopy(rm).float()
+    with torch.no_grad():
+        if zero_head:
+            value.head.weight.zero_()
+            value.head.bias.zero_()
+        else:
+            value.head.weight.div_(scale)
+            value.head.bias.sub_(offset).div_(scale)
+    for p in value.parameters():
+        p.requires_grad_(True)
+    return value.train()
+
+
+class RewardModelScorer:
+    """reward_fn from a reward-model checkpoint: normalised score at the last token of each
+    prompt + response, batched as packed rows."""
+
+    def __init__(self, model: ScalarModel, offset: float, scale: float, batch: int = 64) -> None:
+        self.model, self.offset, self.scale, self.batch = model, offset, scale, batch
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        block = self.model.config.block_size
+        out = []
+        for start in range(0, len(prompts), self.batch):
+            seqs = [(p + r)[-block:] for p, r in zip(prompts[start:start + self.batch],
+                                                     responses[start:start + self.batch])]
+            pb = pack_sequences(seqs, [None] * len(seqs), block, pad_id=0).to(device)
+            with _autocast(device):
+                r = self.model(pb.idx, cu_seqlens=pb.cu_seqlens, max_seqlen=pb.max_seqlen)
+            out.append(r.reshape(-1)[pb.last_positions()].float())
+        return (torch.cat(out) - self.offset) / self.scale
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def pack_sequences(ids: Sequence[list[int]], labels: Sequence[list[int] | None], row_len: int,
+                   pad_id: int) -> PackedBatch:
+    """Pack every sequence into as few rows of ``row_len`` as first-fit needs."""
+    fill: list[int] = []
+    for s in ids:
+        r = next((r for r, f in enumerate(fill) if f + len(s) <= row_len), None)
+        if r is None:
+            fill.append(len(s))
+        else:
+            fill[r] += len(s)
+    batch, used = pack_rows(list(zip(ids, labels)), len(fill), row_len, pad_id)
+    assert used == len(ids)
+    return batch
+
+
+# ------------------------------------------------------------------------------ prompts
+def load_prompts(path: str, tok: Tokenizer, block_size: int, what: str) -> list[list[int]]:
+    """Encoded chat prompts from a JSONL file; prompts that leave no room to answer are skipped
+    with one warning (an error if none is left)."""
+    texts: list[Any] = []
+    for lineno, obj in read_jsonl(path):
+        if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+            texts.append(obj["prompt"])
+        elif isinstance(obj, dict) and "messages" in obj:
+            texts.append(validate_messages(obj["messages"], f"{path}:{lineno}: messages"))
+        else:
+            raise DataError(f"{path}:{lineno}: expected an object with 'prompt' (string) or 'messages'")
+    if not texts:
+        raise DataError(f"{what}={path}: no prompts in the file")
+    return encode_prompts(texts, tok, block_size, f"{what}={path}")
+
+
+def encode_prompts(texts: Sequence[Any], tok: Tokenizer, block_size: int, where: str) -> list[list[int]]:
+    encoded = [encode_prompt(tok, prompt_messages(t)) for t in texts]
+    kept = [p for p in encoded if len(p) < block_size]
+    if not kept:
+        raise DataError(f"{where}: all {len(encoded)} prompts are at least the model's context of "
+                        f"{block_size} tokens long")
+    if len(kept) < len(encoded):
+        warnings.warn(f"{where}: skipped {len(encoded) - len(kept)} of {len(encoded)} prompts longer than "
+                      f"the model's context of {block_size} tokens", stacklevel=2)
+    return kept
+
+
+def builtin_prompts(seed: int, split: str) -> list[str]:
+    from ..demo.world import make_world
+    world = make_world(seed)
+    return world.ppo_prompts if split == "train" else [item["prompt"] for item in world.eval_items]
+
+
+# -------------------------------------------------------------------------------- task
+class PPOTask:
+    """Rollouts, advantages and the PPO loss for the shared trainer (see the module docstring)."""
+
+    progress_keys = ("score", "kl", "entropy", "clipfrac", "response_len")
+
+    def __init__(self, cfg: PPOConfig, model: PolicyValue, ref: GPT, tokenizer: Tokenizer,
+                 prompts: list[list[int]], reward_fn: RewardFn, eval_prompts: list[list[int]] | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        if cfg.value_model not in ("reward", "head"):
+            raise PPOError(f"value_model={cfg.value_model!r}: expected 'reward' or 'head'")
+        if cfg.mini_batch_size < 1 or cfg.rollout_batch_size < cfg.mini_batch_size:
+            raise PPOError("expected 1 <= mini_batch_size <= rollout_batch_size")
+        if cfg.temperature <= 0:
+            raise PPOError("temperature must be > 0: PPO needs the policy's own samples")
+        self.cfg, self.model, self.ref, self.tok = cfg, model, ref, tokenizer
+        self.prompts, self.eval_prompts = prompts, eval_prompts or []
+        self.reward_fn = reward_fn
+        self.device = torch.device(device)
+        self.block = model.config.block_size
+        rank = distributed_env().rank
+        self.rng = np.random.default_rng([cfg.seed, rank])
+        self.order: list[int] = []
+        self.kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+                       else FixedKLController(cfg.beta))
+        self.rollout: dict[str, Any] | None = None
+        self.queue: list[list[int]] = []
+        self.bad_rollouts = 0
+        self.rollouts_done = 0
+        self.ptx = None
+        if cfg.ptx_data and cfg.ptx_coef > 0:
+            self.ptx = TokenLoader(cfg.ptx_data, "train", self.block, cfg.ptx_batch_size,
+                                   model.config.vocab_size, cfg.seed, rank, self.device)
+        self._train_clock: float | None = None  # end of the last next_batch: times the update
+        self._prev_tokens = 0
+
+    # ------------------------------------------------------------------ rollout
+    def _sample_prompts(self) -> list[list[int]]:
+        out = []
+        while len(out) < self.cfg.rollout_batch_size:
+            if not self.order:  # epochs over the prompt set in a fresh random order
+                self.order = self.rng.permutation(len(self.prompts)).tolist()
+            out.append(self.prompts[self.order.pop()])
+        return out
+
+    @torch.no_grad()
+    def _forward_all(self, seqs: list[list[int]], prompt_lens: list[int]) -> dict[str, torch.Tensor]:
+        """Old log-probs, values and reference log-probs of every response token, (N, R) padded."""
+        cfg, N = self.cfg, len(seqs)
+        R = max(len(s) - p for s, p in zip(seqs, prompt_lens))
+        out = {k: torch.zeros(N, R, device=self.device) for k in ("logp", "values", "ref_logp")}
+        self.model.eval()
+        for start in range(0, N, cfg.mini_batch_size):
+            idx = list(range(start, min(N, start + cfg.mini_batch_size)))
+            batch, flat, mask = self._pack(idx, seqs, prompt_lens)
+            with _autocast(self.device):
+                lp, _, v, _ = self.model(batch.idx, batch.labels, cu_seqlens=batch.cu_seqlens,
+                                         max_seqlen=batch.max_seqlen, temperature=cfg.temperature)
+                ref_lp, _ = self.ref.token_logprobs(batch.idx, batch.labels, cu_seqlens=batch.cu_seqlens,
+                                                    temperature=cfg.temperature, ignore_index=IGNORE_INDEX)
+            for name, t in (("logp", lp), ("values", v), ("ref_logp", ref_lp)):
+                block = out[name][idx[0]:idx[-1] + 1, :mask.shape[1]]
+                block[mask] = t.reshape(-1)[flat].float()
+        self.model.train()
+        return out
+
+    def _pack(self, idx: list[int], seqs: list[list[int]], prompt_lens: list[int]
+              ) -> tuple[PackedBatch, torch.Tensor, torch.Tensor]:
+        """Pack sequences ``idx``; returns the batch, the flat position predicting each response
+        token (in sequence order) and the (len(idx), R) mask of those tokens."""
+        ids, labels = [], []
+        for i in idx:
+            s, p = seqs[i], prompt_lens[i]
+            ids.append(s)
+            labels.append([IGNORE_INDEX] * (p - 1) + s[p:] + [IGNORE_INDEX])
+        batch = pack_sequences(ids, labels, self.block, self.tok.pad_id)
+        resp = [len(seqs[i]) - prompt_lens[i] for i in idx]
+        flat = torch.cat([torch.arange(start + prompt_lens[i] - 1, start + prompt_lens[i] - 1 + r)
+                          for (start, _), i, r in zip(batch.spans, idx, resp)])
+        mask = torch.arange(max(resp))[None] < torch.tensor(resp)[:, None]
+        return batch.to(self.device), flat.to(self.device), mask.to(self.device)
+
+    def _roll_out(self) -> bool:
+        """Generate, score and compute advantages for one rollout batch; False if its rewards were
+        not finite (the batch is dropped)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        prompts = self._sample_prompts()
+        seed = int(self.rng.integers(2**31))
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                stop_ids=(self.tok.end_id,), seed=seed)
+        gens = generate(self.model.policy, prompts, params, vocab_limit=self.tok.vocab_size)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t_gen = time.perf_counter() - t0
+        responses = [g.tokens for g in gens]
+        finished = torch.tensor([g.finished for g in gens], device=self.device)
+        seqs = [p + r for p, r in zip(prompts, responses)]
+        prompt_lens = [len(p) for p in prompts]
+        fwd = self._forward_all(seqs, prompt_lens)
+        scores = self.reward_fn(prompts, responses).to(self.device, torch.float32).reshape(-1)
+        if not bool(torch.isfinite(scores).all()):
+            self.bad_rollouts += 1
+            warnings.warn(f"ppo: rollout {self.rollouts_done} has non-finite rewards; skipped "
+                          f"({self.bad_rollouts}/{cfg.max_bad_rollouts})", stacklevel=2)
+            if self.bad_rollouts > cfg.max_bad_rollouts:
+                raise TrainingError(f"ppo: {self.bad_rollouts} rollouts with non-finite rewards "
+                                    f"(max_bad_rollouts={cfg.max_bad_rollouts}); check the reward model")
+            return False
+        raw_scores = scores.clone()
+        if cfg.reward_clip > 0:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        if cfg.missing_eos_penalty:
+            scores = torch.where(finished, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+        lengths = torch.tensor([len(r) for r in responses], device=self.device)
+        mask = torch.arange(fwd["logp"].shape[1], device=self.device)[None] < lengths[:, None]
+        kl = kl_estimate(fwd["logp"], fwd["ref_logp"], cfg.kl_estimator) * mask
+        rewards = -self.kl_ctl.value * kl
+        rewards[torch.arange(len(seqs), device=self.device), lengths - 1] += scores
+        if cfg.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        adv, returns = gae(rewards, fwd["values"], mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = whiten(adv, mask)
+        seq_kl = float(kl.sum(1).mean())
+        beta = self.kl_ctl.value
+        self.kl_ctl.update(seq_kl, len(seqs))
+        t_all = time.perf_counter() - t0
+        n_new = int(lengths.sum())
+        self.rollout = {
+            "seqs": seqs, "prompt_lens": prompt_lens, "old_logp": fwd["logp"].cpu(),
+            "old_values": fwd["values"].cpu(), "adv": adv.cpu(), "returns": returns.cpu(),
+            "stats": {"score": float(raw_scores.mean()), "kl": seq_kl, "beta": beta,
+                      "non_score_reward": float(rewards.sum(1).mean() - scores.mean()) if not cfg.whiten_rewards
+                      else float("nan"),
+                      "response_len": float(lengths.float().mean()), "eos_frac": float(finished.float().mean()),
+                      "explained_var": explained_variance(fwd["values"], returns, mask),
+                      "gen_tokens_per_s": n_new / max(t_gen, 1e-9), "rollout_s": t_all},
+        }
+        self.queue = [perm[i:i + cfg.mini_batch_size].tolist() for _ in range(cfg.ppo_epochs)
+                      for perm in [self.rng.permutation(len(seqs))]
+                      for i in range(0, len(seqs), cfg.mini_batch_size)]
+        self.rollouts_done += 1
+        return True
+
+    # ------------------------------------------------------------- trainer API
+    def next_batch(self) -> dict[str, Any]:
+        now = time.perf_counter()
+        train_s = None if self._train_clock is None else now - self._train_clock
+        while not self.queue:
+            self._roll_out()
+        ro = self.rollout
+        assert ro is not None
+        idx = self.queue.pop(0)
+        batch, flat, mask = self._pack(idx, ro["seqs"], ro["prompt_lens"])
+        R = mask.shape[1]
+        take = lambda name: ro[name][idx, :R].to(self.device)  # noqa: E731
+        out = {"batch": batch, "flat": flat, "mask": mask, "old_logp": take("old_logp"),
+               "old_values": take("old_values"), "adv": take("adv"), "returns": take("returns"),
+               "stats": dict(ro["stats"]), "train_s": train_s}
+        if self.ptx is not None:
+            out["ptx"] = self.ptx.next_batch()
+        self._train_clock = time.perf_counter()
+        return out
+
+    def loss(self, model: nn.Module, b: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg, batch, mask = self.cfg, b["batch"], b["mask"]
+        lm_idx, lm_targets = b["ptx"] if "ptx" in b else (None, None)
+        lp, ent, values, lm_loss = model(batch.idx, batch.labels, cu_seqlens=batch.cu_seqlens,
+                                         max_seqlen=batch.max_seqlen, temperature=cfg.temperature,
+                                         lm_idx=lm_idx, lm_targets=lm_targets)
+
+        def padded(t: torch.Tensor) -> torch.Tensor:  # flat packed tokens -> (n, R) like the buffer
+            return torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t.reshape(-1)[b["flat"]])
+        lp, ent, values = padded(lp), padded(ent), padded(values.float())
+        pg_loss, clipfrac, approx_kl = ppo_policy_loss(lp, b["old_logp"], b["adv"], mask, cfg.clip_range)
+        vf_loss, vf_clipfrac = ppo_value_loss(values, b["old_values"], b["returns"], mask, cfg.clip_range_value)
+        entropy = masked_mean(ent, mask)
+        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+        if lm_loss is not None:
+            loss = loss + cfg.ptx_coef * lm_loss
+        if cfg.early_stop_kl > 0 and float(approx_kl) > cfg.early_stop_kl:
+            self.queue.clear()  # the policy moved far enough from the rollout's: roll out afresh
+        metrics = {"policy_loss": float(pg_loss.detach()), "value_loss": float(vf_loss.detach()), "entropy": float(entropy.detach()),
+                   "clipfrac": float(clipfrac), "value_clipfrac": float(vf_clipfrac),
+                   "approx_kl": float(approx_kl), "bad_rollouts": float(self.bad_rollouts), **b["stats"]}
+        if lm_loss is not None:
+            metrics["ptx_loss"] = float(lm_loss.detach())
+        if b["train_s"] and self._prev_tokens:  # the previous minibatch's forward+backward+step
+            metrics["train_tokens_per_s"] = self._prev_tokens / b["train_s"]
+        self._prev_tokens = self.tokens(b)
+        return loss, metrics
+
+    def tokens(self, b: dict[str, Any]) -> int:
+        return b["batch"].n_real
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        inner = getattr(model, "module", model)
+        return evaluate_policy(inner.policy, self.ref, self.tok, self.eval_prompts, self.reward_fn, self.cfg)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state, "order": list(self.order), "kl_ctl": self.kl_ctl.state_dict(),
+                "rollout": self.rollout, "queue": [list(q) for q in self.queue], "bad_rollouts": self.bad_rollouts,
+                "rollouts_done": self.rollouts_done, "ptx": None if self.ptx is None else self.ptx.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order, self.rollout, self.queue = list(state["order"]), state["rollout"], [list(q) for q in state["queue"]]
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.bad_rollouts, self.rollouts_done = state["bad_rollouts"], state["rollouts_done"]
+        if self.ptx is not None and state.get("ptx") is not None:
+            self.ptx.load_state_dict(state["ptx"])
+
+
+# -------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_policy(policy: GPT, ref: GPT, tok: Tokenizer, prompts: list[list[int]], reward_fn: RewardFn,
+                    cfg: PPOConfig) -> dict[str, float]:
+    """Mean normalised score of greedy and of sampled responses on held-out prompts, and the
+    sampled responses' KL to the reference (summed over tokens: nats per response)."""
+    prompts = prompts[:cfg.eval_max_prompts]
+    if not prompts:
+        return {}
+    out: dict[str, float] = {}
+    for name, temp in (("greedy", 0.0), ("sampled", cfg.temperature)):
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temp,
+                                stop_ids=(tok.end_id,), seed=cfg.seed)  # same samples at every eval
+        gens = generate(policy, prompts, params, vocab_limit=tok.vocab_size, batch_size=cfg.rollout_batch_size)
+        out[f"score_{name}"] = float(reward_fn(prompts, [g.tokens for g in gens]).float().mean())
+        if name == "sampled":
+            out["kl_to_ref"] = sequence_kl(policy, ref, prompts, [g.tokens for g in gens], cfg.temperature)
+            out["response_len"] = float(np.mean([len(g.tokens) for g in gens]))
+    return out
+
+
+@torch.no_grad()
+def sequence_kl(policy: GPT, ref: GPT, prompts: list[list[int]], responses: list[list[int]],
+                temperature: float) -> float:
+    """Mean over responses of sum_t log p(y_t) - log q(y_t): the k1 KL estimate per response."""
+    device = policy.wte.weight.device
+    total = 0.0
+    for p, r in zip(prompts, responses):
+        s = torch.tensor([p + r], device=device)
+        targets = torch.tensor([[IGNORE_INDEX] * (len(p) - 1) + r + [IGNORE_INDEX]], device=device)
+        with _autocast(device):
+            lp, _ = policy.token_logprobs(s, targets, temperature=temperature)
+            ref_lp, _ = ref.token_logprobs(s, targets, temperature=temperature)
+        total += float((lp.float() - ref_lp.float()).sum())
+    return total / max(1, len(prompts))
+
+
+# ------------------------------------------------------------------------------- stage
+def load_reward(path: str, tok: Tokenizer, device: torch.device) -> tuple[ScalarModel, float, float]:
+    """The frozen reward model and its normalisation (offset, scale), after checking its tokenizer."""
+    rm, rm_tok, ckpt = load_model(path, kind="scalar", device=device)
+    require_same_tokenizer(tok, rm_tok, f"reward_checkpoint={path}")
+    extra = ckpt.get("extra", {})
+    offset, scale = float(extra.get("reward_offset", 0.0)), float(extra.get("reward_scale", 1.0))
+    if not math.isfinite(offset) or not math.isfinite(scale) or scale <= 0:
+        raise PPOError(f"reward_checkpoint={path}: bad normalisation offset={offset} scale={scale}")
+    return rm, offset, scale  # type: ignore[return-value]
+
+
+def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Trainer, PPOTask]:
+    """Models, prompts, task and trainer for ``cfg``; ``reward_fn`` replaces the reward model."""
+    if not cfg.sft_checkpoint:
+        raise PPOError("sft_checkpoint is required (the policy's start and the KL reference)")
+    if reward_fn is None and not cfg.reward_checkpoint:
+        raise PPOError("reward_checkpoint is required")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device, distributed_env())
+    policy, tok, _ = load_model(cfg.sft_checkpoint, kind="gpt", device=device)
+    ref = freeze(copy.deepcopy(policy))
+    rm = None
+    if cfg.reward_checkpoint:
+        rm, offset, scale = load_reward(cfg.reward_checkpoint, tok, device)
+        if reward_fn is None:
+            reward_fn = RewardModelScorer(freeze(rm), offset, scale, batch=cfg.mini_batch_size)
+    value = None
+    extra: dict[str, Any] = {}
+    if cfg.value_model == "reward":
+        if rm is None:
+            raise PPOError("value_model='reward' needs reward_checkpoint (or use value_model='head')")
+        value = value_from_reward(rm, offset, scale, cfg.value_head_zero).to(device)
+        extra["value_config"] = asdict(value.config)
+    if device.type == "cuda":  # frozen models only run forward: bf16 halves their memory and time
+        ref.to(torch.bfloat16)
+        if rm is not None:
+            rm.to(torch.bfloat16)
+    model = PolicyValue(policy.train(), value)
+    if model.value_head is not None:
+        nn.init.zeros_(model.value_head.bias)
+        if cfg.value_head_zero:
+            nn.init.zeros_(model.value_head.weight)
+        else:
+            nn.init.normal_(model.value_head.weight, std=1.0 / math.sqrt(policy.config.n_embd + 1))
+    model.to(device)
+    block = policy.config.block_size
+    if cfg.prompts:
+        prompts = load_prompts(cfg.prompts, tok, block, "prompts")
+    else:
+        prompts = encode_prompts(builtin_prompts(cfg.world_seed, "train"), tok, block, "built-in prompts")
+    if cfg.eval_prompts:
+        eval_prompts = load_prompts(cfg.eval_prompts, tok, block, "eval_prompts")
+    else:
+        eval_prompts = encode_prompts(builtin_prompts(cfg.world_seed, "eval"), tok, block, "built-in eval prompts")
+    task = PPOTask(cfg, model, ref, tok, prompts, reward_fn, eval_prompts, device)
+    extra["sft_checkpoint"] = str(cfg.sft_checkpoint)
+    trainer = Trainer(cfg, model, task, stage="ppo", tokenizer=tok, model_kind="policy_value", extra=extra,
+                      flops_per_token=policy.flops_per_token(block))
+    return trainer, task
+
+
+def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, Any]:
+    """Run PPO per ``cfg``; the summary adds ``sft`` (the SFT policy's held-out eval) next to the
+    trainer's ``eval`` (the final policy's)."""
+    trainer, task = build_ppo(cfg, reward_fn)
+    sft_eval = {}
+    if trainer.dist.is_main:
+        sft_eval = evaluate_policy(task.ref, task.ref, task.tok, task.eval_prompts, task.reward_fn, cfg)
+    summary = trainer.fit()
+    summary["sft"] = sft_eval
+    summary["rollouts"] = task.rollouts_done
+    return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    from ..cli import add_config_arguments
+    add_config_arguments(parser, PPOConfig)
+    # PPO's own defaults (lr 1e-5, constant schedule) must not be replaced by a pre-training
+    # preset's: no preset unless asked for.
+    parser.set_defaults(preset=None)
+
+
+def run(args) -> int:
+    from ..cli import config_from_args
+    cfg = config_from_args(PPOConfig, args)
+    summary = ppo(cfg)
+    ev, sft = summary["eval"], summary["sft"]
+    nan = float("nan")
+    print(f"ppo: {summary['steps']} steps, {summary['rollouts']} rollouts in {summary['seconds']:.0f}s; "
+          f"held-out score (greedy) {ev.get('score_greedy', nan):+.3f} vs SFT {sft.get('score_greedy', nan):+.3f}, "
+          f"(sampled) {ev.get('score_sampled', nan):+.3f} vs SFT {sft.get('score_sampled', nan):+.3f}; "
+          f"KL to SFT {ev.get('kl_to_ref', nan):.3f} nats/response; checkpoint in {summary['out_dir']}")
+    return 0

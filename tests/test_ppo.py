@@ -1,0 +1,205 @@
+"""PPO on CPU with tiny models: a stub reward is learned, resume is exact, bad inputs fail cleanly."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastgpt.checkpoint import load_model, save_checkpoint
+from fastgpt.cli import main
+from fastgpt.config import ModelConfig
+from fastgpt.model import GPT, ScalarModel
+from fastgpt.stages.ppo import PPOConfig, build_ppo, ppo
+from fastgpt.tokenizer import ByteTokenizer, encode_prompt, prompt_messages
+
+TINY = dict(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32)
+PROMPTS = ["Say hi.", "Name a fruit.", "Count to three.", "What is 2 plus 2?", "Pick a letter.", "Go."]
+LETTERS = b"abcd"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small run fastest on one thread; on a busy 2-core box more threads thrash."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _sft_model(seed: int = 0, steps: int = 60) -> GPT:
+    """A stand-in SFT model: answers start with one of a, b, c, d (about a quarter each)."""
+    torch.manual_seed(seed)
+    tok = ByteTokenizer()
+    model = GPT(ModelConfig(**TINY))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = []
+        for _ in range(16):
+            p = PROMPTS[int(torch.randint(len(PROMPTS), (1,), generator=g))]
+            letter = LETTERS[int(torch.randint(4, (1,), generator=g))]
+            rows.append(encode_prompt(tok, prompt_messages(p)) + [letter, ord("."), tok.end_id])
+        T = max(map(len, rows))
+        x = torch.full((len(rows), T), tok.pad_id)
+        y = torch.full((len(rows), T), -100)
+        for i, r in enumerate(rows):
+            x[i, :len(r)] = torch.tensor(r)
+            y[i, len(r) - 4:len(r) - 1] = torch.tensor(r[-3:])
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ppo")
+    tok = ByteTokenizer()
+    sft = _sft_model()
+    save_checkpoint(root / "sft", model=sft, model_kind="gpt", model_config=sft.config, tokenizer=tok, stage="sft")
+    torch.manual_seed(1)
+    rm = ScalarModel(ModelConfig(**TINY))
+    save_checkpoint(root / "rm", model=rm, model_kind="scalar", model_config=rm.config, tokenizer=tok,
+                    stage="reward", extra={"reward_offset": 0.1, "reward_scale": 2.0})
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return {"root": root, "sft": root / "sft", "rm": root / "rm", "prompts": prompts}
+
+
+def starts_with_a(prompts, responses) -> torch.Tensor:
+    return torch.tensor([1.0 if r[:1] == [ord("a")] else 0.0 for r in responses])
+
+
+def _cfg(ckpts, out: Path, **kw) -> PPOConfig:
+    base = dict(out_dir=str(out), sft_checkpoint=str(ckpts["sft"]), reward_checkpoint=str(ckpts["rm"]),
+                prompts=str(ckpts["prompts"]), eval_prompts=str(ckpts["prompts"]), device="cpu",
+                rollout_batch_size=32, mini_batch_size=16, ppo_epochs=2, max_new_tokens=4,
+                max_steps=8, lr=3e-3, progress=False, ckpt_interval=1000, seed=0)
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+def test_ppo_learns_a_stub_reward(ckpts, tmp_path):
+    cfg = _cfg(ckpts, tmp_path / "run", max_steps=24, beta=0.01, missing_eos_penalty=0.0)
+    summary = ppo(cfg, reward_fn=starts_with_a)
+    before, after = summary["sft"]["score_sampled"], summary["eval"]["score_sampled"]
+    assert before < 0.5 and after > before + 0.3, (before, after)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "policy_loss" in r]
+    for key in ("score", "kl", "entropy", "clipfrac", "value_loss", "explained_var", "response_len",
+                "gen_tokens_per_s", "tokens_per_s", "approx_kl"):
+        assert key in train[-1], key
+    # the checkpoint is a policy_value one; its policy loads as a plain GPT
+    policy, _, ckpt = load_model(tmp_path / "run", kind="gpt")
+    assert ckpt["model_kind"] == "policy_value" and "value_config" in ckpt["extra"]
+    value, _, _ = load_model(tmp_path / "run", kind="scalar")
+    assert isinstance(value, ScalarModel)
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def test_resume_is_bit_identical(ckpts, tmp_path):
+    # reward model path (no reward_fn), adaptive KL and a value head on the policy: all resumed state
+    kw = dict(max_steps=6, ppo_epochs=1, adaptive_kl=True, target_kl=0.5, kl_horizon=100, eval_max_prompts=2)
+    ppo(_cfg(ckpts, tmp_path / "full", **kw))
+    ppo(_cfg(ckpts, tmp_path / "cut", **{**kw, "max_steps": 3}))  # 3 steps: mid-rollout (2 minibatches each)
+    summary = ppo(_cfg(ckpts, tmp_path / "cut", **kw))
+    assert summary["resumed_from"] == 3
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    task_a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["task"][0]
+    task_b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["task"][0]
+    assert task_a["kl_ctl"] == task_b["kl_ctl"] and task_a["kl_ctl"]["value"] != 0.05
+
+
+def test_value_head_and_ptx(ckpts, tmp_path):
+    from fastgpt.data import prepare
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"the cat sat on mat {i}. " * 4}) + "\n" for i in range(30)))
+    prepare([corpus], tmp_path / "data", ByteTokenizer(), val_fraction=0.1, progress=False)
+    cfg = _cfg(ckpts, tmp_path / "run", max_steps=2, value_model="head", value_head_zero=True,
+               ptx_data=str(tmp_path / "data"), ptx_coef=0.5, eval_max_prompts=2)
+    trainer, task = build_ppo(cfg)
+    assert trainer.model.value is None and float(trainer.model.value_head.weight.detach().abs().sum()) == 0
+    summary = trainer.fit()
+    assert summary["steps"] == 2 and "ptx_loss" in trainer.history[0]
+
+
+def test_non_finite_rewards_stop_with_a_clear_message(ckpts, tmp_path):
+    from fastgpt.trainer import TrainingError
+    cfg = _cfg(ckpts, tmp_path / "run", max_bad_rollouts=2)
+    with pytest.warns(UserWarning, match="non-finite rewards"), pytest.raises(TrainingError, match="max_bad_rollouts=2"):
+        ppo(cfg, reward_fn=lambda p, r: torch.full((len(r),), float("nan")))
+
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    code = main(["ppo", *map(str, args), "--device", "cpu", "--progress", "false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def test_cli_bad_inputs(ckpts, tmp_path, capsys):
+    base = ["--sft_checkpoint", ckpts["sft"], "--reward_checkpoint", ckpts["rm"], "--out_dir", tmp_path / "o"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code, line = _cli(capsys, *base, "--prompts", empty)
+    assert code == 2 and "no prompts" in line
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "x" * 100}) + "\n")
+    code, line = _cli(capsys, *base, "--prompts", long)
+    assert code == 2 and "context" in line
+    code, line = _cli(capsys, "--sft_checkpoint", ckpts["sft"], "--out_dir", tmp_path / "o")
+    assert code == 2 and "reward_checkpoint is required" in line
+    # a reward model trained with another tokenizer
+    from fastgpt.tokenizer_hf import train_bpe
+    other = train_bpe(["hello world, the cat sat on the mat"] * 20, 300)
+    rm = ScalarModel(ModelConfig(**TINY))
+    save_checkpoint(tmp_path / "rm2", model=rm, model_kind="scalar", model_config=rm.config, tokenizer=other,
+                    stage="reward", extra={"reward_offset": 0.0, "reward_scale": 1.0})
+    code, line = _cli(capsys, "--sft_checkpoint", ckpts["sft"], "--reward_checkpoint", tmp_path / "rm2",
+                      "--out_dir", tmp_path / "o")
+    assert code == 2 and "another tokenizer" in line
+
+
+def test_cli_runs_and_prints_summary(ckpts, tmp_path, capsys):
+    code = main(["ppo", "--sft_checkpoint", str(ckpts["sft"]), "--reward_checkpoint", str(ckpts["rm"]),
+                 "--prompts", str(ckpts["prompts"]), "--eval_prompts", str(ckpts["prompts"]), "--out_dir",
+                 str(tmp_path / "o"), "--device", "cpu", "--progress", "false", "--max_steps", "1",
+                 "--rollout_batch_size", "8", "--mini_batch_size", "8", "--max_new_tokens", "4"])
+    out = capsys.readouterr().out
+    assert code == 0 and "held-out score" in out and "vs SFT" in out
+
+
+@pytest.mark.parametrize("which", ["sft", "ppo"])
+def test_chat_in_a_pseudo_terminal(ckpts, tmp_path, which):
+    import os
+    import sys
+
+    import pexpect
+    ckpt = ckpts["sft"]
+    if which == "ppo":
+        ppo(_cfg(ckpts, tmp_path / "run", max_steps=1, rollout_batch_size=8, mini_batch_size=8, eval_max_prompts=1),
+            reward_fn=starts_with_a)
+        ckpt = tmp_path / "run"
+    child = pexpect.spawn(sys.executable, ["-m", "fastgpt.cli", "chat", str(ckpt), "--device", "cpu",
+                                           "--max-new-tokens", "8"], encoding="utf-8", timeout=60,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    child.expect("you> ")
+    child.sendline("Say hi.")
+    child.expect("assistant> ")
+    child.expect("you> ")  # the streamed answer ended and the next prompt appeared
+    child.sendline("/system Be brief.")
+    child.expect(r"system message set; conversation reset")
+    child.sendline("/reset")
+    child.expect("conversation reset")
+    child.sendline("/nope")
+    child.expect("unknown command")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
