@@ -562,9 +562,6 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, Any]:
 def add_arguments(parser) -> None:
     from ..cli import add_config_arguments
     add_config_arguments(parser, PPOConfig)
-    # PPO's own defaults (lr 1e-5, constant schedule) must not be replaced by a pre-training
-    # preset's: no preset unless asked for.
-    parser.set_defaults(preset=None)
 
 
 def run(args) -> int:

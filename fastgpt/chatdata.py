@@ -1,0 +1,361 @@
+"""Readers for the chat-shaped JSONL files of SFT, comparisons, ranking and the reward model.
+
+Formats (one JSON object per line; a "prompt" is a string or a ``messages`` list):
+
+* conversations (SFT): ``{"messages": [{"role", "content"}, ...]}`` or
+  ``{"prompt": str, "response": str, "system"?: str}``;
+* prompts (``fastgpt compare``): ``{"prompt": str}`` or ``{"messages": [...]}``;
+* comparisons (``fastgpt rank``): ``{"prompt", "responses": [str], "finished"?: [bool]}``;
+* preferences (reward model): rankings ``{"prompt", "responses", "finished"?, "ranking"}`` with
+  ``ranking`` best-first, 0-based, ties as nested lists; or pairs ``{"prompt", "chosen",
+  "rejected"}``, where chosen/rejected may also be whole conversations (the prompt is then
+  everything before their last assistant message).
+
+Training data is read *skip-and-count*: one bad record never stops a run, it is skipped,
+counted and named (file:line) in one summary printed when loading ends; only when more than
+``max_bad_fraction`` of the records are bad does loading fail, with a one-line error.
+Files a person edits by hand for a tool (comparisons for ``fastgpt rank``) are read strictly.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from .data import DataError
+from .tokenizer import Message, TokenizerError, validate_messages
+
+T = TypeVar("T")
+MAX_RESPONSES = 9  # K in 2..9: a person ranks with single digits; InstructGPT used 4..9
+
+
+class BadRecord(Exception):
+    """One record that cannot be used; the reader adds file:line and counts it."""
+
+
+def _fail(msg: str) -> None:
+    raise BadRecord(msg)
+
+
+# ----------------------------------------------------------------------- bookkeeping
+@dataclass
+class LoadReport:
+    """What happened while reading a file: records kept, skipped (with reasons), truncated."""
+
+    path: str
+    total: int = 0
+    kept: int = 0
+    bad: list[str] = field(default_factory=list)  # "file:line: reason", in file order
+    truncated: int = 0
+    ignored: int = 0  # valid records that carry nothing to learn (an all-tied ranking)
+
+    def summary(self, context: int | None = None) -> str:
+        parts = []
+        if self.bad:
+            parts.append(f"skipped {len(self.bad)} of {self.total} bad records (first: {self.bad[0]})")
+        if self.ignored:
+            parts.append(f"ignored {self.ignored} all-tied rankings (no preference)")
+        if self.truncated:
+            parts.append(f"truncated {self.truncated} records longer than the context"
+                         + (f" ({context} tokens)" if context else ""))
+        return f"{self.path}: " + "; ".join(parts) if parts else ""
+
+    def check(self, max_bad_fraction: float, what: str = "records") -> None:
+        """Fail when too many records were bad, or none were usable."""
+        if self.total and len(self.bad) / self.total > max_bad_fraction:
+            raise DataError(f"{self.path}: {len(self.bad)} of {self.total} {what} are bad, more than "
+                            f"max_bad_fraction={max_bad_fraction} (first: {self.bad[0]})")
+        if self.kept - self.ignored <= 0:
+            reason = f" (first problem: {self.bad[0]})" if self.bad else ""
+            raise DataError(f"{self.path}: no usable {what}{reason}")
+
+    def warn(self, stage: str, context: int | None = None) -> None:
+        """Print the one summary line of skipped / truncated records (stderr), if any."""
+        text = self.summary(context)
+        if text:
+            print(f"{stage}: warning: {text}", file=sys.stderr)
+
+
+def read_records(path: str | Path, parse: Callable[[Any], T], report: LoadReport | None = None,
+                 strict: bool = False) -> Iterator[tuple[str, T]]:
+    """(``file:line``, parse(obj)) for each usable line of a JSONL file.
+
+    Malformed JSON and records ``parse`` rejects (by raising BadRecord, TokenizerError or
+    DataError) are counted in ``report`` and skipped, or raised as a DataError when ``strict``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    report = report if report is not None else LoadReport(str(p))
+    with open(p, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{p}:{lineno}"
+            report.total += 1
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise BadRecord(f"malformed JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise BadRecord("expected a JSON object")
+                value = parse(obj)
+            except (BadRecord, TokenizerError, DataError) as e:
+                if strict:
+                    raise DataError(f"{where}: {e}") from None
+                report.bad.append(f"{where}: {e}")
+                continue
+            report.kept += 1
+            yield where, value
+
+
+# --------------------------------------------------------------------------- prompts
+def parse_prompt(value: Any, where: str = "prompt") -> list[Message]:
+    """A prompt (string or messages list) as messages; the last message must not be the
+    assistant's (the model answers next)."""
+    if isinstance(value, str):
+        if not value.strip():
+            _fail(f"{where} is empty")
+        return [{"role": "user", "content": value}]
+    msgs = validate_messages(value, where)
+    if msgs[-1]["role"] == "assistant":
+        _fail(f"{where}: ends with an assistant message (expected the turn before the answer)")
+    return list(msgs)
+
+
+def parse_prompt_record(obj: dict) -> Any:
+    """``{"prompt": str | messages}`` or ``{"messages": [...]}`` -> the prompt value as given
+    (kept as-is so comparison files repeat it verbatim); validated by :func:`parse_prompt`."""
+    value = obj.get("prompt", obj.get("messages"))
+    if value is None:
+        _fail("expected a 'prompt' string or a 'messages' list")
+    if "system" in obj and isinstance(value, str):
+        value = [{"role": "system", "content": obj["system"]}, {"role": "user", "content": value}]
+    parse_prompt(value)
+    return value
+
+
+# --------------------------------------------------------------------- conversations
+def parse_conversation(obj: dict) -> list[Message]:
+    """A training conversation with at least one assistant turn."""
+    if "messages" in obj:
+        msgs = list(validate_messages(obj["messages"]))
+    elif "prompt" in obj and "response" in obj:
+        if not isinstance(obj["response"], str):
+            _fail("'response' must be a string")
+        msgs = parse_prompt(obj["prompt"])
+        if isinstance(obj.get("system"), str) and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": obj["system"]}] + msgs
+        msgs.append({"role": "assistant", "content": obj["response"]})
+    else:
+        _fail("expected 'messages' or 'prompt' + 'response'")
+    if not any(m["role"] == "assistant" for m in msgs):
+        _fail("conversation has no assistant turn (nothing to learn)")
+    return msgs
+
+
+# ----------------------------------------------------------------------- comparisons
+@dataclass
+class Comparison:
+    """K responses to one prompt and, once ranked, their best-first ranking (0-based)."""
+
+    prompt: Any                       # as in the file: str or messages
+    responses: list[str]
+    finished: list[bool]
+    ranking: list[Any] | None = None  # ints and tie groups (sorted lists)
+
+    @property
+    def messages(self) -> list[Message]:
+        return parse_prompt(self.prompt)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"prompt": self.prompt, "responses": self.responses, "finished": self.finished}
+        if self.ranking is not None:
+            out["ranking"] = self.ranking
+        return out
+
+
+def normalize_ranking(ranking: Any, k: int) -> list[Any]:
+    """Check ``ranking`` orders each of 0..k-1 exactly once; ties become sorted lists."""
+    if not isinstance(ranking, list) or not ranking:
+        _fail("'ranking' must be a non-empty list")
+    flat: list[int] = []
+    out: list[Any] = []
+    for g in ranking:
+        members = g if isinstance(g, list) else [g]
+        if not members or not all(isinstance(i, int) and not isinstance(i, bool) for i in members):
+            _fail(f"'ranking' entries must be indices or lists of tied indices, got {g!r}")
+        flat += members
+        out.append(sorted(members) if len(members) > 1 else members[0])
+    if sorted(flat) != list(range(k)):
+        _fail(f"'ranking' {ranking} is not a permutation of the {k} responses (0..{k - 1})")
+    return out
+
+
+def parse_comparison(obj: dict, need_ranking: bool = False) -> Comparison:
+    prompt = obj.get("prompt")
+    if prompt is None:
+        _fail("expected a 'prompt'")
+    parse_prompt(prompt)
+    responses = obj.get("responses")
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        _fail("'responses' must be a list of strings")
+    k = len(responses)
+    if not 2 <= k <= MAX_RESPONSES:
+        _fail(f"{k} responses: need between 2 and {MAX_RESPONSES} to compare")
+    finished = obj.get("finished", [True] * k)
+    if not isinstance(finished, list) or len(finished) != k or not all(isinstance(f, bool) for f in finished):
+        _fail(f"'finished' must be a list of {k} booleans")
+    ranking = obj.get("ranking")
+    if ranking is None and need_ranking:
+        _fail("expected a 'ranking' (or 'chosen' + 'rejected')")
+    if ranking is not None:
+        ranking = normalize_ranking(ranking, k)
+    return Comparison(prompt, list(responses), list(finished), ranking)
+
+
+def _split_conversation(value: Any, name: str) -> tuple[list[Message], str]:
+    msgs = validate_messages(value, name)
+    if msgs[-1]["role"] != "assistant":
+        _fail(f"'{name}' must end with an assistant message")
+    return list(msgs[:-1]), msgs[-1]["content"]
+
+
+def parse_preference(obj: dict) -> Comparison:
+    """A ranking record, or a chosen/rejected pair as a 2-way ranking ``[0, 1]``."""
+    if "chosen" not in obj and "rejected" not in obj:
+        return parse_comparison(obj, need_ranking=True)
+    chosen, rejected = obj.get("chosen"), obj.get("rejected")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        (p1, chosen), (p2, rejected) = _split_conversation(chosen, "chosen"), _split_conversation(rejected, "rejected")
+        if p1 != p2:
+            _fail("'chosen' and 'rejected' conversations differ before their last assistant message")
+        prompt: Any = obj.get("prompt", p1)
+        if not p1 and "prompt" not in obj:
+            _fail("'chosen' has no prompt before its assistant message")
+    else:
+        prompt = obj.get("prompt")
+        if prompt is None:
+            _fail("expected a 'prompt' with 'chosen' and 'rejected'")
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        _fail("'chosen' and 'rejected' must be strings or messages lists")
+    if chosen == rejected:
+        _fail("'chosen' and 'rejected' are the same response")
+    parse_prompt(prompt)
+    return Comparison(prompt, [chosen, rejected], [True, True], [0, 1])
+
+
+def read_comparisons(path: str | Path, strict: bool = True) -> list[Comparison]:
+    """Comparisons for the ranking tool (rankings, if present, are kept and checked)."""
+    return [c for _, c in read_records(path, parse_comparison, strict=strict)]
+
+
+# --------------------------------------------------------------- order and packing
+class EpochOrder:
+    """Epoch-based data order: every item once per epoch, reshuffled each epoch from
+    (seed, epoch), so the position ``(epoch, pos)`` alone restores the exact order on resume.
+    Under DDP each rank walks its own interleaved share of the same permutation."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        if n < world_size:
+            raise DataError(f"{n} training items cannot be shared among {world_size} processes")
+        self.n, self.seed, self.rank, self.world_size, self.shuffle = n, seed, rank, world_size, shuffle
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        import numpy as np
+        ids = np.arange(self.n)
+        if self.shuffle:
+            ids = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        return ids[self.rank::self.world_size].tolist()
+
+    def window(self, lengths: list[int], capacity: int) -> list[int]:
+        """The next items, just enough of them to overflow ``capacity`` tokens (or the epoch's
+        rest); starts a new epoch when this one is used up."""
+        if self.pos >= len(self._perm):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._perm = self._permutation()
+        out, total = [], 0
+        for i in self._perm[self.pos:]:
+            out.append(i)
+            total += lengths[i]
+            if total > capacity:
+                break
+        return out
+
+    def advance(self, count: int) -> None:
+        self.pos += count
+
+    @property
+    def progress(self) -> float:
+        """Epochs completed, fractional."""
+        return self.epoch + self.pos / max(1, len(self._perm))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._perm = self._permutation()
+
+
+Example = tuple[list[int], list[int] | None]  # (input ids, labels or None)
+
+
+def pack_groups(groups: list[list[Example]], n_rows: int, row_len: int, pad_id: int):
+    """Pack whole groups (a conversation, or all K responses of one prompt) into one batch.
+
+    Returns (PackedBatch, groups used). A group is never split across batches: if the packer
+    stops inside one, the batch is rebuilt from the complete groups before it (first-fit is
+    prefix-stable, so their layout does not change).
+    """
+    from .data import pack_rows
+    flat = [ex for g in groups for ex in g]
+    batch, used = pack_rows(flat, n_rows, row_len, pad_id)
+    complete, seen = 0, 0
+    for g in groups:
+        if seen + len(g) > used:
+            break
+        seen += len(g)
+        complete += 1
+    if seen != used:
+        batch, _ = pack_rows(flat[:seen], n_rows, row_len, pad_id)
+    return batch, complete
+
+
+def fits_one_batch(lengths: list[int], n_rows: int, row_len: int) -> bool:
+    """Whether a group of examples of these lengths packs into one batch (first-fit)."""
+    fill = [0] * n_rows
+    for n in lengths:
+        r = next((r for r in range(n_rows) if fill[r] + n <= row_len), None)
+        if r is None:
+            return False
+        fill[r] += n
+    return True
+
+
+def batches_per_epoch(group_lengths: list[list[int]], n_rows: int, row_len: int) -> int:
+    """Micro-batches one pass over the groups takes when packed in file order (an estimate of
+    the shuffled count, used to turn ``epochs`` into optimizer steps)."""
+    batches, fill = 0, None
+    for lengths in group_lengths:
+        for attempt in range(2):
+            if fill is None:
+                fill, batches = [0] * n_rows, batches + 1
+            trial = list(fill)
+            ok = True
+            for n in lengths:
+                r = next((r for r in range(n_rows) if trial[r] + n <= row_len), None)
+                if r is None:
+                    ok = False
+                    break
+                trial[r] += n
+            if ok:
+                fill = trial
+                break
+            fill = None  # start a new batch and retry the group there
+    return batches

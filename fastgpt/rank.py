@@ -1,0 +1,226 @@
+"""Comparison data for the reward model: sample K answers per prompt, then rank them by hand.
+
+``fastgpt compare CKPT --prompts FILE --out FILE -k 4`` samples K responses per prompt from a
+(SFT) checkpoint and writes ``{"prompt", "responses", "finished"}`` per line.
+
+``fastgpt rank COMPARISONS --out RANKINGS`` shows one prompt at a time with its numbered
+responses; the person types an order best-first, e.g. ``3 1 4 2``, with ``=`` for ties
+(``3 1=4 2``), ``s`` to skip, ``u`` to undo the last answer and ``q`` to quit.  Every answer is
+appended to RANKINGS at once (write, flush, fsync), so a crash loses nothing; a restart resumes
+at the first comparison without a ranking.  The ranking is stored 0-based with ties as nested
+lists -- the same format the demo's simulated labeler writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from .chatdata import MAX_RESPONSES, Comparison, LoadReport, parse_prompt, parse_prompt_record, read_comparisons, read_records
+from .errors import FastGPTError
+
+
+class RankError(FastGPTError, ValueError):
+    """Bad arguments for compare / rank (one-line message)."""
+
+
+# ------------------------------------------------------------------------- compare
+def compare(checkpoint: str, prompts_path: str, out_path: str, k: int = 4, temperature: float = 1.0,
+            top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0, device: str = "auto",
+            batch_size: int = 64, max_bad_fraction: float = 0.1) -> Path:
+    """Sample ``k`` responses to every prompt of ``prompts_path``; write comparisons to ``out_path``.
+
+    All k * prompts rows go through the engine in batches of about ``batch_size`` rows (a
+    prompt's k rows stay together). The file appears complete or not at all (atomic rename).
+    """
+    from .checkpoint import load_model
+    from .engine import SamplingParams, generate
+    from .tokenizer import encode_prompt
+    from .trainer import resolve_device
+    if not 2 <= k <= MAX_RESPONSES:
+        raise RankError(f"-k {k}: expected between 2 and {MAX_RESPONSES} responses per prompt")
+    report = LoadReport(str(prompts_path))
+    prompts = [p for _, p in read_records(prompts_path, parse_prompt_record, report)]
+    report.warn("compare")
+    report.check(max_bad_fraction, "prompts")
+    model, tok, _ = load_model(checkpoint, kind="gpt", device=resolve_device(device))
+    room = model.config.block_size - min(max_new_tokens, model.config.block_size // 2)
+    encoded = [encode_prompt(tok, parse_prompt(p))[-room:] for p in prompts]  # keep room to answer
+    per_batch = max(1, batch_size // k)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f, tqdm(total=len(prompts), desc="compare", unit="prompt") as bar:
+            for b, start in enumerate(range(0, len(prompts), per_batch)):
+                chunk = encoded[start:start + per_batch]
+                params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                        stop_ids=(tok.end_id,), seed=seed + b)
+                gens = generate(model, [p for p in chunk for _ in range(k)], params, vocab_limit=tok.vocab_size)
+                for i, prompt in enumerate(prompts[start:start + per_batch]):
+                    mine = gens[i * k:(i + 1) * k]
+                    texts = [tok.decode(g.tokens[:-1] if g.finished else g.tokens) for g in mine]
+                    row = {"prompt": prompt, "responses": texts, "finished": [g.finished for g in mine]}
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                bar.update(len(chunk))
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="the policy to sample from (usually the SFT run)")
+    parser.add_argument("--prompts", required=True, help='JSONL of {"prompt": str} or {"messages": [...]}')
+    parser.add_argument("--out", required=True, help="comparisons JSONL to write")
+    parser.add_argument("-k", type=int, default=4, help=f"responses per prompt, 2..{MAX_RESPONSES} (default 4)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows sampled together")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    out = compare(args.checkpoint, args.prompts, args.out, k=args.k, temperature=args.temperature, top_p=args.top_p,
+                  max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device, batch_size=args.batch_size)
+    print(f"compare: {args.k} responses per prompt -> {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- rank
+def parse_order(text: str, k: int) -> list[Any]:
+    """``"3 1=4 2"`` -> ``[2, [0, 3], 1]`` (0-based, ties sorted); ValueError explains a bad answer."""
+    groups: list[Any] = []
+    seen: list[int] = []
+    for token in text.replace(",", " ").split():
+        members = []
+        for part in token.split("="):
+            if not part.isdigit() or not 1 <= int(part) <= k:
+                raise ValueError(f"{part!r} is not a response number 1..{k}")
+            members.append(int(part) - 1)
+        seen += members
+        groups.append(sorted(members) if len(members) > 1 else members[0])
+    if sorted(seen) != list(range(k)):
+        raise ValueError(f"name each of 1..{k} exactly once")
+    if len(groups) < 2:
+        raise ValueError("all tied: that holds no preference (use s to skip)")
+    return groups
+
+
+def _key(c: Comparison) -> str:
+    return json.dumps([c.prompt, c.responses], sort_keys=True)
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _drop_last(path: Path) -> dict | None:
+    """Remove the last record of the rankings file (atomic rewrite); returns it."""
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        return None
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("".join(ln + "\n" for ln in lines[:-1]))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return json.loads(lines[-1])
+
+
+def _show(c: Comparison, i: int, n: int, done: int, say: Callable[[str], None]) -> None:
+    say(f"\n=== comparison {i + 1} of {n} ({done} ranked) ===")
+    for m in c.messages:
+        say(f"[{m['role']}] {m['content']}")
+    for j, (r, fin) in enumerate(zip(c.responses, c.finished), 1):
+        say(f"--- {j}{'' if fin else ' (did not finish)'} ---")
+        say(r if r.strip() else "(empty)")
+
+
+def rank_interactive(comparisons_path: str, rankings_path: str, ask: Callable[[str], str] = input,
+                     say: Callable[[str], None] = print) -> int:
+    """Rank comparisons in the terminal; returns how many were ranked in this session."""
+    items = read_comparisons(comparisons_path)
+    out = Path(rankings_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.touch()
+    skipped: set[int] = set()
+    history: list[tuple[str, int]] = []  # ("rank" | "skip", index), for undo
+    session = 0
+
+    def ranked() -> list[bool]:
+        # match existing records to comparisons by (prompt, responses), in file order
+        have = Counter(_key(c) for c in read_comparisons(out) if c.ranking is not None)
+        flags = []
+        for c in items:
+            flags.append(have[_key(c)] > 0)
+            have[_key(c)] -= flags[-1]
+        return flags
+
+    while True:
+        flags = ranked()
+        todo = [i for i, f in enumerate(flags) if not f and i not in skipped]
+        if not todo:
+            say(f"\nrank: done -- {sum(flags)} of {len(items)} ranked, {len(skipped)} skipped -> {out}")
+            return session
+        i, c = todo[0], items[todo[0]]
+        k = len(c.responses)
+        _show(c, i, len(items), sum(flags), say)
+        while True:
+            try:
+                answer = ask(f"order best-first (e.g. {' '.join(map(str, range(k, 0, -1)))}; = ties), s skip, "
+                             f"u undo, q quit > ").strip().lower()
+            except EOFError:
+                answer = "q"
+            if answer == "q":
+                say(f"rank: saved {sum(flags)} rankings to {out}; run again to continue")
+                return session
+            if answer == "s":
+                skipped.add(i)
+                history.append(("skip", i))
+                break
+            if answer == "u":
+                if history and history[-1][0] == "skip":
+                    skipped.discard(history.pop()[1])
+                    say("undone: skip")
+                elif _drop_last(out) is not None:
+                    if history:
+                        history.pop()
+                    session = max(0, session - 1)
+                    say("undone: last ranking removed")
+                else:
+                    say("nothing to undo")
+                    continue
+                break
+            try:
+                ranking = parse_order(answer, k)
+            except ValueError as e:
+                say(f"invalid: {e}")
+                continue
+            _append(out, {**c.to_json(), "ranking": ranking})
+            history.append(("rank", i))
+            session += 1
+            break
+
+
+def add_rank_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("comparisons", help="comparisons JSONL from `fastgpt compare`")
+    parser.add_argument("--out", required=True, help="rankings JSONL (appended to; resumed from)")
+
+
+def run_rank(args: argparse.Namespace) -> int:
+    rank_interactive(args.comparisons, args.out)
+    return 0

@@ -1,0 +1,305 @@
+"""Stage 3a: the reward model, trained on human (or simulated) rankings of the SFT model's answers.
+
+A :class:`ScalarModel` starts from the SFT checkpoint (backbone = the SFT GPT, scalar head fresh)
+and learns InstructGPT's K-wise loss: for each prompt, all C(K, 2) pairs implied by its ranking
+are one batch element, ``mean over pairs of -log sigmoid(r_better - r_worse)``.  Each response is
+``encode_prompt(prompt) + response [+ <|end|> if it finished]``, scored once at its last token
+(never once per pair), and all responses of several prompts are packed into varlen rows; a
+prompt's responses always share a micro-batch, since its pairs need all of their scores.
+
+After training the RM is normalised so the SFT policy's responses (every response in the
+rankings file) score mean 0, std 1: ``reward_offset`` / ``reward_scale`` go to the checkpoint's
+``extra`` and :func:`score` returns ``(r - offset) / scale``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..chatdata import (
+    BadRecord, Comparison, EpochOrder, Example, LoadReport, batches_per_epoch, fits_one_batch, pack_groups,
+    parse_prompt, parse_preference, read_records,
+)
+from ..checkpoint import load_model
+from ..config import ConfigError, TrainConfig
+from ..data import PackedBatch
+from ..losses import ranking_loss, ranking_pairs
+from ..model import ScalarModel
+from ..tokenizer import Message, Tokenizer, encode_prompt
+from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
+from .sft import load_start_model, split_holdout
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    # The architecture comes from init_from, so there is no nested ModelConfig to set here.
+    out_dir: str = "runs/reward"
+    init_from: str = ""            # required: the SFT checkpoint (any language-model checkpoint)
+    data: str = ""                 # rankings or chosen/rejected pairs, JSONL
+    val_fraction: float = 0.1      # prompts held out for pairwise accuracy
+    epochs: float = 1.0            # InstructGPT: one epoch (more overfits); > 0 sets max_steps
+    max_bad_fraction: float = 0.1
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    eval_interval: int = 50
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class RankedGroup:
+    """One prompt's encoded responses and the (better, worse) pairs between them."""
+
+    examples: list[Example]
+    pairs: list[tuple[int, int]]
+
+
+def encode_response(tok: Tokenizer, prompt_ids: list[int], response: str, finished: bool,
+                    block_size: int) -> tuple[list[int], bool]:
+    """Prompt + response ids (+ <|end|> if finished), cut to the context: the prompt loses its
+    start first (down to half the context), then the response loses its end."""
+    resp = tok.encode(response) + ([tok.end_id] if finished else [])
+    if len(prompt_ids) + len(resp) <= block_size:
+        return prompt_ids + resp, False
+    keep = max(block_size - len(resp), min(len(prompt_ids), block_size // 2))
+    prompt_ids = prompt_ids[len(prompt_ids) - keep:]
+    return prompt_ids + resp[:block_size - len(prompt_ids)], True
+
+
+def encode_comparison(tok: Tokenizer, c: Comparison, block_size: int) -> tuple[list[Example], int]:
+    """(examples, how many were truncated) for every response of a comparison."""
+    prompt_ids = encode_prompt(tok, c.messages)
+    out, truncated = [], 0
+    for response, finished in zip(c.responses, c.finished):
+        ids, cut = encode_response(tok, prompt_ids, response, finished, block_size)
+        out.append((ids, None))
+        truncated += cut
+    return out, truncated
+
+
+def load_preferences(path: str, tok: Tokenizer, block_size: int, n_rows: int, max_bad_fraction: float
+                     ) -> tuple[list[RankedGroup], LoadReport]:
+    """Encode every usable ranking / pair of ``path``; skip-and-count the rest (one summary line).
+    All-tied rankings are returned (their responses count for normalisation) with no pairs."""
+    if not path:
+        raise ConfigError("data is required: a rankings JSONL (fastgpt rank) or chosen/rejected pairs")
+    report = LoadReport(path)
+
+    def parse(obj: dict) -> RankedGroup:
+        c = parse_preference(obj)
+        examples, truncated = encode_comparison(tok, c, block_size)
+        if not fits_one_batch([len(ids) for ids, _ in examples], n_rows, block_size):
+            raise BadRecord(f"its {len(examples)} responses do not fit one micro-batch of batch_size={n_rows} rows")
+        report.truncated += truncated
+        return RankedGroup(examples, ranking_pairs(c.ranking))
+
+    groups = [g for _, g in read_records(path, parse, report)]
+    report.ignored = sum(not g.pairs for g in groups)  # all tied: valid, but nothing to learn from
+    report.warn("reward", block_size)
+    report.check(max_bad_fraction, "rankings")
+    return groups, report
+
+
+def pack_ranked(groups: list[RankedGroup], n_rows: int, row_len: int, pad_id: int) -> tuple[PackedBatch, int]:
+    """Pack whole groups; ``extras`` holds the pair tensors indexing the batch's responses."""
+    batch, used = pack_groups([g.examples for g in groups], n_rows, row_len, pad_id)
+    better, worse, prompt, offset = [], [], [], 0
+    for p, g in enumerate(groups[:used]):
+        better += [offset + b for b, _ in g.pairs]
+        worse += [offset + w for _, w in g.pairs]
+        prompt += [p] * len(g.pairs)
+        offset += len(g.examples)
+    batch.extras = {"better": torch.tensor(better), "worse": torch.tensor(worse),
+                    "prompt": torch.tensor(prompt), "n_prompts": used}
+    return batch, used
+
+
+def last_token_scores(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """One forward over the packed batch; the score of each response at its last token, (R,)."""
+    values = model(batch.idx, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+    return values.reshape(-1)[batch.last_positions()]
+
+
+def _pair_loss(model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = batch.extras
+    device = batch.idx.device
+    better, worse = x["better"].to(device), x["worse"].to(device)
+    scores = last_token_scores(model, batch)
+    loss, correct = ranking_loss(scores, better, worse, x["prompt"].to(device), x["n_prompts"])
+    return loss, correct, (scores[better] - scores[worse]).detach()
+
+
+# ---------------------------------------------------------------------------- task
+class RewardTask:
+    """Packed ranked responses; InstructGPT's K-wise ranking loss."""
+
+    def __init__(self, cfg: RewardConfig, train: list[RankedGroup], val: list[RankedGroup], pad_id: int,
+                 block_size: int, device: torch.device) -> None:
+        dist = distributed_env()
+        self.cfg, self.train, self.val, self.pad_id = cfg, train, val, pad_id
+        self.block_size, self.device = block_size, device
+        self.lengths = [sum(len(ids) for ids, _ in g.examples) for g in train]
+        self.order = EpochOrder(len(train), cfg.seed, dist.rank, dist.world_size)
+
+    def next_batch(self) -> PackedBatch:
+        T, rows = self.block_size, self.cfg.batch_size
+        window = self.order.window(self.lengths, rows * T)
+        batch, used = pack_ranked([self.train[i] for i in window], rows, T, self.pad_id)
+        self.order.advance(used)
+        return batch.to(self.device)
+
+    def loss(self, model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, correct, margin = _pair_loss(model, batch)
+        return loss, {"accuracy": float(correct.mean()), "margin": float(margin.mean()),
+                      "packing_efficiency": batch.efficiency}
+
+    def tokens(self, batch: PackedBatch) -> int:
+        return batch.n_real
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Held-out pairwise accuracy, mean margin and loss (every pair of every val prompt)."""
+        if not self.val:
+            return {}
+        losses, correct, margins, pos = [], [], [], 0
+        while pos < len(self.val):
+            window = self.val[pos:pos + self.cfg.batch_size * self.block_size]
+            batch, used = pack_ranked(window, self.cfg.batch_size, self.block_size, self.pad_id)
+            loss, c, m = _pair_loss(model, batch.to(self.device))
+            losses.append(float(loss) * used)
+            correct.append(c)
+            margins.append(m)
+            pos += used
+        return {"val_loss": sum(losses) / len(self.val), "val_accuracy": float(torch.cat(correct).mean()),
+                "val_margin": float(torch.cat(margins).mean())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------- scoring
+@torch.no_grad()
+def raw_scores(model: nn.Module, sequences: Sequence[list[int]], rows: int, row_len: int, pad_id: int) -> list[float]:
+    """Unnormalised score of each id sequence (each at most ``row_len``), packed in order."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    pos = 0
+    while pos < len(sequences):
+        batch, used = pack_groups([[(list(s), None)] for s in sequences[pos:pos + rows * row_len]], rows, row_len, pad_id)
+        out += last_token_scores(model, batch.to(device)).float().tolist()
+        pos += used
+    return out
+
+
+def score(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str | list[Message]],
+          responses: Sequence[str], finished: Sequence[bool] | None = None,
+          extra: dict[str, Any] | None = None, batch_size: int = 16) -> list[float]:
+    """Normalised rewards ``(r - reward_offset) / reward_scale`` of (prompt, response) pairs.
+
+    ``extra`` is the reward checkpoint's ``extra`` (None: raw scores). A prompt is a user string
+    or a messages list; ``finished`` (default all True) appends <|end|> as in training.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    finished = [True] * len(responses) if finished is None else list(finished)
+    T = model.config.block_size
+    seqs = [encode_response(tokenizer, encode_prompt(tokenizer, parse_prompt(p)), r, f, T)[0]
+            for p, r, f in zip(prompts, responses, finished)]
+    was_training = model.training
+    model.eval()
+    raw = raw_scores(model, seqs, batch_size, T, tokenizer.pad_id)
+    model.train(was_training)
+    offset = (extra or {}).get("reward_offset", 0.0)
+    scale = (extra or {}).get("reward_scale", 1.0)
+    return [(r - offset) / scale for r in raw]
+
+
+def load_reward_model(path: str, device: str | torch.device = "cpu") -> tuple[ScalarModel, Tokenizer, dict[str, Any]]:
+    """(reward model in eval mode, tokenizer, extra with reward_offset / reward_scale)."""
+    model, tok, ckpt = load_model(path, kind="scalar", device=device)
+    return model, tok, dict(ckpt.get("extra", {}))  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- stage
+def train_reward(cfg: RewardConfig) -> dict[str, Any]:
+    """Train a reward model from ``cfg.init_from`` on ``cfg.data``, normalise it on the file's
+    responses and return the trainer's summary (plus ``data`` and ``reward_offset/scale``)."""
+    seed_everything(cfg.seed)
+    lm, tok = load_start_model(cfg.init_from)
+    model = ScalarModel(lm.config)
+    model.gpt.load_state_dict(lm.state_dict())
+    T = model.config.block_size
+    every, report = load_preferences(cfg.data, tok, T, cfg.batch_size, cfg.max_bad_fraction)
+    groups = [g for g in every if g.pairs]
+    train_ids, val_ids = split_holdout(len(groups), cfg.val_fraction, cfg.seed)
+    train = [groups[i] for i in train_ids]
+    if cfg.epochs > 0:
+        per_epoch = batches_per_epoch([[len(ids) for ids, _ in g.examples] for g in train], cfg.batch_size, T)
+        cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch / (cfg.grad_accum * distributed_env().world_size)))
+    device = resolve_device(cfg.device, distributed_env())
+    task = RewardTask(cfg, train, [groups[i] for i in val_ids], tok.pad_id, T, device)
+    trainer = Trainer(cfg, model, task, stage="reward", tokenizer=tok, model_kind="scalar",
+                      flops_per_token=model.gpt.flops_per_token(T))
+    summary = trainer.fit()
+    # SFT responses score mean 0, std 1: PPO's reward scale then does not depend on this run.
+    model.eval()
+    with trainer.autocast():
+        raw = torch.tensor(raw_scores(model, [ids for g in every for ids, _ in g.examples], cfg.batch_size, T,
+                                      tok.pad_id))
+    trainer.extra.update(reward_offset=float(raw.mean()), reward_scale=float(raw.std().clamp(min=1e-6)))
+    trainer.save()
+    summary["data"] = {"train": len(train), "val": len(val_ids), "skipped": len(report.bad),
+                       "truncated": report.truncated, "responses": len(raw)}
+    summary.update(reward_offset=trainer.extra["reward_offset"], reward_scale=trainer.extra["reward_scale"])
+    return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    from ..cli import add_config_arguments
+    parser.add_argument("--score", metavar="FILE", help="instead of training: score each {prompt, response} "
+                        "line of FILE with --checkpoint and print JSONL with a 'score' field")
+    parser.add_argument("--checkpoint", metavar="CKPT", help="reward model checkpoint for --score")
+    add_config_arguments(parser, RewardConfig)
+
+
+def _read_scoring_file(path: str) -> list[dict]:
+    def parse(obj: dict) -> dict:
+        parse_prompt(obj.get("prompt"))
+        if not isinstance(obj.get("response"), str):
+            raise BadRecord("expected a string 'response'")
+        if not isinstance(obj.get("finished", True), bool):
+            raise BadRecord("'finished' must be true or false")
+        return obj
+    return [obj for _, obj in read_records(path, parse, strict=True)]
+
+
+def run(args) -> int:
+    from ..cli import config_from_args
+    cfg = config_from_args(RewardConfig, args)
+    if args.score:
+        if not args.checkpoint:
+            raise ConfigError("--score needs --checkpoint CKPT (a reward model)")
+        records = _read_scoring_file(args.score)
+        model, tok, extra = load_reward_model(args.checkpoint, resolve_device(cfg.device))
+        scores = score(model, tok, [r["prompt"] for r in records], [r["response"] for r in records],
+                       [r.get("finished", True) for r in records], extra, batch_size=cfg.batch_size)
+        for rec, s in zip(records, scores):
+            print(json.dumps({**rec, "score": s}, ensure_ascii=False))
+        sys.stdout.flush()
+        return 0
+    summary = train_reward(cfg)
+    ev, d = summary["eval"], summary["data"]
+    print(f"reward: {summary['steps']} steps on {d['train']} prompts ({d['val']} held out, {d['skipped']} skipped, "
+          f"{d['truncated']} responses truncated) in {summary['seconds']:.0f}s; val_accuracy "
+          f"{ev.get('val_accuracy', float('nan')):.3f}, val_margin {ev.get('val_margin', float('nan')):.3f}; "
+          f"SFT responses: offset {summary['reward_offset']:.3f} scale {summary['reward_scale']:.3f}; "
+          f"checkpoint in {summary['out_dir']}")
+    return 0

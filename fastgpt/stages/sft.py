@@ -1,0 +1,246 @@
+"""Stage 2: supervised fine-tuning (SFT) on demonstration conversations.
+
+The model learns to continue a conversation as the assistant: the loss covers only the
+assistant's text and the <|end|> that closes each assistant turn (so it learns to stop), never
+system or user text or role tokens.  The loss is normalised per token over the micro-batch
+(mean over the micro-batch's trained tokens), so a long answer weighs more than a short one, as
+in pre-training; with gradient accumulation the trainer averages the micro-batch means.
+
+Conversations are packed whole into rows of ``block_size`` (``pack_rows`` with ``cu_seqlens``:
+no attention across conversations, padding with <|pad|> only in each row's tail), in an
+epoch-based order reshuffled every epoch.  Defaults follow InstructGPT's SFT where they fit tiny
+models: cosine decay to 10% of the peak LR, residual dropout (0.2 there, 0.1 here).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..chatdata import (
+    BadRecord, EpochOrder, Example, LoadReport, batches_per_epoch, pack_groups, parse_conversation, read_records,
+)
+from ..config import ConfigError, TrainConfig
+from ..data import IGNORE_INDEX, DataError, PackedBatch
+from ..model import GPT
+from ..tokenizer import Message, Tokenizer, encode_chat, encode_prompt, load_tokenizer
+from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
+from .common import load_language_model, padded_vocab
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    # The architecture comes from init_from, so there is no nested ModelConfig to set here.
+    out_dir: str = "runs/sft"
+    init_from: str = ""            # required: a fastgpt checkpoint or "hf:<GPT-2 folder>"
+    tokenizer: str = ""            # for hf: init only ("" = the folder's tokenizer.json)
+    data: str = ""                 # conversations JSONL; "" = the built-in world's demonstrations
+    val_fraction: float = 0.05     # conversations held out for val_loss
+    epochs: float = 0.0            # > 0: sets max_steps to this many passes over the data
+    dropout: float = 0.1           # residual/embedding dropout while fine-tuning (not saved)
+    max_bad_fraction: float = 0.1  # more bad records than this fails the run
+    eval_format_prompts: int = 8   # val prompts answered greedily for format_rate (0: off)
+    eval_max_new_tokens: int = 64
+    lr: float = 3e-4
+    warmup_steps: int = 20
+    max_steps: int = 500
+    eval_interval: int = 100
+
+
+# ---------------------------------------------------------------------------- data
+def encode_sft_example(tok: Tokenizer, messages: list[Message], block_size: int) -> tuple[Example, bool]:
+    """(input ids, labels) of a conversation and whether it was truncated.
+
+    ``labels[t]`` is the next id where that id is trained on (assistant text or its <|end|>),
+    else IGNORE_INDEX. Conversations longer than the context keep their first ``block_size``
+    inputs; one whose trained tokens all fall beyond that is rejected.
+    """
+    ids, mask = encode_chat(tok, messages)
+    truncated = len(ids) > block_size + 1
+    ids, mask = ids[:block_size + 1], mask[:block_size + 1]
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
+    if all(lab == IGNORE_INDEX for lab in labels):
+        raise BadRecord(f"no assistant tokens within the first {block_size} tokens of the context")
+    return (ids[:-1], labels), truncated
+
+
+def load_conversations(path: str, tok: Tokenizer, block_size: int, max_bad_fraction: float,
+                       seed: int = 0) -> tuple[list[Example], list[list[Message]], LoadReport]:
+    """Encode every usable conversation of ``path`` ("" = built-in world); skip-and-count the rest
+    and print one summary line. Returns (examples, their messages, report)."""
+    report = LoadReport(path or "built-in SFT data")
+
+    def parse(obj: dict) -> tuple[Example, list[Message]]:
+        msgs = parse_conversation(obj)
+        example, truncated = encode_sft_example(tok, msgs, block_size)
+        report.truncated += truncated
+        return example, msgs
+
+    if path:
+        records = [v for _, v in read_records(path, parse, report)]
+    else:
+        from ..demo.world import make_world
+        records = []
+        for rec in make_world(seed).sft:
+            report.total += 1
+            records.append(parse(rec))
+            report.kept += 1
+    report.warn("sft", block_size)
+    report.check(max_bad_fraction, "conversations")
+    return [e for e, _ in records], [m for _, m in records], report
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded (train, val) index split; at least one of each once there are two items."""
+    ids = list(range(n))
+    random.Random(seed).shuffle(ids)
+    n_val = min(n - 1, max(1 if n >= 2 and fraction > 0 else 0, round(n * fraction)))
+    return sorted(ids[n_val:]), sorted(ids[:n_val])
+
+
+def load_start_model(init_from: str, tokenizer: str = "") -> tuple[GPT, Tokenizer]:
+    """The language model to fine-tune and its tokenizer.
+
+    A fastgpt checkpoint brings its own tokenizer. A GPT-2 import (``hf:<folder>``) takes
+    ``tokenizer`` or the folder's tokenizer.json, and its vocabulary grows so the chat special
+    tokens have embeddings.
+    """
+    if not init_from:
+        raise ConfigError("init_from is required: a pre-trained fastgpt checkpoint or hf:<GPT-2 folder>")
+    if init_from.startswith("hf:") and tokenizer:
+        from ..hf import load_hf_gpt2
+        tok = load_tokenizer(tokenizer)
+        model, _ = load_hf_gpt2(init_from[3:])
+    else:
+        model, tok, _ = load_language_model(init_from)
+        if tok is None:
+            raise ConfigError(f"init_from={init_from}: no tokenizer.json in the folder; pass tokenizer=<file>")
+    if model.config.vocab_size < tok.vocab_size:
+        from ..hf import resize_vocab
+        model, _ = resize_vocab(model, padded_vocab(tok))
+    return model, tok
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Dropout for this run only: the saved model config keeps its own value, so later stages
+    (reward, PPO) do not inherit dropout they did not ask for."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+
+
+# ---------------------------------------------------------------------------- task
+class SFTTask:
+    """Packed conversations; per-token mean cross-entropy on the assistant's tokens."""
+
+    def __init__(self, cfg: SFTConfig, train: list[Example], val: list[Example], val_prompts: list[list[Message]],
+                 tok: Tokenizer, block_size: int, device: torch.device) -> None:
+        dist = distributed_env()
+        self.cfg, self.train, self.val, self.val_prompts = cfg, train, val, val_prompts
+        self.tok, self.block_size, self.device = tok, block_size, device
+        self.lengths = [len(ids) for ids, _ in train]
+        self.order = EpochOrder(len(train), cfg.seed, dist.rank, dist.world_size)
+
+    def next_batch(self) -> PackedBatch:
+        T, rows = self.block_size, self.cfg.batch_size
+        window = self.order.window(self.lengths, rows * T)
+        batch, used = pack_groups([[self.train[i]] for i in window], rows, T, self.tok.pad_id)
+        self.order.advance(used)
+        return batch.to(self.device)
+
+    def loss(self, model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        _, loss = model(batch.idx, batch.labels, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+        return loss, {"packing_efficiency": batch.efficiency, "epoch": self.order.progress}
+
+    def tokens(self, batch: PackedBatch) -> int:
+        return batch.n_real
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.val:
+            out["val_loss"] = packed_loss(model, self.val, self.cfg.batch_size, self.block_size, self.tok.pad_id)
+        if self.cfg.eval_format_prompts and self.val_prompts:
+            out["format_rate"] = format_rate(model, self.tok, self.val_prompts[:self.cfg.eval_format_prompts],
+                                             self.cfg.eval_max_new_tokens)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order.load_state_dict(state)
+
+
+@torch.no_grad()
+def packed_loss(model: nn.Module, examples: list[Example], rows: int, row_len: int, pad_id: int) -> float:
+    """Mean per-token loss over all trained tokens of ``examples`` (packed in order)."""
+    device = next(model.parameters()).device
+    total, count, pos = 0.0, 0, 0
+    while pos < len(examples):
+        batch, used = pack_groups([[e] for e in examples[pos:pos + rows * row_len]], rows, row_len, pad_id)
+        batch = batch.to(device)
+        _, loss = model(batch.idx, batch.labels, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
+                        reduction="sum")
+        total += float(loss)
+        count += int((batch.labels != IGNORE_INDEX).sum())
+        pos += used
+    return total / max(1, count)
+
+
+def format_rate(model: nn.Module, tok: Tokenizer, conversations: list[list[Message]], max_new_tokens: int) -> float:
+    """Share of greedy answers to the conversations' first prompts that end their turn."""
+    from ..engine import SamplingParams, generate
+    prompts = []
+    for msgs in conversations:
+        first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        ids = encode_prompt(tok, msgs[:first])
+        prompts.append(ids[-(model.config.block_size // 2):])  # leave room to answer
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=(tok.end_id,))
+    gens = generate(model, prompts, params, vocab_limit=tok.vocab_size)
+    return sum(g.finished for g in gens) / len(gens)
+
+
+# ---------------------------------------------------------------------------- stage
+def sft(cfg: SFTConfig) -> dict[str, Any]:
+    """Fine-tune ``cfg.init_from`` on ``cfg.data`` and return the trainer's summary (plus a
+    ``data`` entry: conversations used, held out, skipped and truncated)."""
+    seed_everything(cfg.seed)
+    model, tok = load_start_model(cfg.init_from, cfg.tokenizer)
+    set_dropout(model, cfg.dropout)
+    T = model.config.block_size
+    examples, messages, report = load_conversations(cfg.data, tok, T, cfg.max_bad_fraction, cfg.seed)
+    train_ids, val_ids = split_holdout(len(examples), cfg.val_fraction, cfg.seed)
+    if not train_ids:
+        raise DataError(f"{report.path}: too few conversations to train on ({len(examples)})")
+    train = [examples[i] for i in train_ids]
+    if cfg.epochs > 0:
+        per_epoch = batches_per_epoch([[len(ids)] for ids, _ in train], cfg.batch_size, T)
+        cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch / (cfg.grad_accum * distributed_env().world_size)))
+    device = resolve_device(cfg.device, distributed_env())
+    task = SFTTask(cfg, train, [examples[i] for i in val_ids], [messages[i] for i in val_ids], tok, T, device)
+    trainer = Trainer(cfg, model, task, stage="sft", tokenizer=tok, flops_per_token=model.flops_per_token(T))
+    summary = trainer.fit()
+    summary["data"] = {"train": len(train), "val": len(val_ids), "skipped": len(report.bad),
+                       "truncated": report.truncated}
+    return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    from ..cli import add_config_arguments
+    add_config_arguments(parser, SFTConfig)
+
+
+def run(args) -> int:
+    from ..cli import config_from_args
+    summary = sft(config_from_args(SFTConfig, args))
+    ev, d = summary["eval"], summary["data"]
+    print(f"sft: {summary['steps']} steps on {d['train']} conversations ({d['val']} held out, {d['skipped']} "
+          f"skipped, {d['truncated']} truncated) in {summary['seconds']:.0f}s; val_loss "
+          f"{ev.get('val_loss', float('nan')):.4f}, format_rate {ev.get('format_rate', float('nan')):.2f}; "
+          f"checkpoint in {summary['out_dir']}")
+    return 0

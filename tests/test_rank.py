@@ -1,0 +1,172 @@
+"""Comparisons and the terminal ranking tool (driven through a pseudo-terminal)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pexpect
+import pytest
+import torch
+
+from fastgpt.checkpoint import save_checkpoint
+from fastgpt.config import ModelConfig
+from fastgpt.demo.labeler import SimulatedLabeler, rank_file
+from fastgpt.chatdata import read_comparisons
+from fastgpt.model import GPT
+from fastgpt.rank import RankError, compare, parse_order
+from fastgpt.stages.reward import load_preferences
+from fastgpt.tokenizer import ByteTokenizer
+
+TINY = dict(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32)
+TOK = ByteTokenizer()
+ASK = "u undo, q quit > "
+
+
+def tiny_checkpoint(path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**TINY)
+    save_checkpoint(path, model=GPT(cfg), model_kind="gpt", model_config=cfg, tokenizer=TOK, stage="sft")
+    return str(path)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def read_jsonl(path):
+    return [json.loads(ln) for ln in open(path) if ln.strip()]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "fastgpt.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+# ------------------------------------------------------------------------ compare
+def test_compare_writes_k_responses_per_prompt(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "sft")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": "2+2?"},
+                                                 {"messages": [{"role": "user", "content": "yo"}]}])
+    out = compare(ckpt, prompts, str(tmp_path / "c.jsonl"), k=3, max_new_tokens=5, seed=1, batch_size=4)
+    rows = read_jsonl(out)
+    assert [r["prompt"] for r in rows][:2] == ["hi", "2+2?"] and rows[2]["prompt"][0]["content"] == "yo"
+    assert all(len(r["responses"]) == 3 and len(r["finished"]) == 3 for r in rows)
+    assert all(isinstance(f, bool) for r in rows for f in r["finished"])
+    again = compare(ckpt, prompts, str(tmp_path / "c2.jsonl"), k=3, max_new_tokens=5, seed=1, batch_size=4)
+    assert read_jsonl(again) == rows  # seeded
+    with pytest.raises(RankError, match="between 2 and 9"):
+        compare(ckpt, prompts, str(tmp_path / "x.jsonl"), k=10)
+    # the simulated labeler (string prompts only) and the reward reader accept the format as-is
+    rank_file(write_jsonl(tmp_path / "c3.jsonl", rows[:2]), tmp_path / "r.jsonl", SimulatedLabeler(seed=0))
+    assert len(read_comparisons(tmp_path / "r.jsonl")) == 2  # strict: every line valid
+
+
+def test_cli_compare(tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "sft")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": "there"}])
+    r = cli("compare", ckpt, "--prompts", prompts, "--out", str(tmp_path / "c.jsonl"), "-k", "2",
+            "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert len(read_jsonl(tmp_path / "c.jsonl")) == 2
+    r = cli("compare", ckpt, "--prompts", prompts, "--out", str(tmp_path / "c.jsonl"), "-k", "1")
+    assert r.returncode == 2 and "between 2 and 9" in r.stderr and "Traceback" not in r.stderr
+    r = cli("compare", ckpt, "--prompts", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "c.jsonl"))
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+# --------------------------------------------------------------------------- rank
+def test_parse_order():
+    assert parse_order("3 1=4 2", 4) == [2, [0, 3], 1]
+    assert parse_order("2,1", 2) == [1, 0]
+    for bad in ("1 2", "1 1 2", "1 2 5", "a b c", "1=2=3", ""):
+        with pytest.raises(ValueError):
+            parse_order(bad, 3)
+
+
+COMPARISONS = [
+    {"prompt": "A?", "responses": ["a1", "a2", "a3", "a4"], "finished": [True, True, True, False]},
+    {"prompt": "B?", "responses": ["b1", "b2"], "finished": [True, True]},
+    {"prompt": "C?", "responses": ["c1", "c2", "c3"], "finished": [True, True, True]},
+    {"prompt": "D?", "responses": ["d1", "d2"]},
+]
+
+
+def spawn(comps, out):
+    return pexpect.spawn(sys.executable, ["-m", "fastgpt.cli", "rank", comps, "--out", out], encoding="utf-8",
+                         timeout=30, env={"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"})
+
+
+def answer(child, text, expect=ASK):
+    child.sendline(text)
+    child.expect_exact(expect)
+
+
+def test_rank_session_ties_skip_undo_invalid_quit_and_resume(tmp_path):
+    comps = write_jsonl(tmp_path / "c.jsonl", COMPARISONS)
+    out = str(tmp_path / "r.jsonl")
+    child = spawn(comps, out)
+    child.expect_exact("comparison 1 of 4")
+    child.expect_exact("--- 4 (did not finish) ---")
+    child.expect_exact(ASK)
+    answer(child, "3 1=4 2")                       # A ranked, with a tie
+    assert read_jsonl(out)[0]["ranking"] == [2, [0, 3], 1]  # on disk at once
+    child.sendline("1 1")                          # invalid: re-asked
+    child.expect_exact("invalid: name each of 1..2 exactly once")
+    child.expect_exact(ASK)
+    answer(child, "s")                             # B skipped
+    answer(child, "2 1 3")                         # C ranked
+    assert len(read_jsonl(out)) == 2
+    child.sendline("u")                            # undo C: removed from the file, asked again
+    child.expect_exact("undone: last ranking removed")
+    child.expect_exact("comparison 3 of 4")
+    child.expect_exact(ASK)
+    assert len(read_jsonl(out)) == 1
+    child.sendline("u")                            # undo the skip of B
+    child.expect_exact("undone: skip")
+    child.expect_exact("comparison 2 of 4")
+    child.expect_exact(ASK)
+    child.sendline("q")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert [r["prompt"] for r in read_jsonl(out)] == ["A?"]
+
+    child = spawn(comps, out)                      # resume at the first unranked comparison
+    child.expect_exact("comparison 2 of 4 (1 ranked)")
+    child.expect_exact(ASK)
+    answer(child, "2 1")                           # B
+    answer(child, "1 3 2")                         # C
+    child.sendline("1=2")                          # all tied: no preference
+    child.expect_exact("invalid: all tied")
+    child.expect_exact(ASK)
+    child.sendline("2 1")                          # D, the last one
+    child.expect_exact("done -- 4 of 4 ranked")
+    child.expect(pexpect.EOF)
+    child.close()
+    rows = read_jsonl(out)
+    assert [r["prompt"] for r in rows] == ["A?", "B?", "C?", "D?"]
+    assert [r["ranking"] for r in rows] == [[2, [0, 3], 1], [1, 0], [0, 2, 1], [1, 0]]
+    assert rows[0]["finished"] == [True, True, True, False] and rows[3]["finished"] == [True, True]
+    groups, report = load_preferences(out, TOK, 64, 8, max_bad_fraction=0.0)
+    assert len(groups) == 4
+
+
+def test_rank_undo_across_restart_and_bad_comparisons(tmp_path):
+    comps = write_jsonl(tmp_path / "c.jsonl", COMPARISONS[:2])
+    out = write_jsonl(tmp_path / "r.jsonl", [{**COMPARISONS[0], "ranking": [0, 1, 2, 3]}])
+    child = spawn(comps, out)
+    child.expect_exact("comparison 2 of 2")
+    child.expect_exact(ASK)
+    child.sendline("u")                            # removes the ranking saved by an earlier session
+    child.expect_exact("comparison 1 of 2 (0 ranked)")
+    child.expect_exact(ASK)
+    child.sendeof()                                # Ctrl-D quits like q
+    child.expect(pexpect.EOF)
+    child.close()
+    assert read_jsonl(out) == []
+    bad = write_jsonl(tmp_path / "bad.jsonl", [COMPARISONS[0], {"prompt": "x", "responses": ["only one"]}])
+    r = cli("rank", bad, "--out", str(tmp_path / "r2.jsonl"))
+    assert r.returncode == 2 and "bad.jsonl:2:" in r.stderr and "need between 2 and 9" in r.stderr
