@@ -1,8 +1,9 @@
 """``fastgpt <command>``: a thin layer that parses arguments and calls a stage or tool.
 
-Stage commands (pretrain, sft, reward, ppo) take ``--preset``, ``--config FILE.toml`` and one
-flag per config field (``--lr 3e-4``, ``--model.n_layer 6``); later sources win. Every command's
-module is imported only when that command runs, so ``fastgpt --help`` is instant.
+Stage commands (pretrain, sft, reward, ppo) take ``--config FILE.toml`` and one flag per config
+field (``--lr 3e-4``, ``--model.n_layer 6``); ``pretrain`` also takes ``--preset``. Later sources
+win. Every command's module is imported only when that command runs, so ``fastgpt --help`` is
+instant.
 Errors the user can fix are printed as one line and exit with status 2.
 """
 from __future__ import annotations
@@ -30,6 +31,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line (``prog: error: ...``), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 # ------------------------------------------------------------------ config flags
 def _config_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any]]:
     out = []
@@ -46,9 +54,12 @@ def _config_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any]]:
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """--preset, --config and one --flag per (nested) field of the stage config ``cls``."""
     from .config import PRESETS
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                        help="named preset: model size and training defaults (default: tiny)")
-    parser.add_argument("--config", metavar="FILE.toml", help="TOML file of settings (after the preset)")
+    # Presets size a model, so only stages that build one (pre-training) take them; later
+    # stages inherit the architecture from their start checkpoint.
+    if "model" in {f.name for f in dataclasses.fields(cls)}:
+        parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                            help="named preset: model size and training defaults (default: tiny)")
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML file of settings (after any preset)")
     group = parser.add_argument_group("settings (override preset and config file)")
     for name, typ, default in _config_fields(cls):
         tname = getattr(typ, "__name__", str(typ))
@@ -59,12 +70,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     from .config import build_config
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
-    return build_config(cls, args.preset, args.config, overrides)
+    return build_config(cls, getattr(args, "preset", None), args.config, overrides)
 
 
 # ------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastgpt", description="Train a ChatGPT-style assistant on one GPU: "
+    parser = ArgumentParser(prog="fastgpt", description="Train a ChatGPT-style assistant on one GPU: "
                                      "pre-training, SFT, reward model and PPO.")
     parser.add_argument("--version", action="version", version=f"fastgpt {__import__('fastgpt').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -81,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     name = argv[0]
     module_name, help_text = COMMANDS[name]
-    parser = argparse.ArgumentParser(prog=f"fastgpt {name}", description=help_text)
+    parser = ArgumentParser(prog=f"fastgpt {name}", description=help_text)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
