@@ -10,9 +10,7 @@ from __future__ import annotations
 from .errors import FastGPTError
 
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +74,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except PermissionError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except Exception as e:  # a cut-off zip/pickle fails in many ways (RuntimeError, OSError, EOFError, ...)
         raise CheckpointError(f"{path}: damaged or truncated checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fastgpt checkpoint (expected format {FORMAT})")

@@ -53,13 +53,18 @@ class ModelConfig:
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):  # before any % by them
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)}: expected a positive integer")
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
         if self.kv_heads <= 0 or self.n_head % self.kv_heads:
             raise ConfigError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name}={getattr(self, name)}: expected a positive integer")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ConfigError(f"model.position='rope' needs an even head size, got model.n_embd / model.n_head "
+                              f"= {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout}: expected a value in [0, 1)")
 
     @property
     def kv_heads(self) -> int:
@@ -160,6 +165,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
                 return True
             if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
                 return False
+            raise ValueError(value)
+        if typ in (int, float) and isinstance(value, bool):  # TOML `n_layer = true` is not a number
             raise ValueError(value)
         if typ is int:
             if isinstance(value, float) and not value.is_integer():

@@ -19,7 +19,9 @@ from .errors import FastGPTError
 
 import json
 import random
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -114,48 +116,66 @@ def prepare(inputs: Sequence[str | Path], out_dir: str | Path, tokenizer: Tokeni
     """Tokenize documents into train/val shards under ``out_dir``; returns the written meta."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    buffers: dict[str, list[int]] = {"train": [], "val": []}
-    counts = {"train": 0, "val": 0}
-    docs = {"train": 0, "val": 0}
-    shards: dict[str, list[str]] = {"train": [], "val": []}
+    # shards are written to a staging folder and moved in only when every input has been read, so a
+    # failure (malformed line, missing file) leaves an existing dataset in out_dir untouched
+    stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
+    try:
+        rng = random.Random(seed)
+        buffers: dict[str, list[int]] = {"train": [], "val": []}
+        counts = {"train": 0, "val": 0}
+        docs = {"train": 0, "val": 0}
+        shards: dict[str, list[str]] = {"train": [], "val": []}
 
-    def flush(split: str, final: bool = False) -> None:
-        buf = buffers[split]
-        while len(buf) >= shard_tokens or (final and buf):
-            chunk, buffers[split] = buf[:shard_tokens], buf[shard_tokens:]
+        def flush(split: str, final: bool = False) -> None:
             buf = buffers[split]
-            name = f"{split}_{len(shards[split]):03d}.bin"
-            write_shard(out / name, np.array(chunk), tokenizer.vocab_size)
-            shards[split].append(name)
+            while len(buf) >= shard_tokens or (final and buf):
+                chunk, buffers[split] = buf[:shard_tokens], buf[shard_tokens:]
+                buf = buffers[split]
+                name = f"{split}_{len(shards[split]):03d}.bin"
+                write_shard(stage / name, np.array(chunk), tokenizer.vocab_size)
+                shards[split].append(name)
 
-    bar = tqdm(desc="prepare", unit="doc", disable=not progress)
-    for _, text in iter_documents(inputs, text_field):
-        if not text.strip():
-            continue
-        split = "val" if rng.random() < val_fraction else "train"
-        ids = [tokenizer.eot_id] + tokenizer.encode(text)
-        buffers[split].extend(ids)
-        counts[split] += len(ids)
-        docs[split] += 1
-        flush(split)
-        bar.update(1)
-    bar.close()
-    if docs["train"] + docs["val"] == 0:
-        raise DataError(f"{', '.join(map(str, inputs))}: no documents with text found")
-    if docs["val"] == 0 and docs["train"] > 1 and not shards["train"] and val_fraction > 0:
-        # a small corpus drew no validation document: move the last one over
-        last = buffers["train"]
-        cut = max(i for i, t in enumerate(last) if t == tokenizer.eot_id)
-        if cut > 0:
-            buffers["val"], buffers["train"] = last[cut:], last[:cut]
-            counts["val"], counts["train"] = len(buffers["val"]), counts["train"] - len(buffers["val"])
-            docs["val"], docs["train"] = 1, docs["train"] - 1
-    flush("train", final=True)
-    flush("val", final=True)
-    meta = {"format": "fastgpt-tokens-1", "tokenizer": tokenizer.to_dict(), "vocab_size": tokenizer.vocab_size,
-            "tokens": counts, "documents": docs, "shards": shards, "sources": [str(p) for p in inputs]}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        # delay: a quick run (or a quick failure) leaves no bar behind, so an error stays one line
+        with tqdm(desc="prepare", unit="doc", disable=not progress, delay=1.0) as bar:
+            for _, text in iter_documents(inputs, text_field):
+                if not text.strip():
+                    continue
+                split = "val" if rng.random() < val_fraction else "train"
+                ids = [tokenizer.eot_id] + tokenizer.encode(text)
+                buffers[split].extend(ids)
+                counts[split] += len(ids)
+                docs[split] += 1
+                flush(split)
+                bar.update(1)
+        if docs["train"] + docs["val"] == 0:
+            raise DataError(f"{', '.join(map(str, inputs))}: no documents with text found")
+        if docs["val"] == 0 and docs["train"] > 1 and not shards["train"] and val_fraction > 0:
+            # a small corpus drew no validation document: move the last one over
+            last = buffers["train"]
+            cut = max(i for i, t in enumerate(last) if t == tokenizer.eot_id)
+            if cut > 0:
+                buffers["val"], buffers["train"] = last[cut:], last[:cut]
+                counts["val"], counts["train"] = len(buffers["val"]), counts["train"] - len(buffers["val"])
+                docs["val"], docs["train"] = 1, docs["train"] - 1
+        elif docs["val"] == 0 and docs["train"] == 1 and not shards["train"] and val_fraction > 0:
+            # one document (a single big .txt): hold out its tail, so pre-training has a val split
+            last = buffers["train"]
+            n_val = int(len(last) * val_fraction)
+            if n_val > 0:
+                buffers["val"], buffers["train"] = [tokenizer.eot_id] + last[-n_val:], last[:-n_val]
+                counts["val"], counts["train"] = n_val + 1, counts["train"] - n_val
+                docs["val"] = 1
+        flush("train", final=True)
+        flush("val", final=True)
+        meta = {"format": "fastgpt-tokens-1", "tokenizer": tokenizer.to_dict(), "vocab_size": tokenizer.vocab_size,
+                "tokens": counts, "documents": docs, "shards": shards, "sources": [str(p) for p in inputs]}
+        for split_names in shards.values():
+            for name in split_names:
+                (stage / name).replace(out / name)
+        (stage / "meta.json").write_text(json.dumps(meta, indent=1))
+        (stage / "meta.json").replace(out / "meta.json")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return meta
 
 
@@ -192,7 +212,8 @@ class TokenLoader:
         if (usable < 0).all():
             raise DataError(f"{data_dir}: '{split}' split has {int(self.sizes.max())} tokens per shard at most, "
                             f"fewer than block_size + 1 = {block_size + 1}")
-        self.weights = np.clip(usable, 0, None) / np.clip(usable, 0, None).sum()
+        starts = np.clip(self.sizes - block_size, 0, None)  # valid window starts per shard (usable + 1)
+        self.weights = starts / starts.sum()
         self.block_size, self.batch_size, self.vocab_size = block_size, batch_size, vocab_size
         self.device = torch.device(device)
         self.data_dir, self.split = Path(data_dir), split

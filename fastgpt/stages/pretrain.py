@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig, TrainConfig
+from ..config import ConfigError, ModelConfig, TrainConfig
 from ..data import TokenLoader, dataset_tokenizer, prepare
 from ..model import GPT
 from ..tokenizer import ByteTokenizer
@@ -85,7 +85,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.init_from:
         model, _, cfg.model = load_language_model(cfg.init_from)
         if cfg.model.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"init_from={cfg.init_from}: model vocabulary {cfg.model.vocab_size} is smaller "
+            raise ConfigError(f"init_from={cfg.init_from}: model vocabulary {cfg.model.vocab_size} is smaller "
                              f"than the dataset's tokenizer ({tokenizer.vocab_size})")
     else:
         cfg.model.vocab_size = padded_vocab(tokenizer)
