@@ -2,8 +2,8 @@
 
 Each function here has exactly the signature and semantics of its Triton counterpart. They
 are what the CPU path runs, what the tests compare against and what the benchmarks call the
-"eager reference".  They favour clarity over speed: attention materialises its score matrix and
-the losses materialise full-vocabulary logits.  All softmax / log-sum-exp math is done in fp32.
+"eager reference".  They favour clarity over speed: the losses materialise full-vocabulary
+logits, attention builds its full (T x T) mask.  All softmax / log-sum-exp math is done in fp32.
 
 Shapes (flash-attn conventions):
     q           (B, T, Hq, D)  or packed (N, Hq, D) together with ``cu_seqlens``
@@ -39,6 +39,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     With ``cu_seqlens`` no token attends to a token of another sequence. For a (B, T, ...)
     input every row must start a new sequence (b * T is in ``cu_seqlens``) -- this reference
     builds its mask per row. ``max_seqlen`` is accepted for API parity and unused here.
+    The math runs in fp32 through ``F.scaled_dot_product_attention`` with an explicit boolean
+    mask (its math is exactly this formula; on CPU it is the fast path the CPU training uses).
     """
     packed = q.dim() == 3
     if packed:
@@ -54,19 +56,19 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
     kf = kf.repeat_interleave(Hq // Hkv, dim=1)
     vf = vf.repeat_interleave(Hq // Hkv, dim=1)
-    scores = qf @ kf.transpose(-1, -2) * scale  # (B, H, T, T)
 
-    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = allowed.tril()
-    allowed = allowed.expand(B, T, T)
+    allowed = None  # (B, T, T) or None for "every key" / plain causal
     if cu_seqlens is not None:
         seq = _sequence_ids(cu_seqlens, B * T).view(B, T)
         if B > 1 and bool((seq[1:, 0] == seq[:-1, -1]).any()):
             raise ValueError("with a (B, T) input every row must start a sequence in cu_seqlens")
-        allowed = allowed & (seq[:, :, None] == seq[:, None, :])
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ vf  # (B, H, T, D)
+        allowed = seq[:, :, None] == seq[:, None, :]
+        if causal:
+            allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if allowed is None:
+        out = F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=allowed[:, None], scale=scale)
     out = out.transpose(1, 2).to(q.dtype)
     return out.squeeze(0) if packed else out
 
