@@ -30,9 +30,9 @@ class CheckpointError(FastGPTError, ValueError):
 
 
 def checkpoint_path(path: str | Path) -> Path:
-    """``path`` itself if it is a file, else ``path/checkpoint.pt``."""
+    """``path`` itself if it names a .pt file, else ``path/checkpoint.pt`` (a run folder)."""
     p = Path(path)
-    return p / CHECKPOINT_NAME if p.is_dir() or not p.suffix else p
+    return p if p.suffix == ".pt" and not p.is_dir() else p / CHECKPOINT_NAME
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

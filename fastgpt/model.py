@@ -269,7 +269,7 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------- generation
     def new_cache(self, rows: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         c = self.config
-        if max_len > c.block_size and self.wpe is not None:
+        if max_len > c.block_size:  # learned positions and the RoPE tables both end there
             raise ValueError(f"cache length {max_len} exceeds the model's block_size {c.block_size}")
         ref = self.wte.weight
         shape = (c.n_layer, rows, max_len, c.kv_heads, c.head_dim)
