@@ -2,47 +2,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pexpect
 import pytest
-import torch
 
-from fastgpt.checkpoint import save_checkpoint
-from fastgpt.config import ModelConfig
 from fastgpt.demo.labeler import SimulatedLabeler, rank_file
 from fastgpt.chatdata import read_comparisons
-from fastgpt.model import GPT
 from fastgpt.rank import RankError, compare, parse_order
 from fastgpt.stages.reward import load_preferences
-from fastgpt.tokenizer import ByteTokenizer
+from helpers import TOK, cli, tiny_checkpoint, write_jsonl
 
-TINY = dict(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32)
-TOK = ByteTokenizer()
 ASK = "u undo, q quit > "
-
-
-def tiny_checkpoint(path):
-    torch.manual_seed(0)
-    cfg = ModelConfig(**TINY)
-    save_checkpoint(path, model=GPT(cfg), model_kind="gpt", model_config=cfg, tokenizer=TOK, stage="sft")
-    return str(path)
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
 
 
 def read_jsonl(path):
     return [json.loads(ln) for ln in open(path) if ln.strip()]
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "fastgpt.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 # ------------------------------------------------------------------------ compare

@@ -4,45 +4,22 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastgpt.chatdata import parse_preference
-from fastgpt.checkpoint import load_checkpoint, save_checkpoint
+from fastgpt.checkpoint import load_checkpoint
 from fastgpt.config import ModelConfig
 from fastgpt.data import DataError
-from fastgpt.model import GPT, ScalarModel
+from fastgpt.model import ScalarModel
 from fastgpt.stages.reward import (
     RankedGroup, RewardConfig, RewardTask, encode_comparison, encode_response, load_preferences, load_reward_model,
     score, train_reward,
 )
-from fastgpt.tokenizer import ByteTokenizer, encode_prompt
-
-TINY = dict(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32)
-TOK = ByteTokenizer()
-
-
-def tiny_checkpoint(path, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(**TINY)
-    save_checkpoint(path, model=GPT(cfg), model_kind="gpt", model_config=cfg, tokenizer=TOK, stage="sft")
-    return str(path)
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
-
-
-def cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "fastgpt.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+from fastgpt.tokenizer import encode_prompt
+from helpers import TINY, TOK, cli, tiny_checkpoint, write_jsonl
 
 
 RECORDS = [

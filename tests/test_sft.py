@@ -2,45 +2,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from fastgpt.chatdata import EpochOrder, pack_groups
-from fastgpt.checkpoint import load_checkpoint, save_checkpoint
+from fastgpt.checkpoint import load_checkpoint
 from fastgpt.config import ModelConfig
 from fastgpt.data import IGNORE_INDEX, DataError
 from fastgpt.model import GPT
 from fastgpt.stages.sft import SFTConfig, SFTTask, encode_sft_example, load_conversations, sft
-from fastgpt.tokenizer import ByteTokenizer, encode_chat
-
-TINY = dict(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32)
-TOK = ByteTokenizer()
-
-
-def tiny_checkpoint(path, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(**TINY)
-    save_checkpoint(path, model=GPT(cfg), model_kind="gpt", model_config=cfg, tokenizer=TOK, stage="pretrain")
-    return str(path)
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
+from fastgpt.tokenizer import encode_chat
+from helpers import TINY, TOK, cli, tiny_checkpoint, write_jsonl
 
 
 def convo(i: int) -> dict:
     return {"messages": [{"role": "user", "content": f"q{i}?"}, {"role": "assistant", "content": f"a{i}."}]}
-
-
-def cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "fastgpt.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 # ------------------------------------------------------------------- loss masking
