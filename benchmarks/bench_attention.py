@@ -36,7 +36,6 @@ if not torch.cuda.is_available():
     # Must precede the first triton import (see tests/kernels/conftest.py).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastgpt.kernels as K  # noqa: E402
 from fastgpt.kernels.reference import attention_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()

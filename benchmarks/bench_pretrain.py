@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import peak_memory, time_fn  # noqa: E402
 
-from fastgpt.config import PRESETS, TrainConfig, build_config  # noqa: E402
+from fastgpt.config import build_config  # noqa: E402
 from fastgpt.model import GPT  # noqa: E402
 from fastgpt.stages.pretrain import PretrainConfig  # noqa: E402
 from fastgpt.trainer import PEAK_BF16_FLOPS, make_optimizer, peak_flops  # noqa: E402

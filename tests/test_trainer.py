@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 from fastgpt import checkpoint as ckpt_mod
 from fastgpt.checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, load_model, save_checkpoint)
