@@ -318,3 +318,18 @@ def pack_rows(examples: Sequence[tuple[Sequence[int], Sequence[int] | None]], n_
     cu[1:] = torch.cumsum(torch.tensor(seg_lengths), 0)
     real = sum(fill)
     return PackedBatch(idx, labels, cu, max(seg_lengths), spans, real), used  # type: ignore[arg-type]
+
+
+def pack_all(examples: Sequence[tuple[Sequence[int], Sequence[int] | None]], row_len: int,
+             pad_id: int) -> PackedBatch:
+    """Pack every example, in order, into as few rows of ``row_len`` as first-fit needs."""
+    fill: list[int] = []
+    for ids, _ in examples:
+        r = next((r for r, f in enumerate(fill) if f + len(ids) <= row_len), None)
+        if r is None:
+            fill.append(len(ids))
+        else:
+            fill[r] += len(ids)
+    batch, used = pack_rows(examples, len(fill), row_len, pad_id)
+    assert used == len(examples)
+    return batch

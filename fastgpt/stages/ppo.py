@@ -32,7 +32,7 @@ import torch.nn as nn
 from .. import kernels
 from ..checkpoint import load_model
 from ..config import ModelConfig, TrainConfig
-from ..data import IGNORE_INDEX, DataError, PackedBatch, TokenLoader, pack_rows, read_jsonl
+from ..data import IGNORE_INDEX, DataError, PackedBatch, TokenLoader, pack_all, read_jsonl
 from ..engine import SamplingParams, generate
 from ..errors import FastGPTError
 from ..losses import (AdaptiveKLController, FixedKLController, explained_variance, gae, kl_estimate,
@@ -41,6 +41,7 @@ from ..model import GPT, ScalarModel
 from ..tokenizer import Tokenizer, encode_prompt, prompt_messages, validate_messages
 from ..trainer import Trainer, TrainingError, distributed_env, resolve_device, seed_everything
 from .common import freeze, require_same_tokenizer
+from .reward import raw_scores
 
 # reward_fn(prompts, responses) -> normalised score per sequence, (N,) float tensor.
 RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
@@ -154,46 +155,23 @@ def value_from_reward(rm: ScalarModel, offset: float, scale: float, zero_head: b
 
 
 class RewardModelScorer:
-    """reward_fn from a reward-model checkpoint: normalised score at the last token of each
-    prompt + response, batched as packed rows."""
+    """reward_fn from a reward model: normalised score at the last token of each prompt +
+    response, scored as packed rows by the reward stage's own scoring function."""
 
-    def __init__(self, model: ScalarModel, offset: float, scale: float, batch: int = 64) -> None:
-        self.model, self.offset, self.scale, self.batch = model, offset, scale, batch
+    def __init__(self, model: ScalarModel, offset: float, scale: float, pad_id: int, rows: int = 64) -> None:
+        self.model, self.offset, self.scale, self.pad_id, self.rows = model, offset, scale, pad_id, rows
 
-    @torch.no_grad()
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
-        device = next(self.model.parameters()).device
         block = self.model.config.block_size
-        out = []
-        for start in range(0, len(prompts), self.batch):
-            seqs = [(p + r)[-block:] for p, r in zip(prompts[start:start + self.batch],
-                                                     responses[start:start + self.batch])]
-            pb = pack_sequences(seqs, [None] * len(seqs), block, pad_id=0).to(device)
-            with _autocast(device):
-                r = self.model(pb.idx, cu_seqlens=pb.cu_seqlens, max_seqlen=pb.max_seqlen)
-            out.append(r.reshape(-1)[pb.last_positions()].float())
-        return (torch.cat(out) - self.offset) / self.scale
+        seqs = [(p + r)[-block:] for p, r in zip(prompts, responses)]
+        raw = torch.tensor(raw_scores(self.model, seqs, self.rows, block, self.pad_id))
+        return (raw - self.offset) / self.scale
 
 
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
-
-
-def pack_sequences(ids: Sequence[list[int]], labels: Sequence[list[int] | None], row_len: int,
-                   pad_id: int) -> PackedBatch:
-    """Pack every sequence into as few rows of ``row_len`` as first-fit needs."""
-    fill: list[int] = []
-    for s in ids:
-        r = next((r for r, f in enumerate(fill) if f + len(s) <= row_len), None)
-        if r is None:
-            fill.append(len(s))
-        else:
-            fill[r] += len(s)
-    batch, used = pack_rows(list(zip(ids, labels)), len(fill), row_len, pad_id)
-    assert used == len(ids)
-    return batch
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -306,7 +284,7 @@ class PPOTask:
             s, p = seqs[i], prompt_lens[i]
             ids.append(s)
             labels.append([IGNORE_INDEX] * (p - 1) + s[p:] + [IGNORE_INDEX])
-        batch = pack_sequences(ids, labels, self.block, self.tok.pad_id)
+        batch = pack_all(list(zip(ids, labels)), self.block, self.tok.pad_id)
         resp = [len(seqs[i]) - prompt_lens[i] for i in idx]
         flat = torch.cat([torch.arange(start + prompt_lens[i] - 1, start + prompt_lens[i] - 1 + r)
                           for (start, _), i, r in zip(batch.spans, idx, resp)])
@@ -508,7 +486,7 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
     if cfg.reward_checkpoint:
         rm, offset, scale = load_reward(cfg.reward_checkpoint, tok, device)
         if reward_fn is None:
-            reward_fn = RewardModelScorer(freeze(rm), offset, scale, batch=cfg.mini_batch_size)
+            reward_fn = RewardModelScorer(freeze(rm), offset, scale, tok.pad_id, rows=cfg.mini_batch_size)
     value = None
     extra: dict[str, Any] = {}
     if cfg.value_model == "reward":
