@@ -1,0 +1,353 @@
+"""``fastgpt demo``: every InstructGPT stage end to end on self-generated data, with a report.
+
+world -> prepare -> pretrain -> sft -> compare -> rank -> reward -> ppo -> evaluate -> report
+
+Each stage calls the same public Python API a user would (stage functions with config objects
+from ``build_config``), writes into its own folder under ``--out`` and, once it succeeded, a
+``done.json`` holding its summary and wall time. A re-run with the same ``--out`` skips every
+stage that has its ``done.json``, and a stage interrupted half-way resumes from its own
+checkpoint (the trainer's exact resume), so a killed demo loses at most a few steps.
+
+PPO never sees the simulated labeler: the labeler only ranks the SFT model's samples (as a
+person would with ``fastgpt rank``) and judges the held-out answers at the end.
+
+Budgets are per preset (:data:`BUDGETS`); ``tiny`` is sized to finish in under 10 minutes on
+2 CPU cores. ``--scale`` (or ``--quick``) shrinks every step count and data size, for tests.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import build_config
+from ..errors import FastGPTError
+
+STAGES = ("world", "prepare", "pretrain", "sft", "compare", "rank", "reward", "ppo", "evaluate", "report")
+DONE = "done.json"
+
+
+@dataclass
+class Budget:
+    """How much work each stage does. Step counts and data sizes shrink with ``--scale``."""
+
+    # data
+    n_pretrain: int = 20000          # pre-training documents (1-4 world statements each)
+    qa_fraction: float = 0.5         # share of corpus sentences written as "question? answer."
+    n_sft: int = 2000                # demonstrations
+    n_compare: int = 900             # prompts the SFT model answers K times for ranking
+    n_ppo: int = 400                 # PPO training prompts
+    n_eval: int = 260                # held-out evaluation prompts
+    # pretrain (model shape comes from the preset)
+    pretrain_steps: int = 650
+    pretrain_batch: int = 16
+    pretrain_lr: float = 3e-3
+    # sft
+    sft_steps: int = 200
+    sft_batch: int = 16
+    sft_lr: float = 1e-3
+    # compare + rank
+    k: int = 4
+    compare_temperature: float = 1.0
+    max_new_tokens: int = 128        # bytes: a chatty SFT answer is 60-100 of them
+    labeler_noise: float = 0.2
+    # reward
+    reward_epochs: float = 2.0
+    reward_batch: int = 16
+    reward_lr: float = 3e-4
+    # ppo
+    ppo_steps: int = 160
+    rollout_batch: int = 64
+    mini_batch: int = 16
+    ppo_epochs: int = 4
+    ppo_lr: float = 3e-5
+    beta: float = 0.05
+    # evaluation
+    eval_batch: int = 64
+
+    def scaled(self, scale: float) -> "Budget":
+        """A copy with every step count and data size times ``scale`` (at least a few of each)."""
+        if scale == 1.0:
+            return dataclasses.replace(self)
+        s = lambda n, low: max(low, int(round(n * scale)))  # noqa: E731
+        return dataclasses.replace(
+            self, n_pretrain=s(self.n_pretrain, 200), n_sft=s(self.n_sft, 60), n_compare=s(self.n_compare, 24),
+            n_ppo=s(self.n_ppo, 16), n_eval=s(self.n_eval, 16), pretrain_steps=s(self.pretrain_steps, 4),
+            sft_steps=s(self.sft_steps, 4), ppo_steps=s(self.ppo_steps, 4),
+            rollout_batch=s(self.rollout_batch, 16), mini_batch=min(self.mini_batch, s(self.rollout_batch, 16)),
+            max_new_tokens=s(self.max_new_tokens, 32))
+
+
+BUDGETS: dict[str, Budget] = {
+    "tiny": Budget(),
+    # A bigger model (preset "small": 6 x 192) and longer runs, for a GPU or a patient CPU.
+    "small": Budget(n_pretrain=40000, pretrain_steps=2000, pretrain_lr=1.5e-3, sft_steps=300, sft_lr=5e-4,
+                    reward_lr=2e-4, ppo_steps=320, ppo_lr=2e-5),
+}
+
+
+@dataclass
+class Context:
+    """Everything the stages share: where to write, what budget, which device and seed."""
+
+    out: Path
+    preset: str
+    budget: Budget
+    device: str
+    seed: int
+
+    def dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def summary(self, stage: str) -> dict[str, Any]:
+        """The saved summary of a finished stage."""
+        return json.loads((self.dir(stage) / DONE).read_text())["summary"]
+
+
+# ------------------------------------------------------------------------------ stages
+def stage_world(ctx: Context) -> dict[str, Any]:
+    from .world import make_world, pretrain_texts, write_world
+    b = ctx.budget
+    world = make_world(ctx.seed, n_pretrain=0, n_sft=b.n_sft, n_compare=b.n_compare, n_ppo=b.n_ppo,
+                       n_eval=b.n_eval)
+    # The corpus is drawn here rather than by make_world to set its share of question-answer
+    # sentences: a small model learns to read the question (copy its subject into the answer)
+    # only from those, and the few minutes of CPU pre-training need more of them than the default.
+    # Held-out evaluation prompts are still kept out of the corpus.
+    world.pretrain = pretrain_texts(b.n_pretrain, seed=ctx.seed + 1, qa_fraction=b.qa_fraction,
+                                    exclude_prompts=[it["prompt"] for it in world.eval_items])
+    paths = write_world(world, ctx.dir("world"))
+    return {"files": {k: str(v) for k, v in paths.items()}, "pretrain_docs": len(world.pretrain),
+            "sft": len(world.sft), "compare_prompts": len(world.compare_prompts),
+            "ppo_prompts": len(world.ppo_prompts), "eval_items": len(world.eval_items)}
+
+
+def stage_prepare(ctx: Context) -> dict[str, Any]:
+    from ..data import prepare
+    from ..tokenizer import ByteTokenizer
+    out = ctx.dir("prepare") / "data"
+    meta = prepare([ctx.dir("world") / "pretrain.jsonl"], out, ByteTokenizer(), val_fraction=0.02,
+                   seed=ctx.seed, progress=False)
+    return {"data": str(out), "tokens": meta["tokens"], "documents": meta["documents"]}
+
+
+def _every(steps: int, times: int) -> int:
+    """An interval giving about ``times`` events over ``steps`` (0 = only at the end, for short runs)."""
+    return steps // times if steps >= 2 * times else 0
+
+
+def _train_overrides(ctx: Context, stage: str, **kw: Any) -> dict[str, Any]:
+    """Settings every training stage of the demo shares."""
+    return {"out_dir": str(ctx.dir(stage) / "run"), "device": ctx.device, "seed": ctx.seed, "resume": True, **kw}
+
+
+def stage_pretrain(ctx: Context) -> dict[str, Any]:
+    from ..stages.pretrain import PretrainConfig, pretrain
+    b = ctx.budget
+    cfg = build_config(PretrainConfig, ctx.preset, overrides=_train_overrides(
+        ctx, "pretrain", data=ctx.summary("prepare")["data"], max_steps=b.pretrain_steps,
+        batch_size=b.pretrain_batch, lr=b.pretrain_lr, warmup_steps=min(30, b.pretrain_steps // 5),
+        eval_interval=_every(b.pretrain_steps, 10), log_interval=max(1, b.pretrain_steps // 50),
+        ckpt_interval=max(1, b.pretrain_steps // 4), eval_batches=10))
+    return pretrain(cfg)
+
+
+def stage_sft(ctx: Context) -> dict[str, Any]:
+    from ..stages.sft import SFTConfig, sft
+    b = ctx.budget
+    # No preset: SFT's settings are the demo's own, the architecture comes from the checkpoint.
+    cfg = build_config(SFTConfig, overrides=_train_overrides(
+        ctx, "sft", init_from=ctx.summary("pretrain")["out_dir"], data=str(ctx.dir("world") / "sft.jsonl"),
+        max_steps=b.sft_steps, batch_size=b.sft_batch, lr=b.sft_lr, warmup_steps=min(20, b.sft_steps // 5),
+        eval_interval=_every(b.sft_steps, 5), log_interval=max(1, b.sft_steps // 50),
+        ckpt_interval=max(1, b.sft_steps // 2), eval_format_prompts=16, eval_max_new_tokens=b.max_new_tokens))
+    return sft(cfg)
+
+
+def stage_compare(ctx: Context) -> dict[str, Any]:
+    from ..rank import compare
+    b = ctx.budget
+    out = compare(ctx.summary("sft")["out_dir"], str(ctx.dir("world") / "compare_prompts.jsonl"),
+                  str(ctx.dir("compare") / "comparisons.jsonl"), k=b.k, temperature=b.compare_temperature,
+                  max_new_tokens=b.max_new_tokens, seed=ctx.seed, device=ctx.device, batch_size=b.eval_batch)
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    finished = [f for r in rows for f in r["finished"]]
+    return {"comparisons": str(out), "prompts": len(rows), "k": b.k,
+            "finished_fraction": sum(finished) / max(1, len(finished))}
+
+
+def stage_rank(ctx: Context) -> dict[str, Any]:
+    from .labeler import SimulatedLabeler, rank_file
+    out = ctx.dir("rank") / "rankings.jsonl"
+    out.unlink(missing_ok=True)  # rank_file appends: a half-written file from a killed run must go
+    every = ctx.dir("rank") / "all_rankings.jsonl"
+    for path in (out, every):
+        path.unlink(missing_ok=True)  # rank_file appends: a half-written file from a killed run must go
+    labeler = SimulatedLabeler(seed=ctx.seed, noise=ctx.budget.labeler_noise)
+    n = rank_file(ctx.summary("compare")["comparisons"], every, labeler)
+    # A person ranking with `fastgpt rank` skips a comparison whose answers are all equally good
+    # (the tool refuses an all-tied order): it holds no preference. The labeler's file gets the same.
+    kept = [line for line in every.read_text(encoding="utf-8").splitlines()
+            if line.strip() and len(json.loads(line)["ranking"]) > 1]
+    out.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    return {"rankings": str(out), "ranked": len(kept), "skipped_all_tied": n - len(kept),
+            "noise": ctx.budget.labeler_noise}
+
+
+def stage_reward(ctx: Context) -> dict[str, Any]:
+    from ..stages.reward import RewardConfig, train_reward
+    b = ctx.budget
+    cfg = build_config(RewardConfig, overrides=_train_overrides(
+        ctx, "reward", init_from=ctx.summary("sft")["out_dir"], data=ctx.summary("rank")["rankings"],
+        epochs=b.reward_epochs, batch_size=b.reward_batch, lr=b.reward_lr, warmup_steps=5, eval_interval=20,
+        val_fraction=0.15,  # ~90 held-out prompts: a steadier accuracy than the default 10% gives
+        log_interval=2, ckpt_interval=1000))
+    return train_reward(cfg)
+
+
+def stage_ppo(ctx: Context) -> dict[str, Any]:
+    from ..stages.ppo import PPOConfig, ppo
+    b = ctx.budget
+    world = ctx.dir("world")
+    cfg = build_config(PPOConfig, overrides=_train_overrides(
+        ctx, "ppo", sft_checkpoint=ctx.summary("sft")["out_dir"], reward_checkpoint=ctx.summary("reward")["out_dir"],
+        prompts=str(world / "ppo_prompts.jsonl"), eval_prompts=str(world / "eval.jsonl"),
+        eval_max_prompts=min(64, b.n_eval), max_steps=b.ppo_steps, rollout_batch_size=b.rollout_batch,
+        mini_batch_size=b.mini_batch, ppo_epochs=b.ppo_epochs, lr=b.ppo_lr, beta=b.beta,
+        max_new_tokens=b.max_new_tokens, ckpt_interval=max(1, b.ppo_steps // 4)))
+    return ppo(cfg)
+
+
+def stage_evaluate(ctx: Context) -> dict[str, Any]:
+    from .evaluate import evaluate_all
+    from .labeler import SimulatedLabeler
+    items = [json.loads(line) for line in (ctx.dir("world") / "eval.jsonl").read_text().splitlines() if line]
+    checkpoints = {name: ctx.summary(name)["out_dir"] for name in ("pretrain", "sft", "ppo")}
+    return evaluate_all(checkpoints, ctx.summary("reward")["out_dir"], items, SimulatedLabeler(seed=ctx.seed),
+                        ctx.dir("evaluate"), device=ctx.device, max_new_tokens=ctx.budget.max_new_tokens,
+                        batch_size=ctx.budget.eval_batch, k=ctx.budget.k, seed=ctx.seed)
+
+
+def stage_report(ctx: Context) -> dict[str, Any]:
+    from .report import write_report
+    summaries = {s: json.loads((ctx.dir(s) / DONE).read_text()) for s in STAGES if s != "report"}
+    paths = write_report(ctx.out, summaries, run_info(ctx))
+    return {k: str(v) for k, v in paths.items()}
+
+
+STAGE_FNS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "world": stage_world, "prepare": stage_prepare, "pretrain": stage_pretrain, "sft": stage_sft,
+    "compare": stage_compare, "rank": stage_rank, "reward": stage_reward, "ppo": stage_ppo,
+    "evaluate": stage_evaluate, "report": stage_report,
+}
+
+
+# ------------------------------------------------------------------------------ runner
+def device_name(device: str) -> str:
+    from ..trainer import resolve_device
+    d = resolve_device(device)
+    if d.type == "cuda":
+        return torch.cuda.get_device_name(d)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_info(ctx: Context) -> dict[str, Any]:
+    return {"preset": ctx.preset, "seed": ctx.seed, "device": device_name(ctx.device), "out": str(ctx.out),
+            "budget": dataclasses.asdict(ctx.budget), "torch": torch.__version__}
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def run_stage(ctx: Context, name: str, index: int) -> tuple[dict[str, Any], bool]:
+    """Run one stage unless its done.json exists; returns (its record, whether it ran now)."""
+    folder = ctx.dir(name)
+    marker = folder / DONE
+    head = f"[{index + 1}/{len(STAGES)}] {name}"
+    if marker.exists():
+        record = json.loads(marker.read_text())
+        print(f"{head}: done earlier ({record['seconds']:.0f}s), skipped", flush=True)
+        return record, False
+    print(f"{head} ...", flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    summary = STAGE_FNS[name](ctx)
+    record = {"stage": name, "seconds": time.perf_counter() - start, "device": device_name(ctx.device),
+              "summary": _jsonable(summary)}
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(marker)  # written last and atomically: a stage is done only when all of it is
+    sys.stderr.flush()
+    print(f"{head}: done in {record['seconds']:.0f}s{_headline(name, record['summary'])}", flush=True)
+    return record, True
+
+
+def _headline(name: str, s: dict[str, Any]) -> str:
+    """One short figure per stage for the progress line."""
+    ev = s.get("eval", {})
+    if name in ("pretrain", "sft") and "val_loss" in ev:
+        extra = f", format_rate {ev['format_rate']:.2f}" if "format_rate" in ev else ""
+        return f" (val_loss {ev['val_loss']:.3f}{extra})"
+    if name == "reward" and "val_accuracy" in ev:
+        return f" (held-out pairwise accuracy {ev['val_accuracy']:.3f})"
+    if name == "ppo" and "score_greedy" in ev:
+        return (f" (held-out RM score {s.get('sft', {}).get('score_greedy', math.nan):+.2f} -> "
+                f"{ev['score_greedy']:+.2f}, KL {ev.get('kl_to_ref', math.nan):.2f})")
+    if name == "compare":
+        return f" ({s['prompts']} prompts x {s['k']}, {s['finished_fraction']:.0%} finished)"
+    if name == "rank":
+        return f" ({s['ranked']} rankings, {s['skipped_all_tied']} all-tied skipped)"
+    return ""
+
+
+def run_pipeline(out: str | Path = "runs/demo", preset: str = "tiny", device: str = "auto", seed: int = 0,
+             scale: float = 1.0, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the whole demo; returns the report's figures (report.json)."""
+    if preset not in BUDGETS:
+        raise FastGPTError(f"unknown demo preset {preset!r} (expected one of {sorted(BUDGETS)})")
+    ctx = Context(Path(out), preset, BUDGETS[preset].scaled(scale), device, seed)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    settings = {"preset": preset, "seed": seed, "scale": scale}
+    saved = ctx.out / "settings.json"
+    if saved.exists() and json.loads(saved.read_text()) != settings:
+        raise FastGPTError(f"{ctx.out} holds a demo run with other settings ({saved.read_text().strip()}); "
+                         f"use another --out or --fresh")
+    saved.write_text(json.dumps(settings))
+    start = time.perf_counter()
+    for i, name in enumerate(STAGES):
+        run_stage(ctx, name, i)
+    print(f"demo: finished in {time.perf_counter() - start:.0f}s this run; report in {ctx.out / 'report.md'}")
+    return json.loads((ctx.out / "report.json").read_text())
+
+
+# ------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(BUDGETS), default="tiny",
+                        help="model size and stage budgets (tiny: under 10 minutes on 2 CPU cores)")
+    parser.add_argument("--out", default="runs/demo", help="run folder; re-running resumes it (default runs/demo)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world, the labeler and every stage")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count and data size")
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke run (--scale 0.05), for CI")
+    parser.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .report import format_table
+    if args.fresh and Path(args.out).exists():
+        shutil.rmtree(args.out)
+    scale = 0.05 if args.quick else args.scale
+    figures = run_pipeline(args.out, args.preset, args.device, args.seed, scale)
+    print(format_table(figures))
+    return 0

@@ -1,0 +1,101 @@
+"""The demo pipeline end to end, shrunk (``--quick``): every stage writes its outputs and the
+report, and a second run with the same folder resumes by skipping the finished stages.
+
+The shrunk run trains for a few steps only, so these tests check plumbing, not quality; the
+quality bars are measured by the full ``fastgpt demo`` run.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from fastgpt.cli import main
+from fastgpt.demo.pipeline import BUDGETS, DONE, STAGES, run_pipeline
+from fastgpt.demo.report import format_table
+
+QUICK = 0.05
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, float]:
+    """One quick demo through the CLI, as a user runs it; returns (folder, seconds)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    start = time.perf_counter()
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--seed", "1"]) == 0
+    return out, time.perf_counter() - start
+
+
+def test_every_stage_wrote_its_outputs(demo_run):
+    out, _ = demo_run
+    for stage in STAGES:
+        record = json.loads((out / stage / DONE).read_text())
+        assert record["stage"] == stage and record["seconds"] >= 0 and "summary" in record
+    for name in ("pretrain.jsonl", "sft.jsonl", "compare_prompts.jsonl", "ppo_prompts.jsonl", "eval.jsonl"):
+        assert (out / "world" / name).stat().st_size > 0
+    assert (out / "prepare" / "data" / "meta.json").exists()
+    for stage in ("pretrain", "sft", "reward", "ppo"):
+        run = out / stage / "run"
+        assert (run / "checkpoint.pt").exists() and (run / "metrics.jsonl").exists(), stage
+    comparisons = [json.loads(line) for line in (out / "compare" / "comparisons.jsonl").read_text().splitlines()]
+    assert comparisons and all(len(c["responses"]) == BUDGETS["tiny"].k for c in comparisons)
+    rankings = [json.loads(line) for line in (out / "rank" / "rankings.jsonl").read_text().splitlines()]
+    # the same format `fastgpt rank` writes, and never an all-tied ranking (it holds no preference)
+    assert rankings and all(set(r) >= {"prompt", "responses", "finished", "ranking"} for r in rankings)
+    assert all(len(r["ranking"]) > 1 for r in rankings)
+    for name in ("pretrain", "sft", "ppo"):
+        answers = (out / "evaluate" / f"answers_{name}.jsonl").read_text().splitlines()
+        assert len(answers) == json.loads((out / "world" / DONE).read_text())["summary"]["eval_items"]
+
+
+def test_report_has_table_plots_and_figures(demo_run):
+    out, _ = demo_run
+    md = (out / "report.md").read_text()
+    for needle in ("| model |", "PPO over SFT", "## Sample answers", "| **total** |"):
+        assert needle in md
+    for plot in ("loss.png", "reward.png", "ppo.png"):
+        path = out / "plots" / plot
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{plot}" in md
+    fig = json.loads((out / "report.json").read_text())
+    assert set(fig["models"]) == {"pretrain", "sft", "ppo"}
+    for m in fig["models"].values():
+        assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["format_compliance"] <= 1.0
+    win = fig["win_rates"]["ppo_vs_sft"]
+    assert win["wins"] + win["losses"] + win["ties"] == fig["models"]["ppo"]["n"]
+    assert {"val_accuracy", "labeler_agreement"} <= set(fig["reward"]) and "kl_to_sft" in fig["ppo"]
+    assert set(fig["stage_seconds"]) == set(STAGES) - {"report"}
+    assert "PPO" in format_table(fig)
+
+
+def test_rerun_resumes_by_skipping_finished_stages(demo_run, capsys):
+    out, first = demo_run
+    before = {s: (out / s / DONE).stat().st_mtime_ns for s in STAGES}
+    start = time.perf_counter()
+    run_pipeline(out, "tiny", "cpu", seed=1, scale=QUICK)
+    assert time.perf_counter() - start < max(5.0, first / 10)
+    assert {s: (out / s / DONE).stat().st_mtime_ns for s in STAGES} == before
+    assert capsys.readouterr().out.count("skipped") == len(STAGES)
+
+
+def test_a_lost_stage_is_redone_and_later_ones_kept(demo_run, capsys):
+    out, _ = demo_run
+    (out / "report" / DONE).unlink()
+    (out / "report.md").unlink()
+    run_pipeline(out, "tiny", "cpu", seed=1, scale=QUICK)
+    assert (out / "report.md").exists() and (out / "report" / DONE).exists()
+    assert capsys.readouterr().out.count("skipped") == len(STAGES) - 1
+
+
+def test_other_settings_in_the_same_folder_are_refused(demo_run):
+    out, _ = demo_run
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--seed", "2"]) == 2
+
+
+def test_scaled_budget_shrinks_every_stage():
+    full, quick = BUDGETS["tiny"], BUDGETS["tiny"].scaled(QUICK)
+    for name in ("n_pretrain", "n_sft", "n_compare", "pretrain_steps", "sft_steps", "ppo_steps"):
+        assert 0 < getattr(quick, name) < getattr(full, name), name
+    assert quick.mini_batch <= quick.rollout_batch
+    assert BUDGETS["tiny"].scaled(1.0) == full
