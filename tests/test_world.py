@@ -241,7 +241,7 @@ def test_noise_agreement_in_range(k):
                 if abs(q[i] - q[j]) > 1e-9:
                     total += 1
                     agree += (pos[i] < pos[j]) == (q[i] > q[j])
-    assert 0.75 <= agree / total <= 0.85
+    assert 0.78 <= agree / total <= 0.90  # ~84% at the default noise 0.15
 
 
 def test_evaluate_hand_made():
@@ -290,3 +290,26 @@ def test_rank_file_appends(tmp_path):
     assert len(out) == 4
     assert out[0] == {**rows[0], "ranking": [1, 2, 0]}
     assert out[1]["ranking"] == [0, 1]
+
+
+def test_two_labelers_agree_like_instructgpt_labelers():
+    """Calibration of the default noise: InstructGPT's labelers agreed on 73-77% of pairs."""
+    truth = SimulatedLabeler(noise=0.0)
+    a, b = SimulatedLabeler(seed=1), SimulatedLabeler(seed=2)
+    rng = random.Random(0)
+    styles = ["canonical", "verbose", "terse", "repetitive", "wrong"]
+    agree = total = 0
+    for fam in FAMILY_BY_NAME.values():
+        for _ in range(40):
+            p = fam.sample_prompt(rng)
+            resp = [fam.demonstration(p, s, rng) for s in styles]
+            fin = [True] * len(resp)
+            ranks = [{i: n for n, g in enumerate(lab.rank(p, resp, fin)) for i in (g if isinstance(g, list) else [g])}
+                     for lab in (a, b)]
+            q = [truth.quality(p, r, f) for r, f in zip(resp, fin)]
+            for i in range(len(resp)):
+                for j in range(i + 1, len(resp)):
+                    if abs(q[i] - q[j]) > 1e-9:
+                        total += 1
+                        agree += (ranks[0][i] < ranks[0][j]) == (ranks[1][i] < ranks[1][j])
+    assert 0.72 <= agree / total <= 0.80
