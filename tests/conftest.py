@@ -59,7 +59,7 @@ def tiny_data(tmp_path_factory, corpus_jsonl) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread(request):
     """Tiny models on one intra-op thread (tests directly under tests/ only).
 

@@ -19,15 +19,6 @@ CONFIGS = {
 PROMPTS = [[5, 9, 14], [200, 3, 7, 7, 1, 90, 42, 11, 6], [77], [1, 2, 3, 4, 5, 6]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small run fastest on one thread; on a busy 2-core box more threads thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(name: str, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     model = GPT(CONFIGS[name]).eval()

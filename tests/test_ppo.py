@@ -19,15 +19,6 @@ PROMPTS = ["Say hi.", "Name a fruit.", "Count to three.", "What is 2 plus 2?", "
 LETTERS = b"abcd"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small run fastest on one thread; on a busy 2-core box more threads thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _sft_model(seed: int = 0, steps: int = 60) -> GPT:
     """A stand-in SFT model: answers start with one of a, b, c, d (about a quarter each)."""
     torch.manual_seed(seed)
