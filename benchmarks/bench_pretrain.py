@@ -121,6 +121,8 @@ def _bench(benchmark, case: dict[str, Any]) -> None:
 
     benchmark.group = f"pretrain step {case['preset']}"
     benchmark.pedantic(timed, rounds=3 if device.type == "cpu" else 10, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: ran once as a smoke test, nothing to report
+        return
     s = benchmark.stats.stats.median
     row.update(ms_per_step=1e3 * s, tokens_per_s=tokens / s)
     if device.type == "cuda":

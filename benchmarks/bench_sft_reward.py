@@ -186,6 +186,8 @@ def test_step(benchmark, case_name, stage, impl):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     benchmark.pedantic(lambda: (step(), sync()), rounds=5, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: ran once as a smoke test, nothing to report
+        return
     benchmark.extra_info.update(real_tokens=n_real, padded_real_share=share,
                                 real_tokens_per_s=n_real / benchmark.stats.stats.median,
                                 peak_mb=torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
