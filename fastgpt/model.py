@@ -8,7 +8,7 @@ vocabulary logits are never materialised when targets are given.
 
 Batches are either plain ``(B, T)`` rows or packed rows: several sequences concatenated, their
 boundaries given as ``cu_seqlens`` (int32 offsets into the flattened B*T tokens; each row must
-start a sequence).  Positions restart at every boundary and no token attends across one.
+start a sequence) or as ``doc_ids`` (B, T), one id per token, a new sequence wherever it changes.  Positions restart at every boundary and no token attends across one.
 """
 from __future__ import annotations
 
@@ -35,6 +35,16 @@ def cu_seqlens_from_lengths(lengths: list[int] | torch.Tensor, device: torch.dev
                             ) -> torch.Tensor:
     lengths = torch.as_tensor(lengths, dtype=torch.int32, device=device)
     return F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+
+
+def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Boundaries of a (B, T) document-id layout: a sequence starts at every row start and
+    wherever the id changes. Returns int32 offsets into the flattened B*T tokens."""
+    B, T = doc_ids.shape
+    starts = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    offsets = torch.nonzero(starts.reshape(-1)).flatten()
+    return torch.cat([offsets, offsets.new_tensor([B * T])]).to(torch.int32)
 
 
 class RMSNorm(nn.Module):
@@ -238,14 +248,16 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cu_seqlens: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                max_seqlen: int | None = None, reduction: str = "mean",
-                ignore_index: int = -100) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """nanoGPT-style ``(logits, loss)``.
+                max_seqlen: int | None = None, reduction: str = "mean", ignore_index: int = -100,
+                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """nanoGPT-style ``(logits, loss)``. Packed rows: ``cu_seqlens`` or ``doc_ids``.
 
         With targets: ``(None, loss)`` through the fused linear cross-entropy (targets equal to
         ``ignore_index`` are not trained on; ``reduction`` as in the kernel). Without: ``(logits,
         None)`` with logits (B, T, V).
         """
+        if doc_ids is not None and cu_seqlens is None:
+            cu_seqlens = cu_seqlens_from_doc_ids(doc_ids)
         h = self.hidden_states(idx, cu_seqlens, position_ids, max_seqlen)
         if targets is None:
             return self.lm_head(h), None

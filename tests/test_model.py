@@ -209,3 +209,17 @@ def test_overfits_one_batch(tiny_cfg, variant):
         loss.backward()
         opt.step()
     assert loss.item() < 0.05, loss.item()
+
+
+def test_doc_ids_give_the_same_boundaries_as_cu_seqlens(tiny_cfg):
+    from fastgpt.model import cu_seqlens_from_doc_ids
+    torch.manual_seed(0)
+    model = GPT(tiny_cfg).eval()
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [2, 2, 3, 3, 3, 3, 4, 4]])
+    cu = cu_seqlens_from_doc_ids(doc_ids)
+    # a row start is always a boundary, even when the id carries over from the previous row
+    assert cu.tolist() == [0, 3, 5, 8, 10, 14, 16]
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 8))
+    a, _ = model(idx, doc_ids=doc_ids)
+    b, _ = model(idx, cu_seqlens=cu)
+    assert torch.equal(a, b)
