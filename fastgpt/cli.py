@@ -98,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         print(f"fastgpt {name}: not available in this build ({e})", file=sys.stderr)
         return 2
+    except ValueError as e:  # a bad environment setting read at import, e.g. FASTGPT_KERNELS
+        print(f"fastgpt {name}: error: {e}", file=sys.stderr)
+        return 2
     add = getattr(module, f"add_{name}_arguments", None) or getattr(module, "add_arguments")
     run = getattr(module, f"run_{name}", None) or getattr(module, "run")
     add(parser)

@@ -16,6 +16,7 @@ batch, which is exactly what ``torch.compile`` fuses away; elsewhere the flag is
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -95,7 +96,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
     return tokens, logprobs
 
 
-_compiled_decode: dict[int, Callable] = {}
+# compiled decode steps, one per live model (a finished model is not kept alive by this cache)
+_compiled_decode: "weakref.WeakKeyDictionary[GPT, Callable]" = weakref.WeakKeyDictionary()
 
 
 def _decode_fn(model: GPT, compile_decode: bool) -> Callable:
@@ -104,10 +106,9 @@ def _decode_fn(model: GPT, compile_decode: bool) -> Callable:
     device = model.wte.weight.device
     if not compile_decode or device.type != "cuda":
         return model.decode
-    key = id(model)
-    if key not in _compiled_decode:
-        _compiled_decode[key] = torch.compile(model.decode, dynamic=True)
-    return _compiled_decode[key]
+    if model not in _compiled_decode:
+        _compiled_decode[model] = torch.compile(model.decode, dynamic=True)
+    return _compiled_decode[model]
 
 
 def check_prompts(model: GPT, prompts: Sequence[Sequence[int]]) -> None:
@@ -189,9 +190,9 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParam
                     results[row].logprobs.append(lp_list[j])
                 if on_token is not None:
                     on_token(row, tok)
-            keep = ~done
-            if not bool(keep.any()) or _ == max_new - 1:
+            if all(done_list) or _ == max_new - 1:  # host-side: no second sync per token
                 break
+            keep = ~done
             active, tokens = active[keep], tokens[keep]
             with autocast:
                 logits = decode(tokens[:, None], cache, active)[:, -1]

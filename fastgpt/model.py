@@ -128,8 +128,9 @@ class Attention(nn.Module):
         else:
             if ctx.cache is not None:  # prefill: keep this layer's keys/values for decoding
                 cache = ctx.cache
-                cache.k[self.layer, ctx.prefill_rows, ctx.prefill_positions] = k.reshape(-1, self.n_kv_head, self.head_dim)
-                cache.v[self.layer, ctx.prefill_rows, ctx.prefill_positions] = v.reshape(-1, self.n_kv_head, self.head_dim)
+                shape = (-1, self.n_kv_head, self.head_dim)
+                cache.k[self.layer, ctx.prefill_rows, ctx.prefill_positions] = k.reshape(shape).to(cache.k.dtype)
+                cache.v[self.layer, ctx.prefill_rows, ctx.prefill_positions] = v.reshape(shape).to(cache.v.dtype)
             y = kernels.attention(q, k, v, causal=True, cu_seqlens=ctx.cu_seqlens,
                                   max_seqlen=ctx.max_seqlen)
         return self.proj(y.reshape(B, T, -1))
@@ -139,8 +140,8 @@ class Attention(nn.Module):
         T = q.shape[1]
         start = cache.seqlens[rows].long()  # positions already filled, (B,)
         pos = start[:, None] + torch.arange(T, device=q.device)  # (B, T)
-        cache.k[self.layer, rows[:, None], pos] = k
-        cache.v[self.layer, rows[:, None], pos] = v
+        cache.k[self.layer, rows[:, None], pos] = k.to(cache.k.dtype)
+        cache.v[self.layer, rows[:, None], pos] = v.to(cache.v.dtype)
         lengths = (start + T).to(torch.int32)
         return kernels.decode_attention(q, cache.k[self.layer], cache.v[self.layer], lengths,
                                         cache_batch_idx=rows.to(torch.int32))
@@ -223,6 +224,18 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * T
 
     # ---------------------------------------------------------------------- forward
+    def head_operands(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden (N, d), lm_head weight) for the fused loss / log-prob kernels, in the dtype
+        ``F.linear`` would use: the kernels bypass autocast, so cast as autocast would (bf16
+        matmuls under bf16 autocast; one dtype for both operands when weights are bf16)."""
+        h = h.reshape(-1, h.shape[-1])
+        weight = self.lm_head.weight
+        if torch.is_autocast_enabled(h.device.type):
+            dtype = torch.get_autocast_dtype(h.device.type)
+        else:
+            dtype = weight.dtype
+        return h.to(dtype), weight.to(dtype)
+
     def hidden_states(self, idx: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, max_seqlen: int | None = None,
                       ctx: AttentionContext | None = None) -> torch.Tensor:
@@ -261,8 +274,8 @@ class GPT(nn.Module):
         h = self.hidden_states(idx, cu_seqlens, position_ids, max_seqlen)
         if targets is None:
             return self.lm_head(h), None
-        loss = kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight,
-                                            targets.reshape(-1), ignore_index=ignore_index,
+        h2d, weight = self.head_operands(h)
+        loss = kernels.linear_cross_entropy(h2d, weight, targets.reshape(-1), ignore_index=ignore_index,
                                             reduction=reduction)
         if reduction == "none":
             loss = loss.view(targets.shape)
@@ -272,9 +285,8 @@ class GPT(nn.Module):
                        cu_seqlens: torch.Tensor | None = None, temperature: float = 1.0,
                        ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token (log p(target), entropy), each (B, T), via the fused linear log-prob kernel."""
-        h = self.hidden_states(idx, cu_seqlens)
-        lp, ent = kernels.linear_logprobs(h.reshape(-1, h.shape[-1]), self.lm_head.weight,
-                                          targets.reshape(-1), temperature=temperature,
+        h2d, weight = self.head_operands(self.hidden_states(idx, cu_seqlens))
+        lp, ent = kernels.linear_logprobs(h2d, weight, targets.reshape(-1), temperature=temperature,
                                           ignore_index=ignore_index)
         return lp.view(targets.shape), ent.view(targets.shape)
 

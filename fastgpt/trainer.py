@@ -124,6 +124,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * ratio
 
 
+def amp_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
+    """The autocast dtype for a ``TrainConfig.dtype`` setting on ``device`` (None: plain fp32)."""
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise TrainingError(f"dtype={dtype!r}: expected auto, bf16 or fp32")
+    if dtype == "fp32" or (dtype == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """The one rule for mixed precision, shared by training, evaluation and PPO's rollouts."""
+    amp = amp_dtype(device, dtype)
+    return contextlib.nullcontext() if amp is None else torch.autocast(device.type, dtype=amp)
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -161,7 +176,7 @@ class Trainer:
         self.device = resolve_device(cfg.device, self.dist)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.amp_dtype = self._amp_dtype()
+        self.amp_dtype = amp_dtype(self.device, cfg.dtype)
         self.model = model.to(self.device)
         self.flops_per_token = flops_per_token
         self.out_dir = Path(cfg.out_dir)
@@ -182,18 +197,8 @@ class Trainer:
             self.train_model = DDP(self.train_model, device_ids=ids)
 
     # ----------------------------------------------------------------- precision
-    def _amp_dtype(self) -> torch.dtype | None:
-        want = self.cfg.dtype
-        if want not in ("auto", "bf16", "fp32"):
-            raise TrainingError(f"dtype={want!r}: expected auto, bf16 or fp32")
-        if want == "fp32" or (want == "auto" and self.device.type != "cuda"):
-            return None
-        return torch.bfloat16
-
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast_context(self.device, self.cfg.dtype)
 
     # --------------------------------------------------------------- checkpoints
     def _gather(self, obj: Any) -> list[Any]:

@@ -189,7 +189,6 @@ def stage_compare(ctx: Context) -> dict[str, Any]:
 def stage_rank(ctx: Context) -> dict[str, Any]:
     from .labeler import SimulatedLabeler, rank_file
     out = ctx.dir("rank") / "rankings.jsonl"
-    out.unlink(missing_ok=True)  # rank_file appends: a half-written file from a killed run must go
     every = ctx.dir("rank") / "all_rankings.jsonl"
     for path in (out, every):
         path.unlink(missing_ok=True)  # rank_file appends: a half-written file from a killed run must go

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from ..checkpoint import CheckpointError, load_model
@@ -37,6 +38,21 @@ def require_same_tokenizer(a: Tokenizer, b: Tokenizer, what: str) -> None:
     if a.to_dict() != b.to_dict():
         raise CheckpointError(f"{what} was trained with another tokenizer ({a.kind} vs {b.kind}, "
                               f"{a.vocab_size} vs {b.vocab_size} ids)")
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Dropout for this run only: the saved model config keeps its own value, so later stages
+    (reward, PPO) do not inherit dropout they did not ask for."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast weights only: buffers such as the RoPE tables keep their fp32 precision."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
 
 
 def freeze(model: nn.Module) -> nn.Module:

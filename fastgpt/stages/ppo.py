@@ -39,8 +39,9 @@ from ..losses import (AdaptiveKLController, FixedKLController, explained_varianc
                       masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
 from ..model import GPT, ScalarModel
 from ..tokenizer import Tokenizer, encode_prompt, prompt_messages, validate_messages
-from ..trainer import Trainer, TrainingError, distributed_env, resolve_device, seed_everything
-from .common import freeze, require_same_tokenizer
+from ..trainer import (Trainer, TrainingError, autocast_context, distributed_env, resolve_device,
+                       seed_everything)
+from .common import cast_parameters, freeze, require_same_tokenizer, set_dropout
 from .reward import raw_scores
 
 # reward_fn(prompts, responses) -> normalised score per sequence, (N,) float tensor.
@@ -126,8 +127,9 @@ class PolicyValue(nn.Module):
         loss on an optional pretraining batch (PPO-ptx), all in one forward for DDP."""
         h = self.policy.hidden_states(idx, cu_seqlens, max_seqlen=max_seqlen)
         # the fused kernel: the (tokens x vocabulary) logits never exist in full
-        lp, ent = kernels.linear_logprobs(h.reshape(-1, h.shape[-1]), self.policy.lm_head.weight,
-                                          targets.reshape(-1), temperature=temperature, ignore_index=IGNORE_INDEX)
+        h2d, weight = self.policy.head_operands(h)
+        lp, ent = kernels.linear_logprobs(h2d, weight, targets.reshape(-1), temperature=temperature,
+                                          ignore_index=IGNORE_INDEX)
         if self.value is not None:
             values = self.value(idx, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         else:
@@ -166,12 +168,6 @@ class RewardModelScorer:
         seqs = [(p + r)[-block:] for p, r in zip(prompts, responses)]
         raw = torch.tensor(raw_scores(self.model, seqs, self.rows, block, self.pad_id))
         return (raw - self.offset) / self.scale
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -264,7 +260,7 @@ class PPOTask:
         for start in range(0, N, cfg.mini_batch_size):
             idx = list(range(start, min(N, start + cfg.mini_batch_size)))
             batch, flat, mask = self._pack(idx, seqs, prompt_lens)
-            with _autocast(self.device):
+            with autocast_context(self.device, cfg.dtype):  # as in the update: ratio 1 at first
                 lp, _, v, _ = self.model(batch.idx, batch.labels, cu_seqlens=batch.cu_seqlens,
                                          max_seqlen=batch.max_seqlen, temperature=cfg.temperature)
                 ref_lp, _ = self.ref.token_logprobs(batch.idx, batch.labels, cu_seqlens=batch.cu_seqlens,
@@ -439,21 +435,22 @@ def evaluate_policy(policy: GPT, ref: GPT, tok: Tokenizer, prompts: list[list[in
         gens = generate(policy, prompts, params, vocab_limit=tok.vocab_size, batch_size=cfg.rollout_batch_size)
         out[f"score_{name}"] = float(reward_fn(prompts, [g.tokens for g in gens]).float().mean())
         if name == "sampled":
-            out["kl_to_ref"] = sequence_kl(policy, ref, prompts, [g.tokens for g in gens], cfg.temperature)
+            out["kl_to_ref"] = (0.0 if policy is ref else
+                                sequence_kl(policy, ref, prompts, [g.tokens for g in gens], cfg.temperature, cfg.dtype))
             out["response_len"] = float(np.mean([len(g.tokens) for g in gens]))
     return out
 
 
 @torch.no_grad()
 def sequence_kl(policy: GPT, ref: GPT, prompts: list[list[int]], responses: list[list[int]],
-                temperature: float) -> float:
+                temperature: float, dtype: str = "auto") -> float:
     """Mean over responses of sum_t log p(y_t) - log q(y_t): the k1 KL estimate per response."""
     device = policy.wte.weight.device
     total = 0.0
     for p, r in zip(prompts, responses):
         s = torch.tensor([p + r], device=device)
         targets = torch.tensor([[IGNORE_INDEX] * (len(p) - 1) + r + [IGNORE_INDEX]], device=device)
-        with _autocast(device):
+        with autocast_context(device, dtype):
             lp, _ = policy.token_logprobs(s, targets, temperature=temperature)
             ref_lp, _ = ref.token_logprobs(s, targets, temperature=temperature)
         total += float((lp.float() - ref_lp.float()).sum())
@@ -495,9 +492,13 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
         value = value_from_reward(rm, offset, scale, cfg.value_head_zero).to(device)
         extra["value_config"] = asdict(value.config)
     if device.type == "cuda":  # frozen models only run forward: bf16 halves their memory and time
-        ref.to(torch.bfloat16)
+        cast_parameters(ref, torch.bfloat16)
         if rm is not None:
-            rm.to(torch.bfloat16)
+            cast_parameters(rm, torch.bfloat16)
+    # the rollout's log-probs are taken in eval mode: dropout in the update would bias the ratio
+    set_dropout(policy, 0.0)
+    if value is not None:
+        set_dropout(value, 0.0)
     model = PolicyValue(policy.train(), value)
     if model.value_head is not None:
         nn.init.zeros_(model.value_head.bias)
@@ -526,9 +527,10 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, Any]:
     """Run PPO per ``cfg``; the summary adds ``sft`` (the SFT policy's held-out eval) next to the
     trainer's ``eval`` (the final policy's)."""
     trainer, task = build_ppo(cfg, reward_fn)
-    sft_eval = {}
-    if trainer.dist.is_main:
+    sft_eval = trainer.extra.get("sft_eval", {})  # a resumed run has it already
+    if trainer.dist.is_main and not sft_eval:
         sft_eval = evaluate_policy(task.ref, task.ref, task.tok, task.eval_prompts, task.reward_fn, cfg)
+        trainer.extra["sft_eval"] = sft_eval
     summary = trainer.fit()
     summary["sft"] = sft_eval
     summary["rollouts"] = task.rollouts_done

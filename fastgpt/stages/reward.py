@@ -241,6 +241,9 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     train_ids, val_ids = split_holdout(len(groups), cfg.val_fraction, cfg.seed)
     train = [groups[i] for i in train_ids]
     if cfg.epochs > 0:
+        if cfg.max_steps != RewardConfig.max_steps:
+            raise ConfigError(f"reward: set either epochs ({cfg.epochs}) or max_steps ({cfg.max_steps}), "
+                              f"not both (epochs=0 uses max_steps)")
         per_epoch = batches_per_epoch([[len(ids) for ids, _ in g.examples] for g in train], cfg.batch_size, T)
         cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch / (cfg.grad_accum * distributed_env().world_size)))
     device = resolve_device(cfg.device, distributed_env())

@@ -29,7 +29,7 @@ from ..data import IGNORE_INDEX, DataError, PackedBatch
 from ..model import GPT
 from ..tokenizer import Message, Tokenizer, encode_chat, encode_prompt, load_tokenizer
 from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
-from .common import load_language_model, padded_vocab
+from .common import load_language_model, padded_vocab, set_dropout
 
 
 @dataclass
@@ -123,14 +123,6 @@ def load_start_model(init_from: str, tokenizer: str = "") -> tuple[GPT, Tokenize
         from ..hf import resize_vocab
         model, _ = resize_vocab(model, padded_vocab(tok))
     return model, tok
-
-
-def set_dropout(model: nn.Module, p: float) -> None:
-    """Dropout for this run only: the saved model config keeps its own value, so later stages
-    (reward, PPO) do not inherit dropout they did not ask for."""
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
 
 
 # ---------------------------------------------------------------------------- task
