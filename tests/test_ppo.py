@@ -139,7 +139,7 @@ def test_cli_bad_inputs(ckpts, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     code, line = _cli(capsys, *base, "--prompts", empty)
-    assert code == 2 and "no prompts" in line
+    assert code == 2 and "no usable prompts" in line and "empty.jsonl" in line
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "x" * 100}) + "\n")
     code, line = _cli(capsys, *base, "--prompts", long)

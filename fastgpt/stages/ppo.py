@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -32,13 +33,14 @@ import torch.nn as nn
 from .. import kernels
 from ..checkpoint import load_model
 from ..config import ModelConfig, TrainConfig
-from ..data import IGNORE_INDEX, DataError, PackedBatch, TokenLoader, pack_all, read_jsonl
+from ..chatdata import LoadReport, parse_prompt, parse_prompt_record, read_records
+from ..data import IGNORE_INDEX, DataError, PackedBatch, TokenLoader, pack_all
 from ..engine import SamplingParams, generate
 from ..errors import FastGPTError
 from ..losses import (AdaptiveKLController, FixedKLController, explained_variance, gae, kl_estimate,
                       masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
 from ..model import GPT, ScalarModel
-from ..tokenizer import Tokenizer, encode_prompt, prompt_messages, validate_messages
+from ..tokenizer import Tokenizer, encode_prompt
 from ..trainer import (Trainer, TrainingError, autocast_context, distributed_env, resolve_device,
                        seed_everything)
 from .common import cast_parameters, freeze, require_same_tokenizer, set_dropout
@@ -172,30 +174,25 @@ class RewardModelScorer:
 
 # ------------------------------------------------------------------------------ prompts
 def load_prompts(path: str, tok: Tokenizer, block_size: int, what: str) -> list[list[int]]:
-    """Encoded chat prompts from a JSONL file; prompts that leave no room to answer are skipped
-    with one warning (an error if none is left)."""
-    texts: list[Any] = []
-    for lineno, obj in read_jsonl(path):
-        if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-            texts.append(obj["prompt"])
-        elif isinstance(obj, dict) and "messages" in obj:
-            texts.append(validate_messages(obj["messages"], f"{path}:{lineno}: messages"))
-        else:
-            raise DataError(f"{path}:{lineno}: expected an object with 'prompt' (string) or 'messages'")
-    if not texts:
-        raise DataError(f"{what}={path}: no prompts in the file")
+    """Encoded chat prompts from a JSONL file (``{"prompt"}`` or ``{"messages"}``, read exactly as
+    ``fastgpt compare`` reads them); bad lines are skipped and counted, prompts that leave no room
+    to answer are skipped with one warning (an error if none is left)."""
+    report = LoadReport(path)
+    texts = [value for _, value in read_records(path, parse_prompt_record, report)]
+    report.warn("ppo")
+    report.check(0.1, "prompts")
     return encode_prompts(texts, tok, block_size, f"{what}={path}")
 
 
 def encode_prompts(texts: Sequence[Any], tok: Tokenizer, block_size: int, where: str) -> list[list[int]]:
-    encoded = [encode_prompt(tok, prompt_messages(t)) for t in texts]
+    encoded = [encode_prompt(tok, parse_prompt(t)) for t in texts]
     kept = [p for p in encoded if len(p) < block_size]
     if not kept:
         raise DataError(f"{where}: all {len(encoded)} prompts are at least the model's context of "
                         f"{block_size} tokens long")
     if len(kept) < len(encoded):
-        warnings.warn(f"{where}: skipped {len(encoded) - len(kept)} of {len(encoded)} prompts longer than "
-                      f"the model's context of {block_size} tokens", stacklevel=2)
+        print(f"ppo: {where}: skipped {len(encoded) - len(kept)} of {len(encoded)} prompts longer than "
+              f"the model's context of {block_size} tokens", file=sys.stderr)
     return kept
 
 
