@@ -22,9 +22,9 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from .data import DataError
+from .data import DataError, PackedBatch, first_fit, pack_rows
 from .tokenizer import Message, TokenizerError, validate_messages
 
 T = TypeVar("T")
@@ -313,7 +313,6 @@ def pack_groups(groups: list[list[Example]], n_rows: int, row_len: int, pad_id: 
     stops inside one, the batch is rebuilt from the complete groups before it (first-fit is
     prefix-stable, so their layout does not change).
     """
-    from .data import pack_rows
     flat = [ex for g in groups for ex in g]
     batch, used = pack_rows(flat, n_rows, row_len, pad_id)
     complete, seen = 0, 0
@@ -329,13 +328,21 @@ def pack_groups(groups: list[list[Example]], n_rows: int, row_len: int, pad_id: 
 
 def fits_one_batch(lengths: list[int], n_rows: int, row_len: int) -> bool:
     """Whether a group of examples of these lengths packs into one batch (first-fit)."""
-    fill = [0] * n_rows
-    for n in lengths:
-        r = next((r for r in range(n_rows) if fill[r] + n <= row_len), None)
-        if r is None:
-            return False
-        fill[r] += n
-    return True
+    return len(first_fit(lengths, n_rows, row_len)[0]) == len(lengths)
+
+
+def iter_batches(items: Sequence[T], pack: Callable[..., tuple[PackedBatch, int]], n_rows: int, row_len: int,
+                 pad_id: int) -> Iterator[tuple[PackedBatch, int]]:
+    """Consecutive packed batches covering ``items`` in order: (batch, how many items it holds).
+    ``pack(items, n_rows, row_len, pad_id) -> (batch, used)`` is :func:`pack_groups` or a
+    packer built on it."""
+    pos = 0
+    while pos < len(items):
+        batch, used = pack(items[pos:pos + n_rows * row_len], n_rows, row_len, pad_id)
+        if used == 0:
+            raise DataError(f"item {pos} does not fit in one batch of {n_rows} x {row_len} tokens")
+        yield batch, used
+        pos += used
 
 
 def batches_per_epoch(group_lengths: list[list[int]], n_rows: int, row_len: int) -> int:
@@ -346,15 +353,8 @@ def batches_per_epoch(group_lengths: list[list[int]], n_rows: int, row_len: int)
         for attempt in range(2):
             if fill is None:
                 fill, batches = [0] * n_rows, batches + 1
-            trial = list(fill)
-            ok = True
-            for n in lengths:
-                r = next((r for r in range(n_rows) if trial[r] + n <= row_len), None)
-                if r is None:
-                    ok = False
-                    break
-                trial[r] += n
-            if ok:
+            placed, trial = first_fit(lengths, n_rows, row_len, fill)
+            if len(placed) == len(lengths):
                 fill = trial
                 break
             fill = None  # start a new batch and retry the group there

@@ -275,6 +275,27 @@ class PackedBatch:
                            self.n_real, self.extras)
 
 
+def first_fit(lengths: Sequence[int], n_rows: int | None, row_len: int,
+              fill: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """Place items in order, each into the first row with room: (row of each placed item, fill).
+
+    With ``n_rows`` fixed it stops at the first item that fits nowhere; with ``n_rows=None`` it
+    opens a new row instead. ``fill`` continues from rows already partly filled.
+    """
+    fill = list(fill) if fill is not None else [0] * (n_rows or 0)
+    placed: list[int] = []
+    for n in lengths:
+        r = next((r for r, f in enumerate(fill) if f + n <= row_len), None)
+        if r is None:
+            if n_rows is not None or n > row_len:
+                break
+            fill.append(0)
+            r = len(fill) - 1
+        fill[r] += n
+        placed.append(r)
+    return placed, fill
+
+
 def pack_rows(examples: Sequence[tuple[Sequence[int], Sequence[int] | None]], n_rows: int, row_len: int,
               pad_id: int) -> tuple[PackedBatch, int]:
     """First-fit pack ``examples`` (input ids, labels or None) in order into ``n_rows`` rows.
@@ -282,21 +303,16 @@ def pack_rows(examples: Sequence[tuple[Sequence[int], Sequence[int] | None]], n_
     Stops at the first example that fits in no row; returns (batch, examples used). Every
     example must be at most ``row_len`` long (truncate before packing, and count it).
     """
-    rows: list[list[int]] = [[] for _ in range(n_rows)]
-    fill = [0] * n_rows
-    used = 0
     for i, (ids, _) in enumerate(examples):
-        n = len(ids)
-        if n == 0:
+        if not ids:
             raise DataError(f"example {i} is empty")
-        if n > row_len:
-            raise DataError(f"example {i} has {n} tokens, longer than the row length {row_len}")
-        r = next((r for r in range(n_rows) if fill[r] + n <= row_len), None)
-        if r is None:
-            break
+        if len(ids) > row_len:
+            raise DataError(f"example {i} has {len(ids)} tokens, longer than the row length {row_len}")
+    placed, fill = first_fit([len(ids) for ids, _ in examples], n_rows, row_len)
+    used = len(placed)
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    for i, r in enumerate(placed):
         rows[r].append(i)
-        fill[r] += n
-        used += 1
     idx = torch.full((n_rows, row_len), pad_id, dtype=torch.long)
     labels = torch.full((n_rows, row_len), IGNORE_INDEX, dtype=torch.long)
     seg_lengths: list[int] = []
@@ -323,13 +339,7 @@ def pack_rows(examples: Sequence[tuple[Sequence[int], Sequence[int] | None]], n_
 def pack_all(examples: Sequence[tuple[Sequence[int], Sequence[int] | None]], row_len: int,
              pad_id: int) -> PackedBatch:
     """Pack every example, in order, into as few rows of ``row_len`` as first-fit needs."""
-    fill: list[int] = []
-    for ids, _ in examples:
-        r = next((r for r, f in enumerate(fill) if f + len(ids) <= row_len), None)
-        if r is None:
-            fill.append(len(ids))
-        else:
-            fill[r] += len(ids)
+    _, fill = first_fit([len(ids) for ids, _ in examples], None, row_len)
     batch, used = pack_rows(examples, len(fill), row_len, pad_id)
     assert used == len(examples)
     return batch

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from ..chatdata import (
-    BadRecord, Comparison, EpochOrder, Example, LoadReport, batches_per_epoch, fits_one_batch, pack_groups,
-    parse_prompt, parse_preference, read_records,
+    BadRecord, Comparison, EpochOrder, Example, LoadReport, batches_per_epoch, fits_one_batch, iter_batches,
+    pack_groups, parse_prompt, parse_preference, read_records,
 )
 from ..checkpoint import load_model
 from ..config import ConfigError, TrainConfig
@@ -165,15 +165,12 @@ class RewardTask:
         """Held-out pairwise accuracy, mean margin and loss (every pair of every val prompt)."""
         if not self.val:
             return {}
-        losses, correct, margins, pos = [], [], [], 0
-        while pos < len(self.val):
-            window = self.val[pos:pos + self.cfg.batch_size * self.block_size]
-            batch, used = pack_ranked(window, self.cfg.batch_size, self.block_size, self.pad_id)
+        losses, correct, margins = [], [], []
+        for batch, used in iter_batches(self.val, pack_ranked, self.cfg.batch_size, self.block_size, self.pad_id):
             loss, c, m = _pair_loss(model, batch.to(self.device))
             losses.append(float(loss) * used)
             correct.append(c)
             margins.append(m)
-            pos += used
         return {"val_loss": sum(losses) / len(self.val), "val_accuracy": float(torch.cat(correct).mean()),
                 "val_margin": float(torch.cat(margins).mean())}
 
@@ -190,11 +187,8 @@ def raw_scores(model: nn.Module, sequences: Sequence[list[int]], rows: int, row_
     """Unnormalised score of each id sequence (each at most ``row_len``), packed in order."""
     device = next(model.parameters()).device
     out: list[float] = []
-    pos = 0
-    while pos < len(sequences):
-        batch, used = pack_groups([[(list(s), None)] for s in sequences[pos:pos + rows * row_len]], rows, row_len, pad_id)
+    for batch, _ in iter_batches([[(list(s), None)] for s in sequences], pack_groups, rows, row_len, pad_id):
         out += last_token_scores(model, batch.to(device)).float().tolist()
-        pos += used
     return out
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..chatdata import (
-    BadRecord, EpochOrder, Example, LoadReport, batches_per_epoch, pack_groups, parse_conversation, read_records,
+    BadRecord, EpochOrder, Example, LoadReport, batches_per_epoch, iter_batches, pack_groups, parse_conversation, read_records,
 )
 from ..config import ConfigError, TrainConfig
 from ..data import IGNORE_INDEX, DataError, PackedBatch
@@ -171,15 +171,13 @@ class SFTTask:
 def packed_loss(model: nn.Module, examples: list[Example], rows: int, row_len: int, pad_id: int) -> float:
     """Mean per-token loss over all trained tokens of ``examples`` (packed in order)."""
     device = next(model.parameters()).device
-    total, count, pos = 0.0, 0, 0
-    while pos < len(examples):
-        batch, used = pack_groups([[e] for e in examples[pos:pos + rows * row_len]], rows, row_len, pad_id)
+    total, count = 0.0, 0
+    for batch, _ in iter_batches([[e] for e in examples], pack_groups, rows, row_len, pad_id):
         batch = batch.to(device)
         _, loss = model(batch.idx, batch.labels, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
                         reduction="sum")
         total += float(loss)
         count += int((batch.labels != IGNORE_INDEX).sum())
-        pos += used
     return total / max(1, count)
 
 
