@@ -38,15 +38,28 @@ class StreamPrinter:
 
 
 def fit_context(tok: Tokenizer, system: str | None, turns: list[Message], budget: int) -> tuple[list[int], int]:
-    """Prompt ids of the conversation, dropping the oldest turns until it fits ``budget`` tokens;
-    returns (ids, number of turns dropped)."""
+    """Prompt ids of the conversation within ``budget`` tokens; returns (ids, turns dropped).
+
+    The oldest exchanges (a user turn and its answer) go first, so the history still starts
+    with a user turn; the system message always stays. If the newest user message alone is too
+    long, its start is cut (the chat template's role tokens stay intact).
+    """
+    head: list[Message] = [{"role": "system", "content": system}] if system else []
     dropped = 0
     while True:
-        msgs = ([{"role": "system", "content": system}] if system else []) + turns[dropped:]
-        ids = encode_prompt(tok, msgs)
-        if len(ids) <= budget or dropped >= len(turns) - 1:
-            return ids[-budget:] if len(ids) > budget else ids, dropped
-        dropped += 1
+        ids = encode_prompt(tok, head + turns[dropped:])
+        if len(ids) <= budget:
+            return ids, dropped
+        if dropped + 2 > len(turns) - 1:
+            break
+        dropped += 2
+    last = turns[-1]
+    room = budget - len(encode_prompt(tok, head + [{"role": last["role"], "content": ""}]))
+    if room <= 0:  # the system message alone overflows: keep the newest message's end only
+        return ids[-budget:], dropped
+    cut = {"role": last["role"], "content": tok.decode(tok.encode(last["content"])[-room:])}
+    ids = encode_prompt(tok, head + [cut])
+    return ids[-budget:], len(turns) - 1
 
 
 def chat_loop(model, tok: Tokenizer, params, read: Callable[[str], str], out: TextIO,
