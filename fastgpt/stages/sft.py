@@ -85,9 +85,13 @@ def load_conversations(path: str, tok: Tokenizer, block_size: int, max_bad_fract
     else:
         from ..demo.world import make_world
         records = []
-        for rec in make_world(seed).sft:
+        for i, rec in enumerate(make_world(seed).sft):
             report.total += 1
-            records.append(parse(rec))
+            try:
+                records.append(parse(rec))
+            except BadRecord as e:  # the same skip-and-count as a file's bad lines
+                report.bad.append(f"built-in demonstration {i}: {e}")
+                continue
             report.kept += 1
     report.warn("sft", block_size)
     report.check(max_bad_fraction, "conversations")
