@@ -332,8 +332,8 @@ class PPOTask:
         t_all = time.perf_counter() - t0
         n_new = int(lengths.sum())
         self.rollout = {
-            "seqs": seqs, "prompt_lens": prompt_lens, "old_logp": fwd["logp"].cpu(),
-            "old_values": fwd["values"].cpu(), "adv": adv.cpu(), "returns": returns.cpu(),
+            "seqs": seqs, "prompt_lens": prompt_lens, "old_logp": fwd["logp"],  # stays on the device: read every minibatch
+            "old_values": fwd["values"], "adv": adv, "returns": returns,
             "stats": {"score": float(raw_scores.mean()), "kl": seq_kl, "beta": beta,
                       "non_score_reward": float(rewards.sum(1).mean() - scores.mean()) if not cfg.whiten_rewards
                       else float("nan"),
