@@ -63,7 +63,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     group = parser.add_argument_group("settings (override preset and config file)")
     for name, typ, default in _config_fields(cls):
         tname = getattr(typ, "__name__", str(typ))
-        group.add_argument(f"--{name}", dest=f"cfg:{name}", default=argparse.SUPPRESS, metavar=tname.upper(),
+        flags = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])  # --max_steps or --max-steps
+        group.add_argument(*flags, dest=f"cfg:{name}", default=argparse.SUPPRESS, metavar=tname.upper(),
                            help=f"default: {default!r}")
 
 
