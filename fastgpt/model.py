@@ -103,6 +103,8 @@ class AttentionContext:
     decode: bool = False                     # True: idx are new tokens appended to the cache
     prefill_positions: torch.Tensor | None = None  # (N,) positions of packed prefill tokens
     prefill_rows: torch.Tensor | None = None       # (N,) cache row of each packed prefill token
+    decode_positions: torch.Tensor | None = None   # (B, Tq) cache positions of the new tokens
+    decode_lengths: torch.Tensor | None = None     # int32 (B,) cache length after appending them
 
 
 # --------------------------------------------------------------------------------- layers
@@ -136,14 +138,10 @@ class Attention(nn.Module):
         return self.proj(y.reshape(B, T, -1))
 
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        cache, rows = ctx.cache, ctx.cache_rows
-        T = q.shape[1]
-        start = cache.seqlens[rows].long()  # positions already filled, (B,)
-        pos = start[:, None] + torch.arange(T, device=q.device)  # (B, T)
+        cache, rows, pos = ctx.cache, ctx.cache_rows, ctx.decode_positions
         cache.k[self.layer, rows[:, None], pos] = k.to(cache.k.dtype)
         cache.v[self.layer, rows[:, None], pos] = v.to(cache.v.dtype)
-        lengths = (start + T).to(torch.int32)
-        return kernels.decode_attention(q, cache.k[self.layer], cache.v[self.layer], lengths,
+        return kernels.decode_attention(q, cache.k[self.layer], cache.v[self.layer], ctx.decode_lengths,
                                         cache_batch_idx=rows.to(torch.int32))
 
 
@@ -324,8 +322,10 @@ class GPT(nn.Module):
         """Append ids (B, Tq) to cache rows ``rows`` (B,) and return their logits (B, Tq, V)."""
         B, T = idx.shape
         rows = rows.long()
-        positions = cache.seqlens[rows].long()[:, None] + torch.arange(T, device=idx.device)
-        ctx = AttentionContext(cache=cache, cache_rows=rows, decode=True)
+        positions = cache.seqlens[rows].long()[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+        # computed once here, not in every layer: decode runs once per generated token
+        ctx = AttentionContext(cache=cache, cache_rows=rows, decode=True, decode_positions=positions,
+                               decode_lengths=(positions[:, -1] + 1).to(torch.int32))
         h = self.hidden_states(idx, position_ids=positions, ctx=ctx)
         cache.seqlens[rows] += T
         return self.lm_head(h)
