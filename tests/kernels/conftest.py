@@ -16,3 +16,18 @@ def triton_backend():
 
     with backend("triton"):
         yield
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every fresh torch.empty / empty_like float buffer starts as NaN, so an output element a
+    kernel forgets to write (or scratch it reads before writing) surfaces as NaN."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(real_empty_like(*a, **kw)))
