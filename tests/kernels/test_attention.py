@@ -63,7 +63,6 @@ def check_against_reference(q, k, v, causal, cu_seqlens=None, max_seqlen=None, s
         assert_close(g, rg, tol, name)
 
 
-
 # ------------------------------------------------------------------------------ training
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("causal", [True, False])

@@ -57,7 +57,6 @@ def upstream(out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.tensor(1.7, device=out.device)
 
 
-
 # ------------------------------------------------------------------ cross-entropy on logits
 def _check_ce(logits, targets, reduction, rel, gen, **kw):
     x = logits.detach().clone().requires_grad_()

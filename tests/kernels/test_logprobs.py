@@ -33,7 +33,6 @@ def make_targets(n: int, v: int, gen: torch.Generator, ignored: int) -> torch.Te
     return t
 
 
-
 def _inputs(gen, dtype=torch.float32, n=N, ignored=5):
     hidden = torch.randn(n, D, generator=gen).to(dtype)
     weight = (torch.randn(V, D, generator=gen) * D**-0.5 * 2).to(dtype)
