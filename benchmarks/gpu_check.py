@@ -4,8 +4,9 @@
 
 1. GPU correctness: ``pytest -m gpu`` over the kernel tests plus the CUDA paths of the whole
    suite's kernel tests (bf16, 128k vocabularies, int64 offsets, long sequences).
-2. Benchmarks, each section in its own time slice (a section that overruns is cut and noted):
-   attention, fused losses, pre-training step, SFT / reward steps, generation, PPO iteration.
+2. Benchmarks, each section in its own process and time slice (an overrun is cut and noted):
+   attention, fused losses, pre-training step, SFT / reward steps, generation, PPO iteration
+   (defaults: 100 s of tests + 360 s of benchmarks, under 8 minutes with start-up).
 3. Writes ``<out>/<date>-<gpu>.json`` and ``.md`` (device, torch and triton versions, every row),
    to commit under ``benchmarks/results/``.
 """
@@ -13,27 +14,25 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SECTIONS = [  # (module in benchmarks/, function returning rows)
-    ("bench_attention", "run_attention_benchmarks"),
-    ("bench_losses", "run_loss_benchmarks"),
-    ("bench_pretrain", "run_pretrain_benchmarks"),
-    ("bench_sft_reward", "run_sft_reward_benchmarks"),
-    ("bench_generation", "run_generation_benchmarks"),
-    ("bench_ppo", "run_ppo_benchmarks"),
+SECTIONS = [  # (module in benchmarks/, function returning rows, seconds it may take)
+    ("bench_attention", "run_attention_benchmarks", 100),
+    ("bench_losses", "run_loss_benchmarks", 80),
+    ("bench_pretrain", "run_pretrain_benchmarks", 50),
+    ("bench_sft_reward", "run_sft_reward_benchmarks", 40),
+    ("bench_generation", "run_generation_benchmarks", 50),
+    ("bench_ppo", "run_ppo_benchmarks", 40),
 ]
 
 
@@ -60,17 +59,22 @@ def run_correctness(timeout_s: int) -> dict:
         return {"cmd": " ".join(cmd), "returncode": None, "seconds": timeout_s, "tail": "timed out"}
 
 
-def run_section(module: str, function: str) -> dict:
+def run_section(module: str, function: str, timeout_s: int) -> dict:
+    """One benchmark section in its own process: its time slice is enforced (an overrun is cut
+    and noted) and its GPU memory is freed before the next section starts."""
     start = time.time()
+    code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import {module}; "
+            f"print('ROWS=' + json.dumps({module}.{function}(), default=str))")
     try:
-        sys.path.insert(0, str(HERE))
-        rows = getattr(importlib.import_module(module), function)()
-        return {"section": module, "rows": rows, "seconds": time.time() - start}
-    except Exception as e:  # one failing section must not hide the others' numbers
-        return {"section": module, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:],
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"section": module, "error": f"cut after its {timeout_s}s time slice", "seconds": timeout_s}
+    rows = [line[5:] for line in proc.stdout.splitlines() if line.startswith("ROWS=")]
+    if proc.returncode != 0 or not rows:
+        return {"section": module, "error": f"exit {proc.returncode}", "trace": (proc.stdout + proc.stderr)[-2000:],
                 "seconds": time.time() - start}
-    finally:
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {"section": module, "rows": json.loads(rows[-1]), "seconds": time.time() - start}
 
 
 def to_markdown(result: dict) -> str:
@@ -98,7 +102,8 @@ def to_markdown(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", str(HERE / "results")))
-    parser.add_argument("--correctness-timeout", type=int, default=150)
+    parser.add_argument("--correctness-timeout", type=int, default=100)
+    parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every section's time slice")
     parser.add_argument("--skip", nargs="*", default=[], help="section modules to skip")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -106,10 +111,10 @@ def main() -> int:
         return 2
     result = {"environment": environment(), "correctness": run_correctness(args.correctness_timeout), "sections": []}
     print(f"correctness: rc={result['correctness']['returncode']} ({result['correctness']['seconds']:.0f}s)", flush=True)
-    for module, function in SECTIONS:
+    for module, function, seconds in SECTIONS:
         if module in args.skip:
             continue
-        sec = run_section(module, function)
+        sec = run_section(module, function, int(seconds * args.time_scale))
         print(f"{module}: {'error ' + sec['error'] if 'error' in sec else str(len(sec['rows'])) + ' rows'} "
               f"({sec['seconds']:.0f}s)", flush=True)
         result["sections"].append(sec)
