@@ -13,6 +13,7 @@ import sys
 from dataclasses import replace
 from typing import Callable, TextIO
 
+from .cli import add_sampling_arguments, sampling_params
 from .tokenizer import Message, Tokenizer, encode_prompt
 
 HELP = "commands: /reset, /system TEXT, /quit"
@@ -110,23 +111,14 @@ def chat_loop(model, tok: Tokenizer, params, read: Callable[[str], str], out: Te
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a run folder or checkpoint file of any stage (pretrain, sft, ppo)")
     parser.add_argument("--system", default=None, help="system message")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    add_sampling_arguments(parser, temperature=0.7, top_p=0.9, max_new_tokens=200)
 
 
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .engine import SamplingParams
     from .trainer import resolve_device
     model, tok, ckpt = load_model(args.checkpoint, kind="gpt", device=resolve_device(args.device))
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                            stop_ids=(tok.end_id,), seed=args.seed)
+    params = sampling_params(args, stop_ids=(tok.end_id,))
     print(f"fastgpt chat: {ckpt['stage']} checkpoint {args.checkpoint}")
     chat_loop(model, tok, params, input, sys.stdout, system=args.system)
     return 0

@@ -74,6 +74,26 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     return build_config(cls, getattr(args, "preset", None), args.config, overrides)
 
 
+# --------------------------------------------------------------- sampling flags
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: float, top_p: float,
+                           max_new_tokens: int) -> None:
+    """The sampling flags of every command that generates text interactively, plus --device."""
+    parser.add_argument("--temperature", type=float, default=temperature)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=top_p)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+
+
+def sampling_params(args: argparse.Namespace, stop_ids: tuple[int, ...]) -> Any:
+    from .engine import SamplingParams
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_ids=stop_ids,
+                          seed=args.seed)
+
+
 # ------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="fastgpt", description="Train a ChatGPT-style assistant on one GPU: "

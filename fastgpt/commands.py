@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli import add_sampling_arguments, sampling_params
 from .errors import FastGPTError
 
 
@@ -45,18 +46,12 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     parser.add_argument("--chat", action="store_true", help="treat --prompt as a user message and answer it")
     parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    add_sampling_arguments(parser, temperature=0.8, top_p=1.0, max_new_tokens=200)
 
 
 def run_sample(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .engine import SamplingParams, generate
+    from .engine import generate
     from .tokenizer import encode_prompt, prompt_messages
     from .trainer import resolve_device
     device = resolve_device(args.device)
@@ -67,9 +62,7 @@ def run_sample(args: argparse.Namespace) -> int:
     else:
         prompt = [tok.eot_id] + tok.encode(args.prompt)
         stops = (tok.eot_id,)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_ids=stops,
-                            seed=args.seed)
+    params = sampling_params(args, stops)
     outs = generate(model, [prompt] * args.num_samples, params, vocab_limit=tok.vocab_size)
     for i, g in enumerate(outs):
         if args.num_samples > 1:
