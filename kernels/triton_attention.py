@@ -98,6 +98,15 @@ _TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "DOT_PREC"]
 
 # ============================================================================ forward kernel
 @triton.jit
+def _sequence_bounds(cu_seqlens, seq):
+    """(first token as int64, length) of packed sequence ``seq``: token offset x stride can pass
+    2**31, so the start is widened before any address arithmetic."""
+    start = tl.load(cu_seqlens + seq)
+    length = tl.load(cu_seqlens + seq + 1) - start
+    return start.to(tl.int64), length
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, seq_len, offs_m, lo, hi,
                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -144,9 +153,7 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, cu_seqlens, qk_scale,
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     seq = tl.program_id(1)
     head = tl.program_id(2)
-    seq_start = tl.load(cu_seqlens + seq)
-    seq_len = tl.load(cu_seqlens + seq + 1) - seq_start
-    seq_start = seq_start.to(tl.int64)  # token offset x stride can pass 2**31
+    seq_start, seq_len = _sequence_bounds(cu_seqlens, seq)
     if start_m >= seq_len:
         return
     kv_head = head // GROUP
@@ -238,9 +245,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, cu_seqlens, qk_scale,
     start_n = tl.program_id(0) * BLOCK_N
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
-    seq_start = tl.load(cu_seqlens + seq)
-    seq_len = tl.load(cu_seqlens + seq + 1) - seq_start
-    seq_start = seq_start.to(tl.int64)  # token offset x stride can pass 2**31
+    seq_start, seq_len = _sequence_bounds(cu_seqlens, seq)
     if start_n >= seq_len:
         return
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -318,9 +323,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, cu_seqlens, qk_scale, sm_sc
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     seq = tl.program_id(1)
     head = tl.program_id(2)
-    seq_start = tl.load(cu_seqlens + seq)
-    seq_len = tl.load(cu_seqlens + seq + 1) - seq_start
-    seq_start = seq_start.to(tl.int64)  # token offset x stride can pass 2**31
+    seq_start, seq_len = _sequence_bounds(cu_seqlens, seq)
     if start_m >= seq_len:
         return
     kv_head = head // GROUP
