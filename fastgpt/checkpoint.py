@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .errors import FastGPTError
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -35,11 +36,23 @@ def checkpoint_path(path: str | Path) -> Path:
     return p if p.suffix == ".pt" and not p.is_dir() else p / CHECKPOINT_NAME
 
 
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def file_mode() -> int:
+    """The permissions a plain ``open()`` would give a new file (mkstemp's are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, file_mode())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -49,6 +62,24 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete half-written checkpoint files that a killed save left in ``folder``.
+
+    A save that is SIGKILLed between mkstemp and the rename cannot clean up after itself, so
+    the next run in the same folder does it (each leftover is about a checkpoint's size).
+    Returns what was removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for tmp in folder.glob(f"{_temporary_prefix(Path(CHECKPOINT_NAME))}*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, model_kind: str, model_config: ModelConfig,

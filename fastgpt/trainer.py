@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from .checkpoint import (CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_state_strict,
+                         remove_stale_temporaries, save_checkpoint)
 from .config import TrainConfig
 from .tokenizer import Tokenizer
 
@@ -186,6 +187,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.resumed_from: int | None = None
+        if self.dist.is_main:
+            for stale in remove_stale_temporaries(self.out_dir):
+                print(f"removed {stale}, left by an interrupted checkpoint save", flush=True)
         if cfg.resume and (self.out_dir / CHECKPOINT_NAME).exists():
             self._resume()
         self.train_model: nn.Module = self.model

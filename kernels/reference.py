@@ -18,6 +18,51 @@ import torch
 import torch.nn.functional as F
 
 
+# ------------------------------------------------------------------ argument contracts
+# Shared by the references and the Triton wrappers so both backends accept and reject exactly
+# the same inputs.
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_loss_args(targets: torch.Tensor, n: int, reduction: str, label_smoothing: float,
+                    z_loss: float, softcap: float | None) -> None:
+    """Validate the cross-entropy options for ``n`` rows of logits."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if targets.shape != (n,):
+        raise ValueError(f"targets must have shape ({n},), got {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and softcap <= 0.0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+
+
+def flatten_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate (..., d) hidden / (V, d) weight / (...) targets; return 2-D hidden, 1-D targets."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, d), got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden (..., d) and weight (V, d) disagree on d: "
+                         f"{tuple(hidden.shape)} vs {tuple(weight.shape)}")
+    if not hidden.dtype.is_floating_point:
+        raise TypeError(f"hidden must be floating point, got {hidden.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and weight dtypes differ: {hidden.dtype} vs {weight.dtype}")
+    if hidden.device != weight.device or targets.device != hidden.device:
+        raise ValueError("hidden, weight and targets must be on the same device")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden's leading "
+                         f"shape {tuple(hidden.shape[:-1])}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+
+
 # ----------------------------------------------------------------------------- attention
 def _sequence_ids(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """Index of the sequence each of the ``n_tokens`` flattened tokens belongs to."""
@@ -112,8 +157,13 @@ def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_
     Ignored tokens contribute 0. reduction: "none" -> (N,) fp32, "sum", or "mean" over the
     non-ignored tokens; "mean" with every target ignored is 0 (with zero gradients), not NaN.
     """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if targets.device != logits.device:
+        raise ValueError("logits and targets must be on the same device")
+    check_loss_args(targets, logits.shape[0], reduction, label_smoothing, z_loss, softcap)
     z = logits.float()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
@@ -138,10 +188,15 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
                                    ignore_index: int = -100, reduction: str = "mean",
                                    label_smoothing: float = 0.0, z_loss: float = 0.0,
                                    softcap: float | None = None) -> torch.Tensor:
-    """cross_entropy_reference(hidden @ weight.T, ...): hidden (N, d), weight (V, d), targets (N,)."""
-    logits = hidden @ weight.t()
-    return cross_entropy_reference(logits, targets, ignore_index, reduction, label_smoothing,
+    """cross_entropy_reference(hidden @ weight.T, ...) over every leading position.
+
+    hidden (..., d), weight (V, d), targets (...): the leading dimensions are flattened into
+    tokens, so "mean" averages over all non-ignored tokens and "none" returns targets' shape.
+    """
+    h2, t1 = flatten_linear_inputs(hidden, weight, targets)
+    loss = cross_entropy_reference(h2 @ weight.t(), t1, ignore_index, reduction, label_smoothing,
                                    z_loss, softcap)
+    return loss.view(targets.shape) if reduction == "none" else loss
 
 
 # ------------------------------------------------------------------------------ log-probs
@@ -150,9 +205,13 @@ def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, target
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log p(target) and entropy of softmax(hidden @ weight.T / temperature).
 
-    hidden (N, d), weight (V, d), targets (N,) -> (logprobs (N,), entropy (N,)), both fp32.
-    Tokens whose target is ignore_index get 0 for both (and no gradient).
+    hidden (..., d), weight (V, d), targets (...) -> (logprobs, entropy), both fp32 with
+    targets' shape. Tokens whose target is ignore_index get 0 for both (and no gradient).
     """
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    shape = targets.shape
+    hidden, targets = flatten_linear_inputs(hidden, weight, targets)
     z = (hidden @ weight.t()).float() / temperature
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).long()
@@ -160,4 +219,5 @@ def linear_logprobs_reference(hidden: torch.Tensor, weight: torch.Tensor, target
     logprobs = logp.gather(-1, safe_targets[:, None]).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(dim=-1)
     zero = torch.zeros_like(logprobs)
-    return torch.where(valid, logprobs, zero), torch.where(valid, entropy, zero)
+    return (torch.where(valid, logprobs, zero).view(shape),
+            torch.where(valid, entropy, zero).view(shape))

@@ -49,12 +49,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import check_loss_args, flatten_linear_inputs
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Under the CPU interpreter every op is a numpy call on the whole block: small blocks keep the
 # tests fast and make them walk several blocks per row.
 _MAX_BLOCK_V = 64 if _INTERPRET else 4096
 _CHUNK_BYTES = 256 * 2**20
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 # ---------------------------------------------------------------------------- device helpers
@@ -209,22 +210,6 @@ def _launch_ce(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, 
     )
 
 
-def _check_args(targets: torch.Tensor, n: int, reduction: str, label_smoothing: float,
-                z_loss: float, softcap: float | None) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if targets.shape != (n,):
-        raise ValueError(f"targets must have shape ({n},), got {tuple(targets.shape)}")
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if z_loss < 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if softcap is not None and softcap <= 0.0:
-        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
-
-
 def _grad_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
     """0-d fp32 factor on the per-row gradient: 1 / n_valid for "mean" (on device, no sync)."""
     if reduction == "mean":
@@ -255,24 +240,6 @@ def chunk_rows(n: int, V: int, dtype: torch.dtype, chunk_size: int | None = None
 def chunks(n: int, rows: int) -> Iterator[slice]:
     for start in range(0, n, rows):
         yield slice(start, min(n, start + rows))
-
-
-def flatten_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate (..., d) hidden / (V, d) weight / (...) targets; return 2-D hidden, 1-D targets."""
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be (V, d), got shape {tuple(weight.shape)}")
-    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden (..., d) and weight (V, d) disagree on d: "
-                         f"{tuple(hidden.shape)} vs {tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden and weight dtypes differ: {hidden.dtype} vs {weight.dtype}")
-    if hidden.device != weight.device or targets.device != hidden.device:
-        raise ValueError("hidden, weight and targets must be on the same device")
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden's leading "
-                         f"shape {tuple(hidden.shape[:-1])}")
-    return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
 
 
 # --------------------------------------------------------------------- cross-entropy (N, V)
@@ -317,7 +284,7 @@ def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     if targets.device != logits.device:
         raise ValueError("logits and targets must be on the same device")
-    _check_args(targets, logits.shape[0], reduction, label_smoothing, z_loss, softcap)
+    check_loss_args(targets, logits.shape[0], reduction, label_smoothing, z_loss, softcap)
     if not (torch.is_grad_enabled() and logits.requires_grad):
         loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         scale = _grad_scale(targets, ignore_index, reduction)
@@ -450,9 +417,7 @@ def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, targ
     the gradients are computed during forward; with "none" they are recomputed in backward.
     """
     h2, t1 = flatten_linear_inputs(hidden, weight, targets)
-    if not hidden.dtype.is_floating_point:
-        raise TypeError(f"hidden must be floating point, got {hidden.dtype}")
-    _check_args(t1, h2.shape[0], reduction, label_smoothing, z_loss, softcap)
+    check_loss_args(t1, h2.shape[0], reduction, label_smoothing, z_loss, softcap)
     rows = chunk_rows(h2.shape[0], weight.shape[0], hidden.dtype, chunk_size)
     if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
         # No-grad fast path: loss only, no gradient buffers, no autograd node.

@@ -274,6 +274,42 @@ def test_atomic_save_keeps_previous_file(tmp_path, tiny_cfg, monkeypatch):
     load_model(tmp_path)
 
 
+def test_killed_save_leftover_is_removed_on_next_start(tmp_path, tiny_data, capsys):
+    """A process SIGKILLed inside a checkpoint save leaves its temporary file; the next run in
+    that folder removes it and resumes from the intact checkpoint."""
+    run = tmp_path / "run"
+    pretrain(pre_cfg(run, tiny_data, max_steps=2))
+    before = (run / "checkpoint.pt").read_bytes()
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from fastgpt.checkpoint import atomic_torch_save
+        def dying_save(obj, f, *a, **k):
+            f.write(b"half a checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = dying_save
+        atomic_torch_save({{"x": 1}}, {str(run / "checkpoint.pt")!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -9
+    leftovers = [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert len(leftovers) == 1 and (run / "checkpoint.pt").read_bytes() == before
+    (run / "unrelated.tmp").write_text("not ours")
+    out = pretrain(pre_cfg(run, tiny_data, max_steps=3))
+    assert out["resumed_from"] == 2
+    assert not leftovers[0].exists() and (run / "unrelated.tmp").exists()
+    assert f"removed {leftovers[0]}" in capsys.readouterr().out
+
+
+def test_checkpoint_gets_umask_permissions(tmp_path, tiny_cfg):
+    old = os.umask(0o022)
+    try:
+        path, _ = small_checkpoint(tmp_path, tiny_cfg)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 @pytest.mark.parametrize("keep", [0, 10, 1000, 0.5, -1])
 def test_truncated_checkpoint(tmp_path, tiny_cfg, keep):
     path, _ = small_checkpoint(tmp_path, tiny_cfg)
