@@ -41,6 +41,18 @@ def check_loss_args(targets: torch.Tensor, n: int, reduction: str, label_smoothi
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
 
 
+def check_logits_args(logits: torch.Tensor, targets: torch.Tensor, reduction: str,
+                      label_smoothing: float, z_loss: float, softcap: float | None) -> None:
+    """Validate (N, V) logits with (N,) targets and the cross-entropy options."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if targets.device != logits.device:
+        raise ValueError("logits and targets must be on the same device")
+    check_loss_args(targets, logits.shape[0], reduction, label_smoothing, z_loss, softcap)
+
+
 def flatten_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate (..., d) hidden / (V, d) weight / (...) targets; return 2-D hidden, 1-D targets."""
@@ -157,13 +169,7 @@ def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_
     Ignored tokens contribute 0. reduction: "none" -> (N,) fp32, "sum", or "mean" over the
     non-ignored tokens; "mean" with every target ignored is 0 (with zero gradients), not NaN.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
-    if not logits.dtype.is_floating_point:
-        raise TypeError(f"logits must be floating point, got {logits.dtype}")
-    if targets.device != logits.device:
-        raise ValueError("logits and targets must be on the same device")
-    check_loss_args(targets, logits.shape[0], reduction, label_smoothing, z_loss, softcap)
+    check_logits_args(logits, targets, reduction, label_smoothing, z_loss, softcap)
     z = logits.float()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)

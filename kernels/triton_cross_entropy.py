@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_loss_args, flatten_linear_inputs
+from .reference import check_logits_args, check_loss_args, flatten_linear_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Under the CPU interpreter every op is a numpy call on the whole block: small blocks keep the
@@ -278,13 +278,7 @@ def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     The gradient is written during forward (one N x V buffer in the logits dtype) and scaled
     in place in backward, so backward may run only once per graph.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
-    if not logits.dtype.is_floating_point:
-        raise TypeError(f"logits must be floating point, got {logits.dtype}")
-    if targets.device != logits.device:
-        raise ValueError("logits and targets must be on the same device")
-    check_loss_args(targets, logits.shape[0], reduction, label_smoothing, z_loss, softcap)
+    check_logits_args(logits, targets, reduction, label_smoothing, z_loss, softcap)
     if not (torch.is_grad_enabled() and logits.requires_grad):
         loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         scale = _grad_scale(targets, ignore_index, reduction)
