@@ -8,12 +8,9 @@ stays). Commands: ``/reset`` forgets the conversation, ``/system TEXT`` sets the
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import replace
 from typing import Callable, TextIO
 
-from .cli import add_sampling_arguments, sampling_params
 from .tokenizer import Message, Tokenizer, encode_prompt
 
 HELP = "commands: /reset, /system TEXT, /quit"
@@ -106,19 +103,3 @@ def chat_loop(model, tok: Tokenizer, params, read: Callable[[str], str], out: Te
         gen = generate(model, [ids], turn_params, vocab_limit=tok.vocab_size, on_token=printer)[0]
         out.write("\n")
         turns.append({"role": "assistant", "content": tok.decode(gen.tokens)})
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a run folder or checkpoint file of any stage (pretrain, sft, ppo)")
-    parser.add_argument("--system", default=None, help="system message")
-    add_sampling_arguments(parser, temperature=0.7, top_p=0.9, max_new_tokens=200)
-
-
-def run(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .trainer import resolve_device
-    model, tok, ckpt = load_model(args.checkpoint, kind="gpt", device=resolve_device(args.device))
-    params = sampling_params(args, stop_ids=(tok.end_id,))
-    print(f"fastgpt chat: {ckpt['stage']} checkpoint {args.checkpoint}")
-    chat_loop(model, tok, params, input, sys.stdout, system=args.system)
-    return 0

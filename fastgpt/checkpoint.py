@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from .errors import FastGPTError
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from . import files
 from .config import ConfigError, ModelConfig
 from .model import GPT, ScalarModel
 from .tokenizer import Tokenizer, tokenizer_from_dict
@@ -36,50 +34,15 @@ def checkpoint_path(path: str | Path) -> Path:
     return p if p.suffix == ".pt" and not p.is_dir() else p / CHECKPOINT_NAME
 
 
-def _temporary_prefix(path: Path) -> str:
-    return f".{path.name}."
-
-
-def file_mode() -> int:
-    """The permissions a plain ``open()`` would give a new file (mkstemp's are 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with files.atomic_write(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete half-written checkpoint files that a killed save left in ``folder``.
-
-    A save that is SIGKILLed between mkstemp and the rename cannot clean up after itself, so
-    the next run in the same folder does it (each leftover is about a checkpoint's size).
-    Returns what was removed.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    removed = []
-    for tmp in folder.glob(f"{_temporary_prefix(Path(CHECKPOINT_NAME))}*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-            removed.append(tmp)
-    return removed
+    """Delete half-written checkpoint files that a killed save left in ``folder`` (each about a
+    checkpoint's size); returns what was removed."""
+    return files.remove_stale_temporaries(Path(folder) / CHECKPOINT_NAME)
 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, model_kind: str, model_config: ModelConfig,

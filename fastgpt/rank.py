@@ -12,7 +12,6 @@ lists -- the same format the demo's simulated labeler writes.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -74,26 +73,6 @@ def compare(checkpoint: str, prompts_path: str, out_path: str, k: int = 4, tempe
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
-
-
-def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="the policy to sample from (usually the SFT run)")
-    parser.add_argument("--prompts", required=True, help='JSONL of {"prompt": str} or {"messages": [...]}')
-    parser.add_argument("--out", required=True, help="comparisons JSONL to write")
-    parser.add_argument("-k", type=int, default=4, help=f"responses per prompt, 2..{MAX_RESPONSES} (default 4)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=64, help="rows sampled together")
-
-
-def run_compare(args: argparse.Namespace) -> int:
-    out = compare(args.checkpoint, args.prompts, args.out, k=args.k, temperature=args.temperature, top_p=args.top_p,
-                  max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device, batch_size=args.batch_size)
-    print(f"compare: {args.k} responses per prompt -> {out}")
-    return 0
 
 
 # ---------------------------------------------------------------------------- rank
@@ -214,13 +193,3 @@ def rank_interactive(comparisons_path: str, rankings_path: str, ask: Callable[[s
             history.append(("rank", i))
             session += 1
             break
-
-
-def add_rank_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("comparisons", help="comparisons JSONL from `fastgpt compare`")
-    parser.add_argument("--out", required=True, help="rankings JSONL (appended to; resumed from)")
-
-
-def run_rank(args: argparse.Namespace) -> int:
-    rank_interactive(args.comparisons, args.out)
-    return 0

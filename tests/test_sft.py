@@ -167,9 +167,10 @@ def test_sft_from_hf_folder_grows_vocab(tmp_path):
 
 def test_sft_val_loss_falls_on_world_data(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "pre")
+    from fastgpt.demo.builtin import fill_builtin_data
     cfg = SFTConfig(init_from=ckpt, out_dir=str(tmp_path / "sft"), max_steps=60, batch_size=8, lr=3e-3,
                     warmup_steps=5, eval_interval=10, progress=False, dropout=0.0, eval_format_prompts=0)
-    summary = sft(cfg)
+    summary = sft(fill_builtin_data(cfg))
     evals = [json.loads(ln)["eval/val_loss"] for ln in open(tmp_path / "sft" / "metrics.jsonl")
              if "eval/val_loss" in ln]
     assert summary["data"]["truncated"] > 0  # world conversations exceed 64 tokens: counted, not silent

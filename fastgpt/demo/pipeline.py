@@ -16,19 +16,15 @@ Budgets are per preset (:data:`BUDGETS`); ``tiny`` is sized to finish in under 1
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import platform
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-
-import torch
 
 from ..config import build_config
 from ..errors import FastGPTError
@@ -253,6 +249,8 @@ STAGE_FNS: dict[str, Callable[[Context], dict[str, Any]]] = {
 
 # ------------------------------------------------------------------------------ runner
 def device_name(device: str) -> str:
+    import torch
+
     from ..trainer import resolve_device
     d = resolve_device(device)
     if d.type == "cuda":
@@ -261,6 +259,7 @@ def device_name(device: str) -> str:
 
 
 def run_info(ctx: Context) -> dict[str, Any]:
+    import torch
     return {"preset": ctx.preset, "seed": ctx.seed, "device": device_name(ctx.device), "out": str(ctx.out),
             "budget": dataclasses.asdict(ctx.budget), "torch": torch.__version__}
 
@@ -328,25 +327,3 @@ def run_pipeline(out: str | Path = "runs/demo", preset: str = "tiny", device: st
         run_stage(ctx, name, i)
     print(f"demo: finished in {time.perf_counter() - start:.0f}s this run; report in {ctx.out / 'report.md'}")
     return json.loads((ctx.out / "report.json").read_text())
-
-
-# ------------------------------------------------------------------------------ CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(BUDGETS), default="tiny",
-                        help="model size and stage budgets (tiny: under 10 minutes on 2 CPU cores)")
-    parser.add_argument("--out", default="runs/demo", help="run folder; re-running resumes it (default runs/demo)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the world, the labeler and every stage")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count and data size")
-    parser.add_argument("--quick", action="store_true", help="a tiny smoke run (--scale 0.05), for CI")
-    parser.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
-
-
-def run(args: argparse.Namespace) -> int:
-    from .report import format_table
-    if args.fresh and Path(args.out).exists():
-        shutil.rmtree(args.out)
-    scale = 0.05 if args.quick else args.scale
-    figures = run_pipeline(args.out, args.preset, args.device, args.seed, scale)
-    print(format_table(figures))
-    return 0

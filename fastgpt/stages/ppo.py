@@ -23,7 +23,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from .. import kernels
 from ..checkpoint import load_model
-from ..config import ModelConfig, TrainConfig
+from ..config import ModelConfig
 from ..chatdata import LoadReport, parse_prompt, parse_prompt_record, read_records
 from ..data import IGNORE_INDEX, DataError, PackedBatch, TokenLoader, pack_all
 from ..engine import SamplingParams, generate
@@ -44,63 +44,11 @@ from ..tokenizer import Tokenizer, encode_prompt
 from ..trainer import (Trainer, TrainingError, autocast_context, distributed_env, resolve_device,
                        seed_everything)
 from .common import cast_parameters, freeze, require_same_tokenizer, set_dropout
+from .configs import PPOConfig
 from .reward import raw_scores
 
 # reward_fn(prompts, responses) -> normalised score per sequence, (N,) float tensor.
 RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
-
-
-@dataclass
-class PPOConfig(TrainConfig):
-    out_dir: str = "runs/ppo"
-    sft_checkpoint: str = ""          # policy init and frozen reference
-    reward_checkpoint: str = ""       # frozen reward model (scalar checkpoint)
-    prompts: str = ""                 # JSONL of {"prompt"} or {"messages"}; "" = built-in world
-    eval_prompts: str = ""            # held-out prompts for the summary; "" = built-in world's
-    world_seed: int = 0               # seed of the built-in world (match the SFT/RM data)
-    eval_max_prompts: int = 64
-    # rollout
-    rollout_batch_size: int = 64
-    mini_batch_size: int = 16         # sequences per trainer step (x grad_accum)
-    ppo_epochs: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    # reward shaping
-    beta: float = 0.05                # KL penalty coefficient (initial value if adaptive)
-    adaptive_kl: bool = False
-    target_kl: float = 6.0            # adaptive controller's per-sequence KL target (nats)
-    kl_horizon: int = 10000
-    kl_estimator: str = "k1"          # "k1" | "k3"
-    reward_clip: float = 0.0          # clip normalised scores to +-this; 0 = off
-    missing_eos_penalty: float = -1.0  # score of a response that never emitted <|end|>; 0 = off
-    whiten_rewards: bool = False
-    # PPO
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    ent_coef: float = 0.0
-    early_stop_kl: float = 0.0        # drop the rest of the buffer when approx KL exceeds it; 0 = off
-    whiten_advantages: bool = True
-    # models
-    value_model: str = "reward"       # "reward": a copy of the reward model; "head": head on the policy
-    value_head_zero: bool = False     # start the value head at zero
-    # PPO-ptx
-    ptx_data: str = ""                # dataset folder (`fastgpt prepare`); "" = no pretraining mix
-    ptx_coef: float = 0.0
-    ptx_batch_size: int = 4
-    max_bad_rollouts: int = 3         # rollouts with non-finite rewards tolerated before stopping
-    # trainer defaults that suit PPO (InstructGPT/lm-human-preferences)
-    max_steps: int = 200
-    lr: float = 1e-5
-    warmup_steps: int = 0
-    min_lr_ratio: float = 1.0         # constant learning rate
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-5
-    eval_interval: int = 0
-    log_interval: int = 1
-    ckpt_interval: int = 50
 
 
 class PPOError(FastGPTError, ValueError):
@@ -194,12 +142,6 @@ def encode_prompts(texts: Sequence[Any], tok: Tokenizer, block_size: int, where:
         print(f"ppo: {where}: skipped {len(encoded) - len(kept)} of {len(encoded)} prompts longer than "
               f"the model's context of {block_size} tokens", file=sys.stderr)
     return kept
-
-
-def builtin_prompts(seed: int, split: str) -> list[str]:
-    from ..demo.world import make_world
-    world = make_world(seed)
-    return world.ppo_prompts if split == "train" else [item["prompt"] for item in world.eval_items]
 
 
 # -------------------------------------------------------------------------------- task
@@ -470,6 +412,8 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
     """Models, prompts, task and trainer for ``cfg``; ``reward_fn`` replaces the reward model."""
     if not cfg.sft_checkpoint:
         raise PPOError("sft_checkpoint is required (the policy's start and the KL reference)")
+    if not cfg.prompts:
+        raise PPOError("prompts is required: a JSONL file of {\"prompt\"} or {\"messages\"} lines")
     if reward_fn is None and not cfg.reward_checkpoint:
         raise PPOError("reward_checkpoint is required")
     seed_everything(cfg.seed)
@@ -505,14 +449,8 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
             nn.init.normal_(model.value_head.weight, std=1.0 / math.sqrt(policy.config.n_embd + 1))
     model.to(device)
     block = policy.config.block_size
-    if cfg.prompts:
-        prompts = load_prompts(cfg.prompts, tok, block, "prompts")
-    else:
-        prompts = encode_prompts(builtin_prompts(cfg.world_seed, "train"), tok, block, "built-in prompts")
-    if cfg.eval_prompts:
-        eval_prompts = load_prompts(cfg.eval_prompts, tok, block, "eval_prompts")
-    else:
-        eval_prompts = encode_prompts(builtin_prompts(cfg.world_seed, "eval"), tok, block, "built-in eval prompts")
+    prompts = load_prompts(cfg.prompts, tok, block, "prompts")
+    eval_prompts = load_prompts(cfg.eval_prompts, tok, block, "eval_prompts") if cfg.eval_prompts else []
     task = PPOTask(cfg, model, ref, tok, prompts, reward_fn, eval_prompts, device)
     extra["sft_checkpoint"] = str(cfg.sft_checkpoint)
     trainer = Trainer(cfg, model, task, stage="ppo", tokenizer=tok, model_kind="policy_value", extra=extra,
@@ -532,22 +470,3 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, Any]:
     summary["sft"] = sft_eval
     summary["rollouts"] = task.rollouts_done
     return summary
-
-
-# ----------------------------------------------------------------------------- CLI
-def add_arguments(parser) -> None:
-    from ..cli import add_config_arguments
-    add_config_arguments(parser, PPOConfig)
-
-
-def run(args) -> int:
-    from ..cli import config_from_args
-    cfg = config_from_args(PPOConfig, args)
-    summary = ppo(cfg)
-    ev, sft = summary["eval"], summary["sft"]
-    nan = float("nan")
-    print(f"ppo: {summary['steps']} steps, {summary['rollouts']} rollouts in {summary['seconds']:.0f}s; "
-          f"held-out score (greedy) {ev.get('score_greedy', nan):+.3f} vs SFT {sft.get('score_greedy', nan):+.3f}, "
-          f"(sampled) {ev.get('score_sampled', nan):+.3f} vs SFT {sft.get('score_sampled', nan):+.3f}; "
-          f"KL to SFT {ev.get('kl_to_ref', nan):.3f} nats/response; checkpoint in {summary['out_dir']}")
-    return 0

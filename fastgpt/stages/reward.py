@@ -13,9 +13,7 @@ rankings file) score mean 0, std 1: ``reward_offset`` / ``reward_scale`` go to t
 """
 from __future__ import annotations
 
-import json
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -27,27 +25,14 @@ from ..chatdata import (
     pack_groups, parse_prompt, parse_preference, read_records,
 )
 from ..checkpoint import load_model
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError
 from ..data import PackedBatch
 from ..losses import ranking_loss, ranking_pairs
 from ..model import ScalarModel
 from ..tokenizer import Message, Tokenizer, encode_prompt
 from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
+from .configs import RewardConfig
 from .sft import load_start_model, split_holdout
-
-
-@dataclass
-class RewardConfig(TrainConfig):
-    # The architecture comes from init_from, so there is no nested ModelConfig to set here.
-    out_dir: str = "runs/reward"
-    init_from: str = ""            # required: the SFT checkpoint (any language-model checkpoint)
-    data: str = ""                 # rankings or chosen/rejected pairs, JSONL
-    val_fraction: float = 0.1      # prompts held out for pairwise accuracy
-    epochs: float = 1.0            # InstructGPT: one epoch (more overfits); > 0 sets max_steps
-    max_bad_fraction: float = 0.1
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    eval_interval: int = 50
 
 
 # ---------------------------------------------------------------------------- data
@@ -258,16 +243,9 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     return summary
 
 
-# ----------------------------------------------------------------------------- CLI
-def add_arguments(parser) -> None:
-    from ..cli import add_config_arguments
-    parser.add_argument("--score", metavar="FILE", help="instead of training: score each {prompt, response} "
-                        "line of FILE with --checkpoint and print JSONL with a 'score' field")
-    parser.add_argument("--checkpoint", metavar="CKPT", help="reward model checkpoint for --score")
-    add_config_arguments(parser, RewardConfig)
-
-
-def _read_scoring_file(path: str) -> list[dict]:
+def read_scoring_file(path: str) -> list[dict]:
+    """The ``{"prompt", "response", "finished"?}`` lines of a file to score, read strictly (a bad
+    line is an error naming it: scores must line up with the file)."""
     def parse(obj: dict) -> dict:
         parse_prompt(obj.get("prompt"))
         if not isinstance(obj.get("response"), str):
@@ -276,27 +254,3 @@ def _read_scoring_file(path: str) -> list[dict]:
             raise BadRecord("'finished' must be true or false")
         return obj
     return [obj for _, obj in read_records(path, parse, strict=True)]
-
-
-def run(args) -> int:
-    from ..cli import config_from_args
-    cfg = config_from_args(RewardConfig, args)
-    if args.score:
-        if not args.checkpoint:
-            raise ConfigError("--score needs --checkpoint CKPT (a reward model)")
-        records = _read_scoring_file(args.score)
-        model, tok, extra = load_reward_model(args.checkpoint, resolve_device(cfg.device))
-        scores = score(model, tok, [r["prompt"] for r in records], [r["response"] for r in records],
-                       [r.get("finished", True) for r in records], extra, batch_size=cfg.batch_size)
-        for rec, s in zip(records, scores):
-            print(json.dumps({**rec, "score": s}, ensure_ascii=False))
-        sys.stdout.flush()
-        return 0
-    summary = train_reward(cfg)
-    ev, d = summary["eval"], summary["data"]
-    print(f"reward: {summary['steps']} steps on {d['train']} prompts ({d['val']} held out, {d['skipped']} skipped, "
-          f"{d['truncated']} responses truncated) in {summary['seconds']:.0f}s; val_accuracy "
-          f"{ev.get('val_accuracy', float('nan')):.3f}, val_margin {ev.get('val_margin', float('nan')):.3f}; "
-          f"SFT responses: offset {summary['reward_offset']:.3f} scale {summary['reward_scale']:.3f}; "
-          f"checkpoint in {summary['out_dir']}")
-    return 0

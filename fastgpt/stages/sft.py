@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,31 +23,13 @@ import torch.nn as nn
 from ..chatdata import (
     BadRecord, EpochOrder, Example, LoadReport, batches_per_epoch, iter_batches, pack_groups, parse_conversation, read_records,
 )
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError
 from ..data import IGNORE_INDEX, DataError, PackedBatch
 from ..model import GPT
 from ..tokenizer import Message, Tokenizer, encode_chat, encode_prompt, load_tokenizer
 from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
 from .common import load_language_model, padded_vocab, set_dropout
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    # The architecture comes from init_from, so there is no nested ModelConfig to set here.
-    out_dir: str = "runs/sft"
-    init_from: str = ""            # required: a fastgpt checkpoint or "hf:<GPT-2 folder>"
-    tokenizer: str = ""            # for hf: init only ("" = the folder's tokenizer.json)
-    data: str = ""                 # conversations JSONL; "" = the built-in world's demonstrations
-    val_fraction: float = 0.05     # conversations held out for val_loss
-    epochs: float = 0.0            # > 0: sets max_steps to this many passes over the data
-    dropout: float = 0.1           # residual/embedding dropout while fine-tuning (not saved)
-    max_bad_fraction: float = 0.1  # more bad records than this fails the run
-    eval_format_prompts: int = 8   # val prompts answered greedily for format_rate (0: off)
-    eval_max_new_tokens: int = 64
-    lr: float = 3e-4
-    warmup_steps: int = 20
-    max_steps: int = 500
-    eval_interval: int = 100
+from .configs import SFTConfig
 
 
 # ---------------------------------------------------------------------------- data
@@ -68,11 +49,13 @@ def encode_sft_example(tok: Tokenizer, messages: list[Message], block_size: int)
     return (ids[:-1], labels), truncated
 
 
-def load_conversations(path: str, tok: Tokenizer, block_size: int, max_bad_fraction: float,
-                       seed: int = 0) -> tuple[list[Example], list[list[Message]], LoadReport]:
-    """Encode every usable conversation of ``path`` ("" = built-in world); skip-and-count the rest
+def load_conversations(path: str, tok: Tokenizer, block_size: int, max_bad_fraction: float
+                       ) -> tuple[list[Example], list[list[Message]], LoadReport]:
+    """Encode every usable conversation of the JSONL file ``path``; skip-and-count the rest
     and print one summary line. Returns (examples, their messages, report)."""
-    report = LoadReport(path or "built-in SFT data")
+    if not path:
+        raise ConfigError("data is required: a conversations JSONL file")
+    report = LoadReport(path)
 
     def parse(obj: dict) -> tuple[Example, list[Message]]:
         msgs = parse_conversation(obj)
@@ -80,19 +63,7 @@ def load_conversations(path: str, tok: Tokenizer, block_size: int, max_bad_fract
         report.truncated += truncated
         return example, msgs
 
-    if path:
-        records = [v for _, v in read_records(path, parse, report)]
-    else:
-        from ..demo.world import make_world
-        records = []
-        for i, rec in enumerate(make_world(seed).sft):
-            report.total += 1
-            try:
-                records.append(parse(rec))
-            except BadRecord as e:  # the same skip-and-count as a file's bad lines
-                report.bad.append(f"built-in demonstration {i}: {e}")
-                continue
-            report.kept += 1
+    records = [v for _, v in read_records(path, parse, report)]
     report.warn("sft", block_size)
     report.check(max_bad_fraction, "conversations")
     return [e for e, _ in records], [m for _, m in records], report
@@ -206,7 +177,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     model, tok = load_start_model(cfg.init_from, cfg.tokenizer)
     set_dropout(model, cfg.dropout)
     T = model.config.block_size
-    examples, messages, report = load_conversations(cfg.data, tok, T, cfg.max_bad_fraction, cfg.seed)
+    examples, messages, report = load_conversations(cfg.data, tok, T, cfg.max_bad_fraction)
     train_ids, val_ids = split_holdout(len(examples), cfg.val_fraction, cfg.seed)
     if not train_ids:
         raise DataError(f"{report.path}: too few conversations to train on ({len(examples)})")
@@ -221,20 +192,3 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     summary["data"] = {"train": len(train), "val": len(val_ids), "skipped": len(report.bad),
                        "truncated": report.truncated}
     return summary
-
-
-# ----------------------------------------------------------------------------- CLI
-def add_arguments(parser) -> None:
-    from ..cli import add_config_arguments
-    add_config_arguments(parser, SFTConfig)
-
-
-def run(args) -> int:
-    from ..cli import config_from_args
-    summary = sft(config_from_args(SFTConfig, args))
-    ev, d = summary["eval"], summary["data"]
-    print(f"sft: {summary['steps']} steps on {d['train']} conversations ({d['val']} held out, {d['skipped']} "
-          f"skipped, {d['truncated']} truncated) in {summary['seconds']:.0f}s; val_loss "
-          f"{ev.get('val_loss', float('nan')):.4f}, format_rate {ev.get('format_rate', float('nan')):.2f}; "
-          f"checkpoint in {summary['out_dir']}")
-    return 0
