@@ -175,7 +175,7 @@ class Trainer:
         if self.dist.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
         self.device = resolve_device(cfg.device, self.dist)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.device.index is not None:  # plain "cuda" is the current one
             torch.cuda.set_device(self.device)
         self.amp_dtype = amp_dtype(self.device, cfg.dtype)
         self.model = model.to(self.device)

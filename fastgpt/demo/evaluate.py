@@ -41,7 +41,9 @@ def rm_agreement(rm_checkpoint: str, sft_model: torch.nn.Module, tok: Tokenizer,
                  labeler: SimulatedLabeler, device: torch.device, k: int, max_new_tokens: int, batch_size: int,
                  seed: int) -> dict[str, Any]:
     """Pairwise accuracy of the reward model against the labeler's noiseless quality on K SFT
-    samples per held-out prompt; pairs the labeler scores equal are left out."""
+    samples per held-out prompt; pairs the labeler scores equal are left out. Reported over all
+    pairs, over pairs where one answer is correct and the other wrong ("correctness"), and over
+    pairs equally correct that differ in style only ("style")."""
     from ..stages.reward import load_reward_model, score
     prompts = [it["prompt"] for it in items]
     samples = answer(sft_model, tok, prompts, max_new_tokens, batch_size, temperature=1.0, seed=seed + 1,
@@ -49,14 +51,22 @@ def rm_agreement(rm_checkpoint: str, sft_model: torch.nn.Module, tok: Tokenizer,
     rm, rm_tok, extra = load_reward_model(rm_checkpoint, device)
     rewards = score(rm, rm_tok, [p for p in prompts for _ in range(k)], [t for t, _ in samples],
                     [f for _, f in samples], extra, batch_size=batch_size // 4 or 1)
-    right = total = 0
+    tally = {kind: [0, 0] for kind in ("all", "correctness", "style")}  # [right, total]
     for i, p in enumerate(prompts):
-        group = [(labeler.quality(p, t, f), r) for (t, f), r in zip(samples[i * k:(i + 1) * k], rewards[i * k:(i + 1) * k])]
-        for (qa, ra), (qb, rb) in itertools.combinations(group, 2):
+        group = [(labeler.quality(p, t, f), labeler.is_correct(p, t), r)
+                 for (t, f), r in zip(samples[i * k:(i + 1) * k], rewards[i * k:(i + 1) * k])]
+        for (qa, ca, ra), (qb, cb, rb) in itertools.combinations(group, 2):
             if abs(qa - qb) > 1e-9:
-                total += 1
-                right += (qa > qb) == (ra > rb)
-    return {"accuracy": right / total if total else float("nan"), "pairs": total, "prompts": len(prompts)}
+                right = (qa > qb) == (ra > rb)
+                for kind in ("all", "correctness" if ca != cb else "style"):
+                    tally[kind][0] += right
+                    tally[kind][1] += 1
+    out: dict[str, Any] = {"prompts": len(prompts)}
+    for kind, (right, total) in tally.items():
+        prefix = "" if kind == "all" else f"{kind}_"
+        out[f"{prefix}accuracy"] = right / total if total else float("nan")
+        out[f"{prefix}pairs"] = total
+    return out
 
 
 def evaluate_all(checkpoints: dict[str, str], rm_checkpoint: str, items: list[dict], labeler: SimulatedLabeler,

@@ -426,6 +426,31 @@ class Smallest(ListFamily):
         return str(rng.choice(others)) if others else _other_number(min(xs), rng)
 
 
+class Bigger(Family):
+    name = "bigger"
+    templates = ("Which is bigger, {a} or {b}?", "Which is larger: {a} or {b}?", "Which number is bigger, {a} or {b}?")
+    fields = {"a": r"\d{1,2}", "b": r"\d{1,2}"}
+
+    def __init__(self, limit: int = 10) -> None:
+        self.limit = limit
+        super().__init__()
+
+    def all_args(self) -> Iterable[Args]:
+        for a, b in product(range(self.limit), repeat=2):
+            if a != b:
+                yield {"a": str(a), "b": str(b)}
+
+    def result(self, args: Args) -> str | None:
+        a, b = int(args["a"]), int(args["b"])
+        return None if a == b else str(max(a, b))
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"The bigger of {args['a']} and {args['b']} is {result}."
+
+    def wrong_result(self, args: Args, rng: random.Random) -> str:
+        return str(min(int(args["a"]), int(args["b"])))
+
+
 class TableFamily(Family):
     """Facts the model can only know from the pre-training corpus."""
 
