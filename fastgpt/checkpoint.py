@@ -21,6 +21,8 @@ from .model import GPT, ScalarModel
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"          # weights of the best evaluation so far, when a stage ranks them
+BEST_RECORD = "best.json"      # its {"step", "score"}
 FORMAT = "fastgpt-checkpoint-1"
 
 

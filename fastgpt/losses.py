@@ -169,3 +169,32 @@ class AdaptiveKLController(FixedKLController):
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+
+# ------------------------------------------------------------------- reward-hacking guards
+def length_penalty(lengths: torch.Tensor, target: float, coef: float) -> torch.Tensor:
+    """``coef * |lengths - target| / target``: what a response loses for straying from the target
+    length, in normalised-score units (coef 1: a response twice the target, or empty, loses 1)."""
+    if target <= 0:
+        raise ValueError(f"length penalty: target length must be positive, got {target}")
+    return coef * (lengths.float() - target).abs() / target
+
+
+ENSEMBLE_MODES = ("mean", "min", "lcb")
+
+
+def combine_ensemble(scores: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """One score per response from several reward models' normalised scores, (M, N) -> (N,).
+
+    ``mean``; ``min`` (the most pessimistic member); ``lcb``, a lower confidence bound: the mean
+    minus the members' standard deviation, so responses the models disagree on score lower
+    (a policy exploiting one model's error gains less). One model gives its own scores back.
+    """
+    if mode not in ENSEMBLE_MODES:
+        raise ValueError(f"ensemble mode {mode!r}: expected one of {ENSEMBLE_MODES}")
+    if mode == "min":
+        return scores.min(0).values
+    mean = scores.mean(0)
+    if mode == "lcb" and scores.shape[0] > 1:
+        return mean - scores.std(0)
+    return mean

@@ -30,9 +30,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checkpoint import (CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_state_strict,
-                         remove_stale_temporaries, save_checkpoint)
+from .checkpoint import (BEST_NAME, BEST_RECORD, CHECKPOINT_NAME, CheckpointError, load_checkpoint,
+                         load_state_strict, remove_stale_temporaries, save_checkpoint)
 from .config import TrainConfig
+from .files import atomic_write
 from .tokenizer import Tokenizer
 
 # Dense bf16 tensor-core peaks (datasheet, FLOP/s) used for MFU; unknown devices report no MFU.
@@ -60,7 +61,9 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Held-out metrics (called under no_grad, model in eval mode)."""
 
-    # Optional: ``progress_keys``, names of metrics to show in the progress bar besides the loss.
+    # Optional: ``progress_keys``, names of metrics to show in the progress bar besides the loss;
+    # ``selection_score(metrics) -> float | None``, how good the model is by an evaluation's
+    # metrics (higher is better, None: not a candidate): the trainer keeps the best one as best.pt.
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -192,6 +195,9 @@ class Trainer:
                 print(f"removed {stale}, left by an interrupted checkpoint save", flush=True)
         if cfg.resume and (self.out_dir / CHECKPOINT_NAME).exists():
             self._resume()
+        elif self.dist.is_main:  # a fresh run: a best.pt left in the folder belongs to an older one
+            for name in (BEST_NAME, BEST_RECORD):
+                (self.out_dir / name).unlink(missing_ok=True)
         self.train_model: nn.Module = self.model
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
@@ -263,7 +269,30 @@ class Trainer:
         with torch.no_grad(), self.autocast():
             metrics = self.task.evaluate(self.model)
         self.model.train()
+        self._keep_best(metrics)
         return metrics
+
+    def _keep_best(self, metrics: dict[str, float]) -> None:
+        """Write best.pt (weights only) and best.json when this evaluation beats every earlier one."""
+        select = getattr(self.task, "selection_score", None)
+        score = select(metrics) if select is not None else None
+        if score is None or not math.isfinite(score) or not self.dist.is_main:
+            return
+        record = self.best_record()
+        if record is not None and record["score"] >= score:
+            return
+        record = {"step": self.step, "score": score}
+        save_checkpoint(self.out_dir / BEST_NAME, model=self.model, model_kind=self.model_kind,
+                        model_config=getattr(self.model, "config"), tokenizer=self.tokenizer, stage=self.stage,
+                        config=asdict(self.cfg), extra={**self.extra, "best": record})
+        with atomic_write(self.out_dir / BEST_RECORD) as f:
+            f.write(json.dumps(record))
+
+    def best_record(self) -> dict[str, Any] | None:
+        """{"step", "score"} of best.pt in out_dir, or None before any (read from best.json, so a
+        resumed run keeps comparing against the best already on disk)."""
+        path = self.out_dir / BEST_RECORD
+        return json.loads(path.read_text()) if path.exists() else None
 
     # ---------------------------------------------------------------------- loop
     def _backward_step(self) -> tuple[torch.Tensor, dict[str, float], int]:

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from fastgpt.losses import (AdaptiveKLController, explained_variance, gae, kl_estimate, masked_mean,
-                            ppo_policy_loss, ppo_value_loss, whiten)
+from fastgpt.losses import (AdaptiveKLController, combine_ensemble, explained_variance, gae, kl_estimate,
+                            length_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
 
 
 def gae_reference(rewards, values, lengths, gamma, lam):
@@ -105,3 +105,26 @@ def test_adaptive_kl_controller():
     ctl2 = AdaptiveKLController(1.0, 6.0, 10000)
     ctl2.load_state_dict(ctl.state_dict())
     assert ctl2.value == ctl.value
+
+
+def test_length_penalty_is_the_documented_distance_to_the_target():
+    pen = length_penalty(torch.tensor([0, 5, 10, 20]), target=10.0, coef=0.5)
+    assert torch.allclose(pen, torch.tensor([0.5, 0.25, 0.0, 0.5]))  # coef * |len - target| / target
+    with pytest.raises(ValueError, match="positive"):
+        length_penalty(torch.tensor([1]), target=0.0, coef=1.0)
+
+
+def test_ensemble_of_one_model_is_that_model():
+    one = torch.tensor([[0.3, -1.2, 2.0]])
+    for mode in ("mean", "min", "lcb"):
+        assert torch.equal(combine_ensemble(one, mode), one[0])
+
+
+def test_ensemble_modes():
+    s = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    assert torch.allclose(combine_ensemble(s, "mean"), torch.tensor([2.0, 0.0]))
+    assert torch.allclose(combine_ensemble(s, "min"), torch.tensor([1.0, 0.0]))
+    # lcb: the disagreement (std) is taken off the mean; agreement costs nothing
+    assert torch.allclose(combine_ensemble(s, "lcb"), torch.tensor([2.0 - 2 ** 0.5, 0.0]))
+    with pytest.raises(ValueError, match="expected one of"):
+        combine_ensemble(s, "max")

@@ -121,6 +121,104 @@ def test_value_head_and_ptx(ckpts, tmp_path):
     assert summary["steps"] == 2 and "ptx_loss" in trainer.history[0]
 
 
+def _first_rollout_returns(task) -> tuple[torch.Tensor, list[int]]:
+    """With gamma = lam = 1 a token's return is the sum of the rewards after it, so the first
+    response token's return is the sequence's whole reward."""
+    task.next_batch()
+    ro = task.rollout
+    return ro["returns"][:, 0].cpu(), [len(s) - p for s, p in zip(ro["seqs"], ro["prompt_lens"])]
+
+
+def test_length_penalty_changes_the_reward_as_documented(ckpts, tmp_path):
+    kw = dict(beta=0.0, gamma=1.0, lam=1.0, missing_eos_penalty=0.0, max_new_tokens=6, whiten_advantages=False)
+    _, plain = build_ppo(_cfg(ckpts, tmp_path / "a", **kw), reward_fn=lambda p, r: torch.ones(len(r)))
+    returns, lengths = _first_rollout_returns(plain)
+    assert torch.allclose(returns, torch.ones(len(lengths)))
+    _, task = build_ppo(_cfg(ckpts, tmp_path / "b", length_penalty=0.5, length_target=2.0, **kw),
+                        reward_fn=lambda p, r: torch.ones(len(r)))
+    returns, lengths = _first_rollout_returns(task)
+    expected = torch.tensor([1.0 - 0.5 * abs(n - 2.0) / 2.0 for n in lengths])
+    assert len(set(lengths)) > 1 and torch.allclose(returns, expected, atol=1e-5)
+    # length_target 0: the first rollout's mean length is the target
+    _, auto = build_ppo(_cfg(ckpts, tmp_path / "c", length_penalty=0.5, **kw), reward_fn=lambda p, r: torch.ones(len(r)))
+    _, lengths = _first_rollout_returns(auto)
+    assert auto.first_length == pytest.approx(sum(lengths) / len(lengths))
+
+
+def test_reward_ensemble_of_one_model_is_that_model(ckpts, tmp_path):
+    from fastgpt.stages.ppo import EnsembleScorer, RewardModelScorer
+    _, single = build_ppo(_cfg(ckpts, tmp_path / "a"))
+    assert isinstance(single.reward_fn, RewardModelScorer)
+    tok = ByteTokenizer()
+    prompts = [encode_prompt(tok, prompt_messages(p)) for p in PROMPTS]
+    responses = [list(b"a."), list(b"bb"), list(b"c"), list(b"dd."), list(b""), list(b"abc")]
+    want = single.reward_fn(prompts, responses)
+    assert torch.equal(EnsembleScorer([single.reward_fn])(prompts, responses), want)
+    # the same model listed twice: every mode agrees with it (no disagreement to penalise)
+    for mode in ("mean", "min", "lcb"):
+        _, twice = build_ppo(_cfg(ckpts, tmp_path / mode, reward_ensemble=str(ckpts["rm"]), ensemble_mode=mode))
+        assert isinstance(twice.reward_fn, EnsembleScorer) and len(twice.reward_fn.members) == 2
+        assert torch.allclose(twice.reward_fn(prompts, responses), want, atol=1e-6)
+
+
+def test_adaptive_kl_moves_beta_towards_the_target(ckpts, tmp_path):
+    kw = dict(max_steps=8, ppo_epochs=1, adaptive_kl=True, kl_horizon=64, eval_max_prompts=0)
+    low = ppo(_cfg(ckpts, tmp_path / "low", target_kl=1e-4, **kw), reward_fn=starts_with_a)
+    high = ppo(_cfg(ckpts, tmp_path / "high", target_kl=1e4, **kw), reward_fn=starts_with_a)
+    beta = lambda out: torch.load(out / "checkpoint.pt", weights_only=False)["task"][0]["kl_ctl"]["value"]  # noqa: E731
+    assert beta(tmp_path / "low") > 0.05 > beta(tmp_path / "high")
+    assert low["steps"] == high["steps"] == 8  # 4 rollouts: the first (policy = SFT, KL 0) lowers beta
+
+
+def test_drift_warnings_fire_once_past_the_threshold(ckpts, tmp_path):
+    import warnings
+    cfg = _cfg(ckpts, tmp_path / "run", max_steps=12, beta=0.0, warn_kl=1e-6, warn_length_ratio=1.0 + 1e-9,
+               eval_max_prompts=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ppo(cfg, reward_fn=starts_with_a)
+    kl = [w for w in caught if "KL to the reference" in str(w.message)]
+    length = [w for w in caught if "mean response length" in str(w.message)]
+    assert len(kl) == 1 and "warn_kl" in str(kl[0].message)  # once, although every later rollout drifts too
+    assert len(length) <= 1  # the first rollout is the reference; a later one may leave the band
+
+
+def test_best_checkpoint_follows_the_gold_judge(ckpts, tmp_path):
+    """best.pt is the evaluation with the highest gold score; the summary and best.json say which."""
+    calls = []
+
+    def gold(prompts, responses, finished):
+        calls.append(len(calls))
+        # every evaluation asks twice (greedy, then sampled); the SFT one is calls 0-1, step 2's are
+        # 2-3: a judge that likes step 4's greedy answers (call 4) best
+        score = 1.0 if len(calls) - 1 == 4 else 0.0
+        return {"score": [score] * len(responses), "starts_with_a": [float(r[:1] == "a") for r in responses]}
+
+    cfg = _cfg(ckpts, tmp_path / "run", max_steps=8, eval_interval=2, eval_max_prompts=3)
+    summary = ppo(cfg, reward_fn=starts_with_a, gold=gold)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/gold_score_greedy" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6, 8]
+    assert {"eval/gold_starts_with_a_sampled", "eval/kl_to_ref", "eval/score_greedy"} <= set(evals[0])
+    assert summary["best"] == {"step": 4, "score": 1.0}
+    assert json.loads((tmp_path / "run" / "best.json").read_text()) == summary["best"]
+    best, _, ckpt = load_model(tmp_path / "run" / "best.pt", kind="gpt")
+    last, _, _ = load_model(tmp_path / "run", kind="gpt")
+    assert ckpt["extra"]["best"] == summary["best"] and "optimizer" not in ckpt
+    assert any(not torch.equal(a, b) for a, b in zip(best.state_dict().values(), last.state_dict().values()))
+
+
+def test_best_checkpoint_without_gold_needs_bounded_kl(ckpts, tmp_path):
+    # no gold judge: the RM score picks, but only among evaluations within best_max_kl of SFT
+    cfg = _cfg(ckpts, tmp_path / "run", max_steps=4, eval_interval=2, eval_max_prompts=3, best_max_kl=1e-9,
+               beta=0.0)
+    summary = ppo(cfg, reward_fn=starts_with_a)
+    assert summary["best"] is None and not (tmp_path / "run" / "best.pt").exists()
+    summary = ppo(_cfg(ckpts, tmp_path / "free", max_steps=4, eval_interval=2, eval_max_prompts=3),
+                  reward_fn=starts_with_a)
+    assert summary["best"]["step"] in (2, 4) and (tmp_path / "free" / "best.pt").exists()
+
+
 def test_non_finite_rewards_stop_with_a_clear_message(ckpts, tmp_path):
     from fastgpt.trainer import TrainingError
     cfg = _cfg(ckpts, tmp_path / "run", max_bad_rollouts=2)

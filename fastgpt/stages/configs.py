@@ -61,6 +61,8 @@ class PPOConfig(TrainConfig):
     out_dir: str = "runs/ppo"
     sft_checkpoint: str = ""          # policy init and frozen reference
     reward_checkpoint: str = ""       # frozen reward model (scalar checkpoint)
+    reward_ensemble: str = ""         # more reward checkpoints, comma-separated, scored with reward_checkpoint
+    ensemble_mode: str = "mean"       # "mean" | "min" | "lcb" (mean - std): how ensemble scores combine
     prompts: str = ""                 # JSONL of {"prompt"} or {"messages"} (command line: the built-in world's)
     eval_prompts: str = ""            # held-out prompts for the summary (command line: the built-in world's)
     world_seed: int = 0               # seed of the built-in world (match the SFT/RM data)
@@ -80,6 +82,12 @@ class PPOConfig(TrainConfig):
     reward_clip: float = 0.0          # clip normalised scores to +-this; 0 = off
     missing_eos_penalty: float = -1.0  # score of a response that never emitted <|end|>; 0 = off
     whiten_rewards: bool = False
+    length_penalty: float = 0.0       # score -= length_penalty * |tokens - length_target| / length_target
+    length_target: float = 0.0        # tokens; 0 = the first rollout's mean response length (the SFT policy's)
+    # guards: warnings when the policy drifts (0 = off), and which evaluation is kept as best.pt
+    warn_kl: float = 0.0              # warn when a rollout's KL to the reference passes this (nats / response)
+    warn_length_ratio: float = 0.0    # warn when mean length leaves [first / r, first * r] of the first rollout's
+    best_max_kl: float = 0.0          # no gold judge: best.pt is the best greedy RM score with KL <= this (0: any)
     # PPO
     gamma: float = 1.0
     lam: float = 0.95

@@ -37,18 +37,17 @@ from ..chatdata import LoadReport, parse_prompt, parse_prompt_record, read_recor
 from ..data import IGNORE_INDEX, DataError, PackedBatch, TokenLoader, pack_all
 from ..engine import SamplingParams, generate
 from ..errors import FastGPTError
-from ..losses import (AdaptiveKLController, FixedKLController, explained_variance, gae, kl_estimate,
-                      masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
+from ..losses import (ENSEMBLE_MODES, AdaptiveKLController, FixedKLController, combine_ensemble,
+                      explained_variance, gae, kl_estimate, length_penalty, masked_mean, ppo_policy_loss,
+                      ppo_value_loss, whiten)
 from ..model import GPT, ScalarModel
 from ..tokenizer import Tokenizer, encode_prompt
 from ..trainer import (Trainer, TrainingError, autocast_context, distributed_env, resolve_device,
                        seed_everything)
 from .common import cast_parameters, freeze, require_same_tokenizer, set_dropout
 from .configs import PPOConfig
+from .policy_eval import GoldJudge, RewardFn, evaluate_policy, selection_score
 from .reward import raw_scores
-
-# reward_fn(prompts, responses) -> normalised score per sequence, (N,) float tensor.
-RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
 
 
 class PPOError(FastGPTError, ValueError):
@@ -120,11 +119,25 @@ class RewardModelScorer:
         return (raw - self.offset) / self.scale
 
 
+class EnsembleScorer:
+    """reward_fn from several reward models: each member's normalised score, combined per
+    response by :func:`fastgpt.losses.combine_ensemble` (mean, min or mean - std)."""
+
+    def __init__(self, members: list[RewardFn], mode: str = "mean") -> None:
+        if not members:
+            raise PPOError("a reward ensemble needs at least one reward model")
+        self.members, self.mode = members, mode
+
+    def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        scores = torch.stack([m(prompts, responses).float().reshape(-1) for m in self.members])
+        return combine_ensemble(scores, self.mode)
+
+
 # ------------------------------------------------------------------------------ prompts
-def load_prompts(path: str, tok: Tokenizer, block_size: int, what: str) -> list[list[int]]:
-    """Encoded chat prompts from a JSONL file (``{"prompt"}`` or ``{"messages"}``, read exactly as
-    ``fastgpt compare`` reads them); bad lines are skipped and counted, prompts that leave no room
-    to answer are skipped with one warning (an error if none is left)."""
+def load_prompts(path: str, tok: Tokenizer, block_size: int, what: str) -> tuple[list[Any], list[list[int]]]:
+    """(records, encoded chat prompts) from a JSONL file (``{"prompt"}`` or ``{"messages"}``, read
+    exactly as ``fastgpt compare`` reads them); bad lines are skipped and counted, prompts that
+    leave no room to answer are skipped with one warning (an error if none is left)."""
     report = LoadReport(path)
     texts = [value for _, value in read_records(path, parse_prompt_record, report)]
     report.warn("ppo")
@@ -132,16 +145,33 @@ def load_prompts(path: str, tok: Tokenizer, block_size: int, what: str) -> list[
     return encode_prompts(texts, tok, block_size, f"{what}={path}")
 
 
-def encode_prompts(texts: Sequence[Any], tok: Tokenizer, block_size: int, where: str) -> list[list[int]]:
-    encoded = [encode_prompt(tok, parse_prompt(t)) for t in texts]
-    kept = [p for p in encoded if len(p) < block_size]
+def encode_prompts(texts: Sequence[Any], tok: Tokenizer, block_size: int, where: str
+                   ) -> tuple[list[Any], list[list[int]]]:
+    """The prompts that fit the context with room to answer: (their records, their ids)."""
+    encoded = [(t, encode_prompt(tok, parse_prompt(t))) for t in texts]
+    kept = [(t, p) for t, p in encoded if len(p) < block_size]
     if not kept:
         raise DataError(f"{where}: all {len(encoded)} prompts are at least the model's context of "
                         f"{block_size} tokens long")
     if len(kept) < len(encoded):
         print(f"ppo: {where}: skipped {len(encoded) - len(kept)} of {len(encoded)} prompts longer than "
               f"the model's context of {block_size} tokens", file=sys.stderr)
-    return kept
+    return [t for t, _ in kept], [p for _, p in kept]
+
+
+class DriftWatch:
+    """Warns once when a watched rollout statistic leaves its allowed range, and again only
+    after it came back (so a run drifting for 100 rollouts prints one line, not 100)."""
+
+    def __init__(self) -> None:
+        self.out: set[str] = set()
+
+    def check(self, name: str, value: float, low: float, high: float, why: str) -> None:
+        if low <= value <= high:
+            self.out.discard(name)
+        elif name not in self.out:
+            self.out.add(name)
+            warnings.warn(f"ppo: {name} {value:.3g} is outside [{low:.3g}, {high:.3g}] ({why})", stacklevel=3)
 
 
 # -------------------------------------------------------------------------------- task
@@ -152,16 +182,24 @@ class PPOTask:
 
     def __init__(self, cfg: PPOConfig, model: PolicyValue, ref: GPT, tokenizer: Tokenizer,
                  prompts: list[list[int]], reward_fn: RewardFn, eval_prompts: list[list[int]] | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", gold: GoldJudge | None = None,
+                 eval_records: Sequence[Any] = ()) -> None:
         if cfg.value_model not in ("reward", "head"):
             raise PPOError(f"value_model={cfg.value_model!r}: expected 'reward' or 'head'")
         if cfg.mini_batch_size < 1 or cfg.rollout_batch_size < cfg.mini_batch_size:
             raise PPOError("expected 1 <= mini_batch_size <= rollout_batch_size")
         if cfg.temperature <= 0:
             raise PPOError("temperature must be > 0: PPO needs the policy's own samples")
+        if cfg.length_penalty < 0 or cfg.length_target < 0:
+            raise PPOError("length_penalty and length_target must be >= 0")
         self.cfg, self.model, self.ref, self.tok = cfg, model, ref, tokenizer
         self.prompts, self.eval_prompts = prompts, eval_prompts or []
-        self.reward_fn = reward_fn
+        self.eval_prompts = self.eval_prompts[:cfg.eval_max_prompts]
+        self.eval_records = list(eval_records)[:cfg.eval_max_prompts]
+        self.reward_fn, self.gold = reward_fn, gold
+        # the first rollout's mean length (the SFT policy's): the length penalty's and warnings' reference
+        self.first_length = cfg.length_target or None
+        self.drift = DriftWatch()
         self.device = torch.device(device)
         self.block = model.config.block_size
         rank = distributed_env().rank
@@ -254,11 +292,15 @@ class PPOTask:
                                     f"(max_bad_rollouts={cfg.max_bad_rollouts}); check the reward model")
             return False
         raw_scores = scores.clone()
+        lengths = torch.tensor([len(r) for r in responses], device=self.device)
+        if self.first_length is None:
+            self.first_length = float(lengths.float().mean())
+        if cfg.length_penalty:
+            scores = scores - length_penalty(lengths, self.first_length, cfg.length_penalty)
         if cfg.reward_clip > 0:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
         if cfg.missing_eos_penalty:
             scores = torch.where(finished, scores, torch.full_like(scores, cfg.missing_eos_penalty))
-        lengths = torch.tensor([len(r) for r in responses], device=self.device)
         mask = torch.arange(fwd["logp"].shape[1], device=self.device)[None] < lengths[:, None]
         kl = kl_estimate(fwd["logp"], fwd["ref_logp"], cfg.kl_estimator) * mask
         rewards = -self.kl_ctl.value * kl
@@ -271,6 +313,14 @@ class PPOTask:
         seq_kl = float(kl.sum(1).mean())
         beta = self.kl_ctl.value
         self.kl_ctl.update(seq_kl, len(seqs))
+        mean_len = float(lengths.float().mean())
+        if cfg.warn_kl > 0:
+            self.drift.check("KL to the reference", seq_kl, -math.inf, cfg.warn_kl,
+                             "warn_kl: the policy is far from SFT; check held-out quality, raise beta or use best.pt")
+        if cfg.warn_length_ratio > 0:
+            r = cfg.warn_length_ratio
+            self.drift.check("mean response length", mean_len, self.first_length / r, self.first_length * r,
+                             "warn_length_ratio: a length change is a common sign of reward hacking")
         t_all = time.perf_counter() - t0
         n_new = int(lengths.sum())
         self.rollout = {
@@ -279,7 +329,7 @@ class PPOTask:
             "stats": {"score": float(raw_scores.mean()), "kl": seq_kl, "beta": beta,
                       "non_score_reward": float(rewards.sum(1).mean() - scores.mean()) if not cfg.whiten_rewards
                       else float("nan"),
-                      "response_len": float(lengths.float().mean()), "eos_frac": float(finished.float().mean()),
+                      "response_len": mean_len, "eos_frac": float(finished.float().mean()),
                       "explained_var": explained_variance(fwd["values"], returns, mask),
                       "gen_tokens_per_s": n_new / max(t_gen, 1e-9), "rollout_s": t_all},
         }
@@ -342,58 +392,33 @@ class PPOTask:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         inner = getattr(model, "module", model)
-        return evaluate_policy(inner.policy, self.ref, self.tok, self.eval_prompts, self.reward_fn, self.cfg)
+        return self.evaluate_policy(inner.policy)
+
+    def evaluate_policy(self, policy: GPT) -> dict[str, float]:
+        """Proxy and gold scores, KL and length of ``policy`` on the held-out prompts."""
+        cfg = self.cfg
+        return evaluate_policy(policy, self.ref, self.tok, self.eval_prompts, self.reward_fn,
+                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                               batch_size=cfg.rollout_batch_size, dtype=cfg.dtype, gold=self.gold,
+                               prompt_records=self.eval_records)
+
+    def selection_score(self, metrics: dict[str, float]) -> float | None:
+        return selection_score(metrics, self.cfg.best_max_kl)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.bit_generator.state, "order": list(self.order), "kl_ctl": self.kl_ctl.state_dict(),
                 "rollout": self.rollout, "queue": [list(q) for q in self.queue], "bad_rollouts": self.bad_rollouts,
-                "rollouts_done": self.rollouts_done, "ptx": None if self.ptx is None else self.ptx.state_dict()}
+                "rollouts_done": self.rollouts_done, "ptx": None if self.ptx is None else self.ptx.state_dict(),
+                "first_length": self.first_length, "drift": sorted(self.drift.out)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]
         self.order, self.rollout, self.queue = list(state["order"]), state["rollout"], [list(q) for q in state["queue"]]
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.bad_rollouts, self.rollouts_done = state["bad_rollouts"], state["rollouts_done"]
+        self.first_length, self.drift.out = state["first_length"], set(state["drift"])
         if self.ptx is not None and state.get("ptx") is not None:
             self.ptx.load_state_dict(state["ptx"])
-
-
-# -------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate_policy(policy: GPT, ref: GPT, tok: Tokenizer, prompts: list[list[int]], reward_fn: RewardFn,
-                    cfg: PPOConfig) -> dict[str, float]:
-    """Mean normalised score of greedy and of sampled responses on held-out prompts, and the
-    sampled responses' KL to the reference (summed over tokens: nats per response)."""
-    prompts = prompts[:cfg.eval_max_prompts]
-    if not prompts:
-        return {}
-    out: dict[str, float] = {}
-    for name, temp in (("greedy", 0.0), ("sampled", cfg.temperature)):
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temp,
-                                stop_ids=(tok.end_id,), seed=cfg.seed)  # same samples at every eval
-        gens = generate(policy, prompts, params, vocab_limit=tok.vocab_size, batch_size=cfg.rollout_batch_size)
-        out[f"score_{name}"] = float(reward_fn(prompts, [g.tokens for g in gens]).float().mean())
-        if name == "sampled":
-            out["kl_to_ref"] = (0.0 if policy is ref else
-                                sequence_kl(policy, ref, prompts, [g.tokens for g in gens], cfg.temperature, cfg.dtype))
-            out["response_len"] = float(np.mean([len(g.tokens) for g in gens]))
-    return out
-
-
-@torch.no_grad()
-def sequence_kl(policy: GPT, ref: GPT, prompts: list[list[int]], responses: list[list[int]],
-                temperature: float, dtype: str = "auto") -> float:
-    """Mean over responses of sum_t log p(y_t) - log q(y_t): the k1 KL estimate per response."""
-    device = policy.wte.weight.device
-    total = 0.0
-    for p, r in zip(prompts, responses):
-        s = torch.tensor([p + r], device=device)
-        targets = torch.tensor([[IGNORE_INDEX] * (len(p) - 1) + r + [IGNORE_INDEX]], device=device)
-        with autocast_context(device, dtype):
-            lp, _ = policy.token_logprobs(s, targets, temperature=temperature)
-            ref_lp, _ = ref.token_logprobs(s, targets, temperature=temperature)
-        total += float((lp.float() - ref_lp.float()).sum())
-    return total / max(1, len(prompts))
 
 
 # ------------------------------------------------------------------------------- stage
@@ -408,8 +433,27 @@ def load_reward(path: str, tok: Tokenizer, device: torch.device) -> tuple[Scalar
     return rm, offset, scale  # type: ignore[return-value]
 
 
-def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Trainer, PPOTask]:
-    """Models, prompts, task and trainer for ``cfg``; ``reward_fn`` replaces the reward model."""
+def reward_models(cfg: PPOConfig, rm: ScalarModel, offset: float, scale: float, tok: Tokenizer,
+                  device: torch.device) -> RewardFn:
+    """The frozen reward model as PPO's reward, or with ``reward_ensemble`` the ensemble of it and
+    the listed checkpoints (bf16 on CUDA: they only run forward)."""
+    if cfg.ensemble_mode not in ENSEMBLE_MODES:
+        raise PPOError(f"ensemble_mode={cfg.ensemble_mode!r}: expected one of {ENSEMBLE_MODES}")
+    models = [(rm, offset, scale)]
+    models += [load_reward(path.strip(), tok, device) for path in cfg.reward_ensemble.split(",") if path.strip()]
+    scorers: list[RewardFn] = []
+    for model, off, sc in models:
+        freeze(model)
+        if device.type == "cuda":
+            cast_parameters(model, torch.bfloat16)
+        scorers.append(RewardModelScorer(model, off, sc, tok.pad_id, rows=cfg.mini_batch_size))
+    return scorers[0] if len(scorers) == 1 else EnsembleScorer(scorers, cfg.ensemble_mode)
+
+
+def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, gold: GoldJudge | None = None
+              ) -> tuple[Trainer, PPOTask]:
+    """Models, prompts, task and trainer for ``cfg``; ``reward_fn`` replaces the reward model;
+    ``gold`` judges the held-out answers at every evaluation (see :mod:`.policy_eval`)."""
     if not cfg.sft_checkpoint:
         raise PPOError("sft_checkpoint is required (the policy's start and the KL reference)")
     if not cfg.prompts:
@@ -423,19 +467,17 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
     rm = None
     if cfg.reward_checkpoint:
         rm, offset, scale = load_reward(cfg.reward_checkpoint, tok, device)
-        if reward_fn is None:
-            reward_fn = RewardModelScorer(freeze(rm), offset, scale, tok.pad_id, rows=cfg.mini_batch_size)
     value = None
     extra: dict[str, Any] = {}
     if cfg.value_model == "reward":
         if rm is None:
             raise PPOError("value_model='reward' needs reward_checkpoint (or use value_model='head')")
-        value = value_from_reward(rm, offset, scale, cfg.value_head_zero).to(device)
+        value = value_from_reward(rm, offset, scale, cfg.value_head_zero).to(device)  # before rm is cast
         extra["value_config"] = asdict(value.config)
+    if reward_fn is None:
+        reward_fn = reward_models(cfg, rm, offset, scale, tok, device)
     if device.type == "cuda":  # frozen models only run forward: bf16 halves their memory and time
         cast_parameters(ref, torch.bfloat16)
-        if rm is not None:
-            cast_parameters(rm, torch.bfloat16)
     # the rollout's log-probs are taken in eval mode: dropout in the update would bias the ratio
     set_dropout(policy, 0.0)
     if value is not None:
@@ -449,24 +491,26 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
             nn.init.normal_(model.value_head.weight, std=1.0 / math.sqrt(policy.config.n_embd + 1))
     model.to(device)
     block = policy.config.block_size
-    prompts = load_prompts(cfg.prompts, tok, block, "prompts")
-    eval_prompts = load_prompts(cfg.eval_prompts, tok, block, "eval_prompts") if cfg.eval_prompts else []
-    task = PPOTask(cfg, model, ref, tok, prompts, reward_fn, eval_prompts, device)
+    _, prompts = load_prompts(cfg.prompts, tok, block, "prompts")
+    eval_records, eval_prompts = (load_prompts(cfg.eval_prompts, tok, block, "eval_prompts") if cfg.eval_prompts
+                                  else ([], []))
+    task = PPOTask(cfg, model, ref, tok, prompts, reward_fn, eval_prompts, device, gold, eval_records)
     extra["sft_checkpoint"] = str(cfg.sft_checkpoint)
     trainer = Trainer(cfg, model, task, stage="ppo", tokenizer=tok, model_kind="policy_value", extra=extra,
                       flops_per_token=policy.flops_per_token(block))
     return trainer, task
 
 
-def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, Any]:
+def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, gold: GoldJudge | None = None) -> dict[str, Any]:
     """Run PPO per ``cfg``; the summary adds ``sft`` (the SFT policy's held-out eval) next to the
-    trainer's ``eval`` (the final policy's)."""
-    trainer, task = build_ppo(cfg, reward_fn)
+    trainer's ``eval`` (the final policy's) and ``best`` ({"step", "score"} of best.pt, if any)."""
+    trainer, task = build_ppo(cfg, reward_fn, gold)
     sft_eval = trainer.extra.get("sft_eval", {})  # a resumed run has it already
     if trainer.dist.is_main and not sft_eval:
-        sft_eval = evaluate_policy(task.ref, task.ref, task.tok, task.eval_prompts, task.reward_fn, cfg)
+        sft_eval = task.evaluate_policy(task.ref)
         trainer.extra["sft_eval"] = sft_eval
     summary = trainer.fit()
     summary["sft"] = sft_eval
     summary["rollouts"] = task.rollouts_done
+    summary["best"] = trainer.best_record()
     return summary
