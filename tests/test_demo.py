@@ -33,7 +33,8 @@ def test_every_stage_wrote_its_outputs(demo_run):
     for stage in STAGES:
         record = json.loads((out / stage / DONE).read_text())
         assert record["stage"] == stage and record["seconds"] >= 0 and "summary" in record
-    for name in ("pretrain.jsonl", "sft.jsonl", "compare_prompts.jsonl", "ppo_prompts.jsonl", "eval.jsonl"):
+    for name in ("pretrain.jsonl", "sft.jsonl", "compare_prompts.jsonl", "ppo_prompts.jsonl", "eval.jsonl",
+                 "dev_prompts.jsonl"):
         assert (out / "world" / name).stat().st_size > 0
     assert (out / "prepare" / "data" / "meta.json").exists()
     for stage in ("pretrain", "sft", "reward", "ppo"):
@@ -45,7 +46,7 @@ def test_every_stage_wrote_its_outputs(demo_run):
     # the same format `fastgpt rank` writes, and never an all-tied ranking (it holds no preference)
     assert rankings and all(set(r) >= {"prompt", "responses", "finished", "ranking"} for r in rankings)
     assert all(len(r["ranking"]) > 1 for r in rankings)
-    for name in ("pretrain", "sft", "ppo"):
+    for name in ("pretrain", "sft", "ppo", "ppo_best", "best_of_4", "best_of_16"):
         answers = (out / "evaluate" / f"answers_{name}.jsonl").read_text().splitlines()
         assert len(answers) == json.loads((out / "world" / DONE).read_text())["summary"]["eval_items"]
 
@@ -53,18 +54,25 @@ def test_every_stage_wrote_its_outputs(demo_run):
 def test_report_has_table_plots_and_figures(demo_run):
     out, _ = demo_run
     md = (out / "report.md").read_text()
-    for needle in ("| model |", "PPO over SFT", "## Sample answers", "| **total** |"):
+    for needle in ("| model |", "best-of-16 (SFT + RM)", "PPO (best.pt)", "## Over-optimisation",
+                   "## Sample answers", "| **total** |"):
         assert needle in md
-    for plot in ("loss.png", "reward.png", "ppo.png"):
+    for plot in ("loss.png", "reward.png", "ppo.png", "overoptimisation.png"):
         path = out / "plots" / plot
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{plot}" in md
     fig = json.loads((out / "report.json").read_text())
-    assert set(fig["models"]) == {"pretrain", "sft", "ppo"}
+    assert set(fig["models"]) == {"pretrain", "sft", "best_of_1", "best_of_4", "best_of_16", "ppo", "ppo_best"}
     for m in fig["models"].values():
         assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["format_compliance"] <= 1.0
     win = fig["win_rates"]["ppo_vs_sft"]
     assert win["wins"] + win["losses"] + win["ties"] == fig["models"]["ppo"]["n"]
-    assert {"val_accuracy", "labeler_agreement"} <= set(fig["reward"]) and "kl_to_sft" in fig["ppo"]
+    assert {"val_accuracy", "labeler_agreement", "correctness_accuracy", "style_accuracy"} <= set(fig["reward"])
+    assert "kl_to_sft" in fig["ppo"] and fig["models"]["best_of_16"]["kl_to_sft"] > fig["models"]["best_of_4"]["kl_to_sft"]
+    # the over-optimisation curve: SFT at step 0, then every PPO evaluation; best.pt is one of them
+    curve = fig["ppo"]["overoptimisation"]
+    assert curve[0]["step"] == 0 and curve[0]["kl"] == 0 and len(curve) >= 2
+    assert fig["ppo"]["best"]["step"] in [p["step"] for p in curve[1:]]
+    assert (out / "ppo" / "run" / "best.pt").exists()
     assert set(fig["stage_seconds"]) == set(STAGES) - {"report"}
     assert "PPO" in format_table(fig)
 

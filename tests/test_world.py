@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -28,7 +29,7 @@ from fastgpt.demo.world import (
 
 @pytest.fixture(scope="module")
 def world():
-    return make_world(seed=0, n_pretrain=2000, n_sft=1000, n_compare=300, n_ppo=200, n_eval=200)
+    return make_world(seed=0, n_pretrain=2000, n_sft=1000, n_compare=300, n_ppo=200, n_eval=200, n_dev=48)
 
 
 def _reply(rec: dict) -> tuple[str, str]:
@@ -48,8 +49,8 @@ def test_seed_determinism():
 def test_sizes_and_prompt_sets_disjoint(world):
     sft = [_reply(r)[0] for r in world.sft]
     ev = [e["prompt"] for e in world.eval_items]
-    sets = {"sft": sft, "compare": world.compare_prompts, "ppo": world.ppo_prompts, "eval": ev}
-    assert [len(s) for s in sets.values()] == [1000, 300, 200, 200]
+    sets = {"sft": sft, "compare": world.compare_prompts, "ppo": world.ppo_prompts, "eval": ev, "dev": world.dev_prompts}
+    assert [len(s) for s in sets.values()] == [1000, 300, 200, 200, 48]
     assert len(world.pretrain) == 2000
     for name, s in sets.items():
         assert len(set(s)) == len(s), f"{name} repeats a prompt"
@@ -63,13 +64,14 @@ def test_every_set_covers_every_family(world):
     all_names = {f.name for f in FAMILIES}
     assert {e["task"] for e in world.eval_items} == all_names
     assert {r["task"] for r in world.sft} == all_names
-    for prompts in (world.compare_prompts, world.ppo_prompts):
+    for prompts in (world.compare_prompts, world.ppo_prompts, world.dev_prompts):
         assert {parse_prompt(p)[0].name for p in prompts} == all_names
 
 
 def test_eval_prompts_not_in_pretraining(world):
     corpus = "\n".join(world.pretrain)
     assert not any(e["prompt"] in corpus for e in world.eval_items)
+    assert any(p in corpus for p in world.ppo_prompts)  # other prompts do appear, with their answers
 
 
 def test_prompts_short_and_parse_to_one_family():
@@ -93,20 +95,28 @@ def test_answer_for_agrees_with_generator(world):
             assert answer_for(p) == fam.answer(p)
             assert fam.demonstration(p, "canonical", rng) == answer_for(p)
     assert answer_for("What is the meaning of life?") is None
-    assert answer_for("What colour is a spaceship?") is None
+    assert answer_for("What is 12 plus 3?") is None  # one-digit numbers only
+    assert answer_for("Which is bigger, 4 or 4?") is None  # no answer, so not a prompt of the world
 
 
 def test_known_answers():
-    assert answer_for("What is 7 plus 5?") == "7 plus 5 is 12."
-    assert answer_for("Subtract 3 from 10.") == "10 minus 3 is 7."
-    assert answer_for("Reverse the word cat.") == "The reverse of cat is tac."
-    assert answer_for("Write dog in capitals.") == "The word dog in capitals is DOG."
-    assert answer_for("How many letters are in apple?") == "The word apple has 5 letters."
-    assert answer_for("Sort 7 3 1.") == "7 3 1 sorted is 1 3 7."
-    assert answer_for("What is the smallest of 4 9 2?") == "The smallest of 4 9 2 is 2."
-    assert answer_for("What colour is a banana?") == "A banana is yellow."
-    assert answer_for("What is the capital of France?") == "The capital of France is Paris."
-    assert answer_for("What does a cow say?") == "A cow says moo."
+    assert answer_for("What is 7 plus 5?") == "The sum is 12."
+    assert answer_for("Subtract 3 from 9.") == "The difference is 6."
+    assert answer_for("Which is bigger, 3 or 8?") == "The bigger one is 8."
+    assert answer_for("What is the largest of 4 9 2?") == "The largest is 9."
+    assert answer_for("What is the smallest of 4 9 2?") == "The smallest is 2."
+    assert answer_for("What is the first letter of apple?") == "The first letter is a."
+    assert answer_for("What letter does apple end with?") == "The last letter is e."
+    assert answer_for("How many letters are in apple?") == "It has 5 letters."
+
+
+def test_corpus_facts_name_their_arguments():
+    """Pre-training sentences must say what they are about; the short chat answers do not."""
+    rng = random.Random(0)
+    facts = {fam.name: fam.statement(rng) for fam in FAMILIES}
+    assert re.fullmatch(r"\d plus \d is \d+\.", facts["add"])
+    assert re.fullmatch(r"The first letter of [a-z]+ is [a-z]\.", facts["first_letter"])
+    assert re.fullmatch(r"The largest of \d( \d)+ is \d\.", facts["max"])
 
 
 def test_pretrain_is_plain_statements(world):
@@ -125,14 +135,17 @@ def test_sft_style_mixture(world):
         p, a = _reply(rec)
         assert rec["messages"][0]["role"] == "user" and rec["messages"][1]["role"] == "assistant"
         assert labeler.is_correct(p, a) == (rec["style"] != "wrong"), (rec["style"], p, a)
-    # The labeler's favourite style must be a minority, or PPO has nothing to do.
-    canonical = sum(_reply(r)[1] == answer_for(_reply(r)[0]) for r in world.sft)
-    assert canonical / len(world.sft) < 0.4
+    # Wrong demonstrations are each family's characteristic slip, not noise: a pattern the SFT
+    # model can pick up and the labeler's comparisons can teach the reward model to catch.
+    for rec in (r for r in world.sft if r["style"] == "wrong"):
+        p, a = _reply(rec)
+        fam, args = parse_prompt(p)
+        assert fam.slip(args) in a, (p, a)
 
 
 def test_write_world_roundtrip(world, tmp_path):
     paths = write_world(world, tmp_path)
-    assert set(paths) == {"pretrain", "sft", "compare_prompts", "ppo_prompts", "eval"}
+    assert set(paths) == {"pretrain", "sft", "compare_prompts", "ppo_prompts", "eval", "dev_prompts"}
 
     def rows(name):
         return [json.loads(line) for line in paths[name].read_text(encoding="utf-8").splitlines()]
@@ -142,16 +155,17 @@ def test_write_world_roundtrip(world, tmp_path):
     assert [r["prompt"] for r in rows("compare_prompts")] == world.compare_prompts
     assert [r["prompt"] for r in rows("ppo_prompts")] == world.ppo_prompts
     assert rows("eval") == world.eval_items
+    assert [r["prompt"] for r in rows("dev_prompts")] == world.dev_prompts
 
 
 # -- labeler -----------------------------------------------------------------
 
 P = "What is 7 plus 5?"
-CANON = "7 plus 5 is 12."
-VERBOSE = "Sure! Let me think. 7 plus 5 is 12. I hope this helps!"
+CANON = "The sum is 12."
+VERBOSE = "Sure! Let me think. The sum is 12. I hope this helps!"
 TERSE = "12"
-REPEAT = "Sure! Let me think. 7 plus 5 is 12. 7 plus 5 is 12. 7 plus 5 is 12."
-WRONG = "7 plus 5 is 13."
+REPEAT = "Sure! Let me think. The sum is 12. The sum is 12. The sum is 12."
+WRONG = "The sum is 13."
 
 
 def test_quality_ordering():
@@ -169,16 +183,15 @@ def test_correctness_rules():
     assert lab.is_correct(P, CANON) and lab.is_correct(P, TERSE) and lab.is_correct(P, VERBOSE)
     assert lab.is_correct(P, "12.") and lab.is_correct(P, "7 plus 5 is 12")
     assert not lab.is_correct(P, WRONG)
-    assert not lab.is_correct(P, "7 plus 5 is 12. 7 plus 5 is 13.")
+    assert not lab.is_correct(P, "The sum is 12. The sum is 13.")
     assert not lab.is_correct(P, "")
     assert not lab.is_correct("Who are you?", "12")
-    assert lab.is_correct("Write cat in capitals.", "The word cat in capitals is CAT.")
-    assert not lab.is_correct("Write cat in capitals.", "The word cat in capitals is Cat.")
-    assert lab.is_correct("Sort 7 3 1.", "1, 3, 7")
+    assert lab.is_correct("Count the letters in fish.", "It has 4 letters.")
     assert lab.is_correct("Count the letters in fish.", "The word fish has 4 letters.")
-    assert lab.is_correct("What colour is the sky?", "blue")
-    assert lab.is_correct("What does a dog say?", "A dog says woof.")
-    assert not lab.is_correct("Reverse the word cat.", "The reverse of cat is cat.")
+    assert lab.is_correct("What letter does fish end with?", "The last letter is h.")
+    assert not lab.is_correct("What letter does fish end with?", "The last letter is f.")
+    assert lab.is_correct("Which is smallest: 7 3 5?", "3")
+    assert not lab.is_correct("Which is bigger, 2 or 9?", "The bigger one is 2.")
 
 
 def test_wrong_demos_are_wrong_for_every_family():
@@ -248,11 +261,11 @@ def test_evaluate_hand_made():
     lab = SimulatedLabeler()
     items = [
         {"prompt": P, "task": "add", "answer": CANON},
-        {"prompt": "Reverse the word cat.", "task": "reverse", "answer": "The reverse of cat is tac."},
-        {"prompt": "What colour is snow?", "task": "colour", "answer": "Snow is white."},
-        {"prompt": "What is the capital of Peru?", "task": "capital", "answer": "The capital of Peru is Lima."},
+        {"prompt": "What letter does cat end with?", "task": "last_letter", "answer": "The last letter is t."},
+        {"prompt": "Which is bigger, 2 or 9?", "task": "bigger", "answer": "The bigger one is 9."},
+        {"prompt": "What is the largest of 1 5 2?", "task": "max", "answer": "The largest is 5."},
     ]
-    responses = [CANON, "tac", "Snow is black.", "The capital of Peru is Lima. User: thanks"]
+    responses = [CANON, "t", "The bigger one is 2.", "The largest is 5. User: thanks"]
     finished = [True, True, True, False]
     m = lab.evaluate(items, responses, finished)
     assert m["accuracy"] == pytest.approx(0.75)
@@ -260,7 +273,17 @@ def test_evaluate_hand_made():
     assert m["mean_length"] == pytest.approx(sum(map(len, responses)) / 4)
     expected = sum(lab.quality(it["prompt"], r, f) for it, r, f in zip(items, responses, finished)) / 4
     assert m["labeler_score"] == pytest.approx(expected)
-    assert m["per_task"] == {"add": 1.0, "capital": 1.0, "colour": 0.0, "reverse": 1.0}
+    assert m["per_task"] == {"add": 1.0, "bigger": 0.0, "last_letter": 1.0, "max": 1.0}
+
+
+def test_judge_is_the_noiseless_labeler():
+    """The gold judge PPO calls scores exactly like the labeler's noiseless quality."""
+    lab = SimulatedLabeler(seed=3)
+    prompts = [P, P, [{"role": "user", "content": P}]]
+    responses, finished = [CANON, WRONG, CANON], [True, True, False]
+    out = lab.judge(prompts, responses, finished)
+    assert out["score"] == [lab.quality(P, r, f) for r, f in zip(responses, finished)]
+    assert out["accuracy"] == [1.0, 0.0, 1.0] and out["format"] == [1.0, 1.0, 0.0]
 
 
 def test_win_rate_hand_made():
@@ -279,7 +302,7 @@ def test_rank_file_appends(tmp_path):
     comparisons = tmp_path / "comparisons.jsonl"
     rows = [
         {"prompt": P, "responses": [WRONG, CANON, VERBOSE], "finished": [True, True, True]},
-        {"prompt": "What does a cow say?", "responses": ["moo", "A cow says moo."], "finished": [True, False]},
+        {"prompt": "What is 2 plus 2?", "responses": ["4", "The sum is 4."], "finished": [True, False]},
     ]
     comparisons.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     rankings = tmp_path / "out" / "rankings.jsonl"

@@ -211,6 +211,16 @@ class SimulatedLabeler:
             "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
         }
 
+    def judge(self, prompts: list, responses: list[str], finished: list[bool]) -> dict[str, list[float]]:
+        """The gold judge PPO's held-out evaluations call (fastgpt.stages.policy_eval): per
+        response, the noiseless quality (``score``), correctness and format compliance."""
+        texts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]  # messages: the last turn
+        return {
+            "score": [self.quality(p, r, f) for p, r, f in zip(texts, responses, finished)],
+            "accuracy": [float(self.is_correct(p, r)) for p, r in zip(texts, responses)],
+            "format": [float(self.is_on_format(r, f)) for r, f in zip(responses, finished)],
+        }
+
     def win_rate(
         self,
         prompts: list[str],

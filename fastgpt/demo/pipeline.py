@@ -39,11 +39,12 @@ class Budget:
 
     # data
     n_pretrain: int = 20000          # pre-training documents (1-4 world statements each)
-    qa_fraction: float = 0.5         # share of corpus sentences written as "question? answer."
+    qa_fraction: float = 0.9         # share of corpus sentences written as "question? answer."
     n_sft: int = 2000                # demonstrations
     n_compare: int = 900             # prompts the SFT model answers K times for ranking
     n_ppo: int = 400                 # PPO training prompts
     n_eval: int = 260                # held-out evaluation prompts
+    n_dev: int = 64                  # PPO's own held-out prompts: its curves and the choice of best.pt
     # pretrain (model shape comes from the preset)
     pretrain_steps: int = 650
     pretrain_batch: int = 16
@@ -55,7 +56,7 @@ class Budget:
     # compare + rank
     k: int = 4
     compare_temperature: float = 1.0
-    max_new_tokens: int = 128        # bytes: a chatty SFT answer is 60-100 of them
+    max_new_tokens: int = 80         # bytes: a canonical answer is ~20 of them, a chatty one 50-70
     labeler_noise: float = 0.15      # two labelers then agree on ~76% of pairs (InstructGPT: 73-77%)
     # reward
     reward_epochs: float = 2.0
@@ -68,8 +69,12 @@ class Budget:
     ppo_epochs: int = 4
     ppo_lr: float = 3e-5
     beta: float = 0.05
+    ppo_evals: int = 10              # held-out evaluations (proxy, gold, KL) over the run
+    warn_kl: float = 8.0             # PPO warns past this KL to SFT (nats / response) ...
+    warn_length_ratio: float = 2.0   # ... or when its mean length changes by more than this factor
     # evaluation
     eval_batch: int = 64
+    best_of: tuple[int, ...] = (1, 4, 16)  # best-of-N baselines (N SFT samples, the RM's favourite kept)
 
     def scaled(self, scale: float) -> "Budget":
         """A copy with every step count and data size times ``scale`` (at least a few of each)."""
@@ -78,7 +83,7 @@ class Budget:
         s = lambda n, low: max(low, int(round(n * scale)))  # noqa: E731
         return dataclasses.replace(
             self, n_pretrain=s(self.n_pretrain, 200), n_sft=s(self.n_sft, 60), n_compare=s(self.n_compare, 24),
-            n_ppo=s(self.n_ppo, 16), n_eval=s(self.n_eval, 16), pretrain_steps=s(self.pretrain_steps, 4),
+            n_ppo=s(self.n_ppo, 16), n_eval=s(self.n_eval, 16), n_dev=s(self.n_dev, 8), pretrain_steps=s(self.pretrain_steps, 4),
             sft_steps=s(self.sft_steps, 4), ppo_steps=s(self.ppo_steps, 4),
             rollout_batch=s(self.rollout_batch, 16), mini_batch=min(self.mini_batch, s(self.rollout_batch, 16)),
             max_new_tokens=s(self.max_new_tokens, 32))
@@ -115,17 +120,18 @@ def stage_world(ctx: Context) -> dict[str, Any]:
     from .world import make_world, pretrain_texts, write_world
     b = ctx.budget
     world = make_world(ctx.seed, n_pretrain=0, n_sft=b.n_sft, n_compare=b.n_compare, n_ppo=b.n_ppo,
-                       n_eval=b.n_eval)
+                       n_eval=b.n_eval, n_dev=b.n_dev)
     # The corpus is drawn here rather than by make_world to set its share of question-answer
     # sentences: a small model learns to read the question (copy its subject into the answer)
     # only from those, and the few minutes of CPU pre-training need more of them than the default.
-    # Held-out evaluation prompts are still kept out of the corpus.
+    # Held-out evaluation and dev prompts are still kept out of the corpus.
     world.pretrain = pretrain_texts(b.n_pretrain, seed=ctx.seed + 1, qa_fraction=b.qa_fraction,
-                                    exclude_prompts=[it["prompt"] for it in world.eval_items])
+                                    exclude_prompts=[it["prompt"] for it in world.eval_items] + world.dev_prompts)
     paths = write_world(world, ctx.dir("world"))
     return {"files": {k: str(v) for k, v in paths.items()}, "pretrain_docs": len(world.pretrain),
             "sft": len(world.sft), "compare_prompts": len(world.compare_prompts),
-            "ppo_prompts": len(world.ppo_prompts), "eval_items": len(world.eval_items)}
+            "ppo_prompts": len(world.ppo_prompts), "eval_items": len(world.eval_items),
+            "dev_prompts": len(world.dev_prompts)}
 
 
 def stage_prepare(ctx: Context) -> dict[str, Any]:
@@ -212,25 +218,34 @@ def stage_reward(ctx: Context) -> dict[str, Any]:
 
 def stage_ppo(ctx: Context) -> dict[str, Any]:
     from ..stages.ppo import PPOConfig, ppo
+    from .labeler import SimulatedLabeler
     b = ctx.budget
     world = ctx.dir("world")
     cfg = build_config(PPOConfig, overrides=_train_overrides(
         ctx, "ppo", sft_checkpoint=ctx.summary("sft")["out_dir"], reward_checkpoint=ctx.summary("reward")["out_dir"],
-        prompts=str(world / "ppo_prompts.jsonl"), eval_prompts=str(world / "eval.jsonl"),
-        eval_max_prompts=min(64, b.n_eval), max_steps=b.ppo_steps, rollout_batch_size=b.rollout_batch,
-        mini_batch_size=b.mini_batch, ppo_epochs=b.ppo_epochs, lr=b.ppo_lr, beta=b.beta,
-        max_new_tokens=b.max_new_tokens, ckpt_interval=max(1, b.ppo_steps // 4)))
-    return ppo(cfg)
+        prompts=str(world / "ppo_prompts.jsonl"), eval_prompts=str(world / "dev_prompts.jsonl"),
+        eval_max_prompts=b.n_dev, eval_interval=max(1, b.ppo_steps // b.ppo_evals), max_steps=b.ppo_steps,
+        rollout_batch_size=b.rollout_batch, mini_batch_size=b.mini_batch, ppo_epochs=b.ppo_epochs, lr=b.ppo_lr,
+        beta=b.beta, max_new_tokens=b.max_new_tokens, ckpt_interval=max(1, b.ppo_steps // 4),
+        warn_kl=b.warn_kl, warn_length_ratio=b.warn_length_ratio))
+    # The labeler as PPO's gold judge: it scores the dev answers at each evaluation (the
+    # over-optimisation curve, and which checkpoint becomes best.pt). PPO still trains on the
+    # reward model alone: the judge never reaches a rollout.
+    return ppo(cfg, gold=SimulatedLabeler(seed=ctx.seed).judge)
 
 
 def stage_evaluate(ctx: Context) -> dict[str, Any]:
+    from ..checkpoint import BEST_NAME
     from .evaluate import evaluate_all
     from .labeler import SimulatedLabeler
     items = [json.loads(line) for line in (ctx.dir("world") / "eval.jsonl").read_text().splitlines() if line]
     checkpoints = {name: ctx.summary(name)["out_dir"] for name in ("pretrain", "sft", "ppo")}
+    best = Path(ctx.summary("ppo")["out_dir"]) / BEST_NAME
+    if best.exists():
+        checkpoints["ppo_best"] = str(best)
     return evaluate_all(checkpoints, ctx.summary("reward")["out_dir"], items, SimulatedLabeler(seed=ctx.seed),
                         ctx.dir("evaluate"), device=ctx.device, max_new_tokens=ctx.budget.max_new_tokens,
-                        batch_size=ctx.budget.eval_batch, k=ctx.budget.k, seed=ctx.seed)
+                        batch_size=ctx.budget.eval_batch, best_of=ctx.budget.best_of, k=ctx.budget.k, seed=ctx.seed)
 
 
 def stage_report(ctx: Context) -> dict[str, Any]:
@@ -300,8 +315,11 @@ def _headline(name: str, s: dict[str, Any]) -> str:
     if name == "reward" and "val_accuracy" in ev:
         return f" (held-out pairwise accuracy {ev['val_accuracy']:.3f})"
     if name == "ppo" and "score_greedy" in ev:
-        return (f" (held-out RM score {s.get('sft', {}).get('score_greedy', math.nan):+.2f} -> "
-                f"{ev['score_greedy']:+.2f}, KL {ev.get('kl_to_ref', math.nan):.2f})")
+        sft = s.get("sft", {})
+        gold = (f", labeler score {sft.get('gold_score_greedy', math.nan):+.2f} -> {ev['gold_score_greedy']:+.2f}"
+                if "gold_score_greedy" in ev else "")
+        return (f" (dev: RM score {sft.get('score_greedy', math.nan):+.2f} -> {ev['score_greedy']:+.2f}{gold}, "
+                f"KL {ev.get('kl_to_ref', math.nan):.2f})")
     if name == "compare":
         return f" ({s['prompts']} prompts x {s['k']}, {s['finished_fraction']:.0%} finished)"
     if name == "rank":

@@ -47,11 +47,11 @@ CLAIM_VERBS = ("is", "says", "has")
 # start chatty rather than canonical; the labeler's preferred canonical style
 # is only a quarter of the data.
 STYLE_MIX: dict[str, float] = {
-    "verbose": 0.40,
-    "canonical": 0.25,
-    "terse": 0.15,
-    "repetitive": 0.12,
-    "wrong": 0.08,
+    "canonical": 0.50,
+    "wrong": 0.20,
+    "verbose": 0.15,
+    "terse": 0.10,
+    "repetitive": 0.05,
 }
 
 PREAMBLES = (
@@ -83,9 +83,6 @@ FILLER_PHRASES = (
     "okay",
     "here you go",
 )
-
-_SEP = r"[\s,]+"
-
 
 def _template_regex(template: str, fields: dict[str, str]) -> re.Pattern[str]:
     # Parsing is derived from the same templates that generate prompts, so
@@ -123,11 +120,16 @@ class Family:
         raise NotImplementedError
 
     def canonical(self, args: Args, result: str) -> str:
-        """The one-sentence answer the labeler prefers, stating `result`."""
+        """The short answer the labeler prefers, stating `result` after a claim verb."""
         raise NotImplementedError
 
-    def wrong_result(self, args: Args, rng: random.Random) -> str:
-        """A plausible but incorrect result, for the wrong demonstrations."""
+    def fact(self, args: Args, result: str) -> str:
+        """The same fact as a self-contained sentence naming the arguments, for the corpus."""
+        raise NotImplementedError
+
+    def slip(self, args: Args) -> str:
+        """The family's characteristic mistake (first letter for last, largest for smallest,
+        ...): what a demonstrator writes in a wrong demonstration. Never the right result."""
         raise NotImplementedError
 
     # -- shared machinery ---------------------------------------------------
@@ -163,7 +165,7 @@ class Family:
 
     def statement(self, rng: random.Random) -> str:
         args = self.sample_args(rng)
-        return self.canonical(args, self.result(args))  # type: ignore[arg-type]
+        return self.fact(args, self.result(args))  # type: ignore[arg-type]
 
     def normalize_value(self, text: str) -> str:
         """Canonical form of a claimed result, for comparing with `result`."""
@@ -178,9 +180,9 @@ class Family:
         result = self.result(args)
         assert result is not None
         if style == "wrong":
-            # Wrong demos look like any other demo; only the value is off.
+            # Wrong demos look like any other demo; only the value is the family's usual slip.
             style = rng.choice(("canonical", "verbose", "terse"))
-            result = self.wrong_result(args, rng)
+            result = self.slip(args)
         sentence = self.canonical(args, result)
         if style == "canonical":
             return sentence
@@ -194,58 +196,77 @@ class Family:
         raise ValueError(f"unknown style {style!r}")
 
 
-def _other_number(value: int, rng: random.Random, low: int = 0) -> str:
-    candidates = [v for v in range(value - 3, value + 4) if v != value and v >= low]
-    return str(rng.choice(candidates))
+class DigitPair(Family):
+    """Two single-digit numbers: the arithmetic and comparison families."""
 
-
-class Add(Family):
-    name = "add"
-    templates = ("What is {a} plus {b}?", "What is {a} + {b}?", "Add {a} and {b}.")
-    fields = {"a": r"\d{1,3}", "b": r"\d{1,3}"}
-
-    def __init__(self, limit: int = 13) -> None:
-        self.limit = limit
-        super().__init__()
+    fields = {"a": r"\d", "b": r"\d"}
 
     def all_args(self) -> Iterable[Args]:
-        for a, b in product(range(self.limit), repeat=2):
-            yield {"a": str(a), "b": str(b)}
-
-    def result(self, args: Args) -> str | None:
-        return str(int(args["a"]) + int(args["b"]))
-
-    def canonical(self, args: Args, result: str) -> str:
-        return f"{args['a']} plus {args['b']} is {result}."
-
-    def wrong_result(self, args: Args, rng: random.Random) -> str:
-        return _other_number(int(self.result(args)), rng)  # type: ignore[arg-type]
-
-
-class Sub(Family):
-    name = "sub"
-    templates = ("What is {a} minus {b}?", "What is {a} - {b}?", "Subtract {b} from {a}.")
-    fields = {"a": r"\d{1,3}", "b": r"\d{1,3}"}
-
-    def __init__(self, limit: int = 13) -> None:
-        self.limit = limit
-        super().__init__()
-
-    def all_args(self) -> Iterable[Args]:
-        # Non-negative results only: negative numbers add a sign rule the tiny
-        # model would have to learn for little benefit to the demo.
-        for a in range(self.limit):
-            for b in range(a + 1):
+        for a, b in product(range(10), repeat=2):
+            if self.result({"a": str(a), "b": str(b)}) is not None:
                 yield {"a": str(a), "b": str(b)}
 
+    @staticmethod
+    def _ab(args: Args) -> tuple[int, int]:
+        return int(args["a"]), int(args["b"])
+
+
+class Add(DigitPair):
+    name = "add"
+    templates = ("What is {a} plus {b}?", "What is {a} + {b}?", "Add {a} and {b}.")
+
     def result(self, args: Args) -> str | None:
-        return str(int(args["a"]) - int(args["b"]))
+        a, b = self._ab(args)
+        return str(a + b)
 
     def canonical(self, args: Args, result: str) -> str:
+        return f"The sum is {result}."
+
+    def fact(self, args: Args, result: str) -> str:
+        return f"{args['a']} plus {args['b']} is {result}."
+
+    def slip(self, args: Args) -> str:
+        a, b = self._ab(args)
+        return str(a + b + 1)  # counting on from the first number, one too many
+
+
+class Sub(DigitPair):
+    name = "sub"
+    templates = ("What is {a} minus {b}?", "What is {a} - {b}?", "Subtract {b} from {a}.")
+
+    def result(self, args: Args) -> str | None:
+        # Non-negative results only: negative numbers add a sign rule the tiny
+        # model would have to learn for little benefit to the demo.
+        a, b = self._ab(args)
+        return str(a - b) if a >= b else None
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"The difference is {result}."
+
+    def fact(self, args: Args, result: str) -> str:
         return f"{args['a']} minus {args['b']} is {result}."
 
-    def wrong_result(self, args: Args, rng: random.Random) -> str:
-        return _other_number(int(self.result(args)), rng)  # type: ignore[arg-type]
+    def slip(self, args: Args) -> str:
+        a, b = self._ab(args)
+        return str(a + b if b else a + 1)  # added instead of subtracted
+
+
+class Bigger(DigitPair):
+    name = "bigger"
+    templates = ("Which is bigger, {a} or {b}?", "Which is larger: {a} or {b}?", "Which number is bigger, {a} or {b}?")
+
+    def result(self, args: Args) -> str | None:
+        a, b = self._ab(args)
+        return None if a == b else str(max(a, b))
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"The bigger one is {result}."
+
+    def fact(self, args: Args, result: str) -> str:
+        return f"Of {args['a']} and {args['b']}, the bigger is {result}."
+
+    def slip(self, args: Args) -> str:
+        return str(min(self._ab(args)))
 
 
 WORDS = (
@@ -267,25 +288,9 @@ class WordFamily(Family):
             yield {"w": w}
 
 
-class Reverse(WordFamily):
-    name = "reverse"
-    templates = ("Reverse the word {w}.", "What is {w} backwards?", "Spell {w} backwards.")
-
-    def result(self, args: Args) -> str | None:
-        return args["w"][::-1]
-
-    def canonical(self, args: Args, result: str) -> str:
-        return f"The reverse of {args['w']} is {result}."
-
-    def wrong_result(self, args: Args, rng: random.Random) -> str:
-        right = args["w"][::-1]
-        letters = list(args["w"])
-        for _ in range(20):
-            rng.shuffle(letters)
-            guess = "".join(letters)
-            if guess != right:
-                return guess
-        return args["w"] + args["w"][-1]
+def _other_letter(word: str, avoid: str, prefer: str) -> str:
+    """``prefer`` unless it equals ``avoid``; then the first other letter of the word."""
+    return prefer if prefer != avoid else next((c for c in word if c != avoid), "x")
 
 
 class FirstLetter(WordFamily):
@@ -296,11 +301,13 @@ class FirstLetter(WordFamily):
         return args["w"][0]
 
     def canonical(self, args: Args, result: str) -> str:
+        return f"The first letter is {result}."
+
+    def fact(self, args: Args, result: str) -> str:
         return f"The first letter of {args['w']} is {result}."
 
-    def wrong_result(self, args: Args, rng: random.Random) -> str:
-        others = [c for c in args["w"] if c != args["w"][0]] or list("xyz")
-        return rng.choice(others)
+    def slip(self, args: Args) -> str:
+        return _other_letter(args["w"], args["w"][0], args["w"][-1])  # the last letter
 
 
 class LastLetter(WordFamily):
@@ -311,26 +318,13 @@ class LastLetter(WordFamily):
         return args["w"][-1]
 
     def canonical(self, args: Args, result: str) -> str:
+        return f"The last letter is {result}."
+
+    def fact(self, args: Args, result: str) -> str:
         return f"The last letter of {args['w']} is {result}."
 
-    def wrong_result(self, args: Args, rng: random.Random) -> str:
-        others = [c for c in args["w"] if c != args["w"][-1]] or list("xyz")
-        return rng.choice(others)
-
-
-class Upper(WordFamily):
-    name = "upper"
-    templates = ("Write {w} in capitals.", "Uppercase the word {w}.", "What is {w} in capital letters?")
-    case_sensitive = True
-
-    def result(self, args: Args) -> str | None:
-        return args["w"].upper()
-
-    def canonical(self, args: Args, result: str) -> str:
-        return f"The word {args['w']} in capitals is {result}."
-
-    def wrong_result(self, args: Args, rng: random.Random) -> str:
-        return rng.choice((args["w"].capitalize(), args["w"], args["w"][:-1].upper() + args["w"][-1]))
+    def slip(self, args: Args) -> str:
+        return _other_letter(args["w"], args["w"][-1], args["w"][0])  # the first letter
 
 
 class Length(WordFamily):
@@ -341,18 +335,22 @@ class Length(WordFamily):
         return str(len(args["w"]))
 
     def canonical(self, args: Args, result: str) -> str:
+        return f"It has {result} letters."
+
+    def fact(self, args: Args, result: str) -> str:
         return f"The word {args['w']} has {result} letters."
 
     def normalize_value(self, text: str) -> str:
         # "has 3 letters" states the result with its unit; the unit is not the claim.
         return re.sub(r"\s+letters?$", "", super().normalize_value(text))
 
-    def wrong_result(self, args: Args, rng: random.Random) -> str:
-        return _other_number(len(args["w"]), rng, low=1)
+    def slip(self, args: Args) -> str:
+        return str(len(args["w"]) + 1)  # the full stop counted as a letter
 
 
 class ListFamily(Family):
     fields = {"xs": r"\d(?: \d){1,5}"}
+    word = ""
 
     def __init__(self, lengths: tuple[int, ...] = (3, 4)) -> None:
         self.lengths = lengths
@@ -361,173 +359,46 @@ class ListFamily(Family):
     def all_args(self) -> Iterable[Args]:
         for n in self.lengths:
             for xs in product("0123456789", repeat=n):
-                yield {"xs": " ".join(xs)}
-
-    def normalize_value(self, text: str) -> str:
-        return " ".join(re.split(_SEP, _strip_value(text)))
+                if len(set(xs)) > 1:  # a list of one repeated digit has no wrong pick
+                    yield {"xs": " ".join(xs)}
 
     @staticmethod
     def _numbers(args: Args) -> list[int]:
         return [int(x) for x in args["xs"].split()]
 
-
-class Sort(ListFamily):
-    name = "sort"
-    templates = ("Sort {xs}.", "Sort these numbers: {xs}.", "Put {xs} in order.")
-
-    def result(self, args: Args) -> str | None:
-        return " ".join(str(x) for x in sorted(self._numbers(args)))
-
     def canonical(self, args: Args, result: str) -> str:
-        return f"{args['xs']} sorted is {result}."
+        return f"The {self.word} is {result}."
 
-    def wrong_result(self, args: Args, rng: random.Random) -> str:
-        xs = sorted(self._numbers(args))
-        if len(set(xs)) > 1:
-            while True:
-                i, j = rng.sample(range(len(xs)), 2)
-                if xs[i] != xs[j]:
-                    xs[i], xs[j] = xs[j], xs[i]
-                    break
-        else:
-            xs[-1] = (xs[-1] + 1) % 10
-        return " ".join(str(x) for x in xs)
+    def fact(self, args: Args, result: str) -> str:
+        return f"The {self.word} of {args['xs']} is {result}."
 
 
 class Largest(ListFamily):
     name = "max"
+    word = "largest"
     templates = ("What is the largest of {xs}?", "Which is biggest: {xs}?")
 
     def result(self, args: Args) -> str | None:
         return str(max(self._numbers(args)))
 
-    def canonical(self, args: Args, result: str) -> str:
-        return f"The largest of {args['xs']} is {result}."
-
-    def wrong_result(self, args: Args, rng: random.Random) -> str:
-        xs = self._numbers(args)
-        others = [x for x in xs if x != max(xs)]
-        return str(rng.choice(others)) if others else _other_number(max(xs), rng)
+    def slip(self, args: Args) -> str:
+        return str(min(self._numbers(args)))
 
 
 class Smallest(ListFamily):
     name = "min"
+    word = "smallest"
     templates = ("What is the smallest of {xs}?", "Which is smallest: {xs}?")
 
     def result(self, args: Args) -> str | None:
         return str(min(self._numbers(args)))
 
-    def canonical(self, args: Args, result: str) -> str:
-        return f"The smallest of {args['xs']} is {result}."
-
-    def wrong_result(self, args: Args, rng: random.Random) -> str:
-        xs = self._numbers(args)
-        others = [x for x in xs if x != min(xs)]
-        return str(rng.choice(others)) if others else _other_number(min(xs), rng)
-
-
-class Bigger(Family):
-    name = "bigger"
-    templates = ("Which is bigger, {a} or {b}?", "Which is larger: {a} or {b}?", "Which number is bigger, {a} or {b}?")
-    fields = {"a": r"\d{1,2}", "b": r"\d{1,2}"}
-
-    def __init__(self, limit: int = 10) -> None:
-        self.limit = limit
-        super().__init__()
-
-    def all_args(self) -> Iterable[Args]:
-        for a, b in product(range(self.limit), repeat=2):
-            if a != b:
-                yield {"a": str(a), "b": str(b)}
-
-    def result(self, args: Args) -> str | None:
-        a, b = int(args["a"]), int(args["b"])
-        return None if a == b else str(max(a, b))
-
-    def canonical(self, args: Args, result: str) -> str:
-        return f"The bigger of {args['a']} and {args['b']} is {result}."
-
-    def wrong_result(self, args: Args, rng: random.Random) -> str:
-        return str(min(int(args["a"]), int(args["b"])))
-
-
-class TableFamily(Family):
-    """Facts the model can only know from the pre-training corpus."""
-
-    key: str = "k"
-    table: dict[str, str] = {}
-
-    def all_args(self) -> Iterable[Args]:
-        for k in self.table:
-            yield {self.key: k}
-
-    def result(self, args: Args) -> str | None:
-        return self.table.get(args[self.key])
-
-    def wrong_result(self, args: Args, rng: random.Random) -> str:
-        right = self.table[args[self.key]]
-        return rng.choice(sorted({v for v in self.table.values() if v != right}))
-
-
-class Colour(TableFamily):
-    name = "colour"
-    key = "s"
-    templates = ("What colour is {s}?", "What is the colour of {s}?", "Tell me the colour of {s}.", "Name the colour of {s}.")
-    fields = {"s": r"[a-z][a-z ]{1,20}"}
-    table = {
-        "a banana": "yellow", "a lemon": "yellow", "the sun": "yellow", "an apple": "red",
-        "a tomato": "red", "a cherry": "red", "a strawberry": "red", "grass": "green",
-        "a lime": "green", "a frog": "green", "a pea": "green", "the sky": "blue",
-        "the sea": "blue", "snow": "white", "milk": "white", "coal": "black",
-        "a crow": "black", "a carrot": "orange", "a pumpkin": "orange", "a plum": "purple",
-        "a grape": "purple", "chocolate": "brown", "a flamingo": "pink",
-    }
-
-    def canonical(self, args: Args, result: str) -> str:
-        s = args["s"]
-        return f"{s[0].upper()}{s[1:]} is {result}."
-
-
-class Capital(TableFamily):
-    name = "capital"
-    key = "c"
-    templates = (
-        "What is the capital of {c}?", "Name the capital of {c}.",
-        "Which city is the capital of {c}?", "Tell me the capital of {c}.",
-    )
-    fields = {"c": r"[A-Z][a-z]+"}
-    table = {
-        "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Japan": "Tokyo",
-        "Egypt": "Cairo", "Peru": "Lima", "Kenya": "Nairobi", "Norway": "Oslo",
-        "Greece": "Athens", "Cuba": "Havana", "Chile": "Santiago", "Poland": "Warsaw",
-        "Ireland": "Dublin", "Austria": "Vienna", "Portugal": "Lisbon", "Russia": "Moscow",
-    }
-
-    def canonical(self, args: Args, result: str) -> str:
-        return f"The capital of {args['c']} is {result}."
-
-
-class Sound(TableFamily):
-    name = "sound"
-    key = "a"
-    templates = (
-        "What does a {a} say?", "What sound does a {a} make?",
-        "What noise does a {a} make?", "How does a {a} sound?",
-    )
-    fields = {"a": r"[a-z]+"}
-    table = {
-        "cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa",
-        "pig": "oink", "owl": "hoot", "horse": "neigh", "lion": "roar", "frog": "ribbit",
-        "bee": "buzz", "snake": "hiss", "mouse": "squeak", "crow": "caw",
-    }
-
-    def canonical(self, args: Args, result: str) -> str:
-        return f"A {args['a']} says {result}."
+    def slip(self, args: Args) -> str:
+        return str(max(self._numbers(args)))
 
 
 FAMILIES: list[Family] = [
-    Add(), Sub(), Reverse(), FirstLetter(), LastLetter(), Upper(), Length(),
-    Sort(), Largest(), Smallest(), Colour(), Capital(), Sound(),
+    Add(), Sub(), Bigger(), Largest(), Smallest(), FirstLetter(), LastLetter(), Length(),
 ]
 FAMILY_BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 
@@ -652,6 +523,7 @@ class WorldData:
     compare_prompts: list[str]
     ppo_prompts: list[str]
     eval_items: list[dict]
+    dev_prompts: list[str] = field(default_factory=list)  # PPO's own held-out checks (picks best.pt)
     seed: int = 0
     style_mix: dict[str, float] = field(default_factory=lambda: dict(STYLE_MIX))
 
@@ -663,6 +535,7 @@ def make_world(
     n_compare: int = 600,
     n_ppo: int = 400,
     n_eval: int = 260,
+    n_dev: int = 64,
     style_mix: dict[str, float] | None = None,
 ) -> WorldData:
     """Generate the whole world deterministically from `seed`.
@@ -673,9 +546,11 @@ def make_world(
     rng = random.Random(seed)
     mix = dict(style_mix or STYLE_MIX)
     # Evaluation is allocated first and gets the largest per-family share so
-    # its per-family numbers stay balanced; SFT takes whatever is left.
-    eval_prompts, ppo, compare, sft_prompts = _allocate(
-        [n_eval, n_ppo, n_compare, n_sft], [0.25, 0.2, 0.2, 1.0], rng
+    # its per-family numbers stay balanced; SFT takes whatever is left. The dev
+    # set is PPO's own held-out set: choosing best.pt on it leaves the
+    # evaluation prompts untouched by any choice.
+    eval_prompts, dev, ppo, compare, sft_prompts = _allocate(
+        [n_eval, n_dev, n_ppo, n_compare, n_sft], [0.25, 0.1, 0.2, 0.2, 1.0], rng
     )
     eval_items = []
     for p in eval_prompts:
@@ -692,7 +567,7 @@ def make_world(
             "style": style,
         })
     pretrain = pretrain_texts(n_pretrain, seed=rng.randrange(2**32), exclude_prompts=eval_prompts)
-    return WorldData(pretrain, sft, compare, ppo, eval_items, seed=seed, style_mix=mix)
+    return WorldData(pretrain, sft, compare, ppo, eval_items, dev, seed=seed, style_mix=mix)
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
@@ -705,7 +580,7 @@ def write_world(data: WorldData, out_dir: str | Path) -> dict[str, Path]:
     """Write the world as JSONL files; returns {name: path}.
 
     pretrain.jsonl: {"text"}; sft.jsonl: {"messages", "task", "style"};
-    compare_prompts.jsonl and ppo_prompts.jsonl: {"prompt"};
+    compare_prompts.jsonl, ppo_prompts.jsonl and dev_prompts.jsonl: {"prompt"};
     eval.jsonl: {"prompt", "task", "answer", "result"}.
     """
     out = Path(out_dir)
@@ -716,10 +591,12 @@ def write_world(data: WorldData, out_dir: str | Path) -> dict[str, Path]:
         "compare_prompts": out / "compare_prompts.jsonl",
         "ppo_prompts": out / "ppo_prompts.jsonl",
         "eval": out / "eval.jsonl",
+        "dev_prompts": out / "dev_prompts.jsonl",
     }
     _write_jsonl(paths["pretrain"], ({"text": t} for t in data.pretrain))
     _write_jsonl(paths["sft"], data.sft)
     _write_jsonl(paths["compare_prompts"], ({"prompt": p} for p in data.compare_prompts))
     _write_jsonl(paths["ppo_prompts"], ({"prompt": p} for p in data.ppo_prompts))
     _write_jsonl(paths["eval"], data.eval_items)
+    _write_jsonl(paths["dev_prompts"], ({"prompt": p} for p in data.dev_prompts))
     return paths

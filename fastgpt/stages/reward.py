@@ -200,6 +200,16 @@ def score(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str | list[M
     return [(r - offset) / scale for r in raw]
 
 
+def best_of_n(scores: Sequence[float], group: int, n: int) -> list[int]:
+    """Rejection sampling with a reward model: ``scores`` holds ``group`` consecutive samples per
+    prompt; for each prompt, the index (into ``scores``) of the highest-scoring of its first ``n``
+    samples (the earliest on a tie). ``n = 1`` is plain sampling."""
+    if not 1 <= n <= group or len(scores) % group:
+        raise ValueError(f"best_of_n: expected 1 <= n={n} <= group={group} and whole groups, "
+                         f"got {len(scores)} scores")
+    return [start + max(range(n), key=lambda i: (scores[start + i], -i)) for start in range(0, len(scores), group)]
+
+
 def load_reward_model(path: str, device: str | torch.device = "cpu") -> tuple[ScalarModel, Tokenizer, dict[str, Any]]:
     """(reward model in eval mode, tokenizer, extra with reward_offset / reward_scale)."""
     model, tok, ckpt = load_model(path, kind="scalar", device=device)
