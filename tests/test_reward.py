@@ -178,3 +178,16 @@ def test_reward_model_learns_obvious_preference(tmp_path):
     assert summary["data"]["val"] == 15
     assert summary["eval"]["val_accuracy"] > 0.85, summary["eval"]
     assert summary["eval"]["val_margin"] > 0
+
+
+def test_best_of_n_picks_the_argmax_of_each_prompts_first_n():
+    from fastgpt.stages.reward import best_of_n
+    scores = [0.1, 0.9, 0.5, 2.0,   # prompt 0: best of all four is index 3, of the first two index 1
+              -1.0, -3.0, -1.0, -2.0]  # prompt 1: a tie goes to the earliest sample
+    assert best_of_n(scores, group=4, n=4) == [3, 4]
+    assert best_of_n(scores, group=4, n=2) == [1, 4]
+    assert best_of_n(scores, group=4, n=1) == [0, 4]  # best-of-1: plain sampling
+    with pytest.raises(ValueError, match="best_of_n"):
+        best_of_n(scores, group=4, n=5)
+    with pytest.raises(ValueError, match="whole groups"):
+        best_of_n(scores[:7], group=4, n=2)

@@ -336,3 +336,16 @@ def test_two_labelers_agree_like_instructgpt_labelers():
                         total += 1
                         agree += (ranks[0][i] < ranks[0][j]) == (ranks[1][i] < ranks[1][j])
     assert 0.72 <= agree / total <= 0.80
+
+
+def test_rm_agreement_splits_correctness_and_style_pairs():
+    from fastgpt.demo.evaluate import rm_agreement
+    lab = SimulatedLabeler(noise=0.0)
+    samples = [(CANON, True), (WRONG, True), (VERBOSE, True), (TERSE, True)]
+    # the labeler: canon > terse > verbose (correct, by style), all > wrong
+    rewards = [2.0, 1.0, 0.0, 3.0]  # the RM: wrong above verbose, terse above canon
+    out = rm_agreement([P], samples, rewards, 4, lab)
+    assert (out["correctness_pairs"], out["style_pairs"], out["pairs"]) == (3, 3, 6)
+    assert out["correctness_accuracy"] == pytest.approx(2 / 3)  # canon > wrong, terse > wrong; verbose < wrong
+    assert out["style_accuracy"] == pytest.approx(2 / 3)  # canon > verbose, terse > verbose; canon < terse
+    assert out["accuracy"] == pytest.approx(4 / 6)

@@ -3,8 +3,9 @@
 RLHF needs people to rank model responses; the CPU demo has none, so this
 module stands in for them. It writes rankings in the same JSONL format as the
 human ranking tool, so the reward model cannot tell the difference, and it also
-judges held-out generations for the demo report. PPO never calls it: PPO only
-sees the reward model trained on its rankings.
+judges held-out generations for the demo report and, as PPO's gold judge
+(:meth:`SimulatedLabeler.judge`), PPO's answers to its dev prompts. PPO never
+trains on it: its rollouts see only the reward model trained on the rankings.
 
 What "good" means, in order of weight (`SimulatedLabeler.quality`):
 
@@ -16,7 +17,7 @@ What "good" means, in order of weight (`SimulatedLabeler.quality`):
 2. Ends its turn (-2.0 if not). A response that runs until the token limit
    without emitting end-of-turn is penalised hard, whatever it says.
 3. On-format (+1.0 if it is exactly the canonical sentence, e.g.
-   "7 plus 5 is 12."; +0.5 if it contains it among other text).
+   "The sum is 12."; +0.5 if it contains it among other text).
 4. Concise (up to -0.5 for characters beyond the canonical answer's length,
    saturating at 100 extra; -0.25 per filler phrase such as "Sure!" or
    "I hope this helps!", at most -0.75).
@@ -25,8 +26,8 @@ What "good" means, in order of weight (`SimulatedLabeler.quality`):
    like) and not empty (-1.0).
 
 Correct answers always outrank wrong ones among finished responses, so the
-style terms only order responses of equal correctness. The SFT
-demonstrations are mostly verbose, terse or repetitive, so this ordering is
+style terms only order responses of equal correctness. Half the SFT
+demonstrations are verbose, terse, repetitive or wrong, so this ordering is
 something the SFT model does not already follow.
 
 Rankings add noise: people disagree. The default noise (0.15) is calibrated

@@ -8,8 +8,10 @@ from ``build_config``), writes into its own folder under ``--out`` and, once it 
 stage that has its ``done.json``, and a stage interrupted half-way resumes from its own
 checkpoint (the trainer's exact resume), so a killed demo loses at most a few steps.
 
-PPO never sees the simulated labeler: the labeler only ranks the SFT model's samples (as a
-person would with ``fastgpt rank``) and judges the held-out answers at the end.
+PPO trains on the reward model alone: the simulated labeler ranks the SFT model's samples (as a
+person would with ``fastgpt rank``), and is PPO's gold judge only on its held-out dev prompts (the
+over-optimisation curve and the choice of best.pt), never on a rollout. It judges the held-out
+evaluation answers at the end.
 
 Budgets are per preset (:data:`BUDGETS`); ``tiny`` is sized to finish in under 10 minutes on
 2 CPU cores. ``--scale`` (or ``--quick``) shrinks every step count and data size, for tests.

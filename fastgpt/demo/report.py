@@ -145,8 +145,9 @@ def plot_overoptimisation(path: Path, points: list[dict[str, float]], best_step:
     import matplotlib.pyplot as plt
     kl = [p["kl"] for p in points]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    left.plot(kl, [p["gold"] for p in points], marker="o", markersize=3, label="gold: labeler score")
-    left.plot(kl, [p["proxy"] for p in points], marker="s", markersize=3, label="proxy: reward model (normalised)")
+    left.plot(kl, [p["gold"] for p in points], marker="o", markersize=3, linewidth=1, label="gold: labeler score")
+    left.plot(kl, [p["proxy"] for p in points], marker="s", markersize=3, linewidth=1,
+              label="proxy: reward model (normalised)")
     right.plot(kl, [100 * p["accuracy"] for p in points], marker="o", markersize=3, color="tab:green",
                label="task accuracy")
     for p in points:
@@ -154,7 +155,9 @@ def plot_overoptimisation(path: Path, points: list[dict[str, float]], best_step:
             left.plot([p["kl"]], [p["gold"]], marker="*", markersize=14, color="tab:red", linestyle="none",
                       label=f"best.pt (step {best_step})")
             right.plot([p["kl"]], [100 * p["accuracy"]], marker="*", markersize=14, color="tab:red", linestyle="none")
-    left.annotate("SFT", (kl[0], points[0]["gold"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    for p in points:  # the path is in step order; KL need not grow monotonically
+        left.annotate("SFT" if p["step"] == 0 else str(p["step"]), (p["kl"], p["gold"]), textcoords="offset points",
+                      xytext=(3, 4), fontsize=7, color="tab:blue")
     left.set_title("PPO on held-out dev prompts: gold vs proxy")
     right.set_title("task accuracy (dev, greedy)")
     for ax, ylabel in ((left, "score"), (right, "accuracy (%)")):

@@ -1,22 +1,31 @@
 """A tiny, self-generated world of instruction tasks for the CPU demo.
 
 The demo has to run pre-training, SFT, reward modelling and PPO on a 2-core CPU
-in minutes, with a byte-level model of a few million parameters and a 256-byte
+in minutes, with a byte-level model of about a million parameters and a 256-byte
 context, and still show held-out evidence that every stage did something. No
 downloaded data set is small and regular enough for that, so this module makes
-one: a handful of task families (small arithmetic, word and list manipulation,
-facts from small tables) whose prompts are short, whose vocabulary is small and
-whose answers can be recomputed from the prompt alone.
+one: eight task families that read their answer off the question (one-digit
+sums and differences, the bigger of two numbers, the largest or smallest of a
+short list, a word's first or last letter or its length). Their prompts are
+short, their vocabulary small, their answers recomputable from the prompt
+alone, and each has only a handful of plausible answers, so a few samples of a
+half-trained model usually contain the right one and a reward model can learn
+to tell it from the wrong ones.
 
 Every stage gets its own view of the same world:
 
-* pre-training reads plain statements ("7 plus 5 is 12.") so the facts and
-  skills are in the weights before any chat formatting is taught;
-* SFT reads demonstrations of deliberately uneven quality (verbose, terse,
-  repetitive, a few wrong) so the SFT model learns the assistant format but not
-  the concise canonical style the simulated labeler rewards, leaving PPO
-  something measurable to improve;
-* the comparison, PPO and evaluation stages get prompt sets that share no
+* pre-training reads plain text: mostly questions followed by their answers, the
+  rest self-contained facts ("3 plus 4 is 7."), so the skills are in the weights
+  before any chat formatting is taught;
+* SFT reads demonstrations of uneven quality: half in the labeler's preferred
+  short style, the rest verbose, terse or repetitive, and a fifth wrong. The
+  wrong ones are not noise but each family's characteristic slip (the first
+  letter where the last was asked, the largest for the smallest, adding instead
+  of subtracting, ...), the kind of systematic mistake people writing
+  demonstrations make and people comparing answers catch. The SFT model learns
+  the slips along with the skills; the labeler's rankings, the reward model and
+  PPO have them to unlearn;
+* the comparison, PPO, dev and evaluation stages get prompt sets that share no
   prompt string with each other or with SFT, so every reported number is on
   prompts the model was never trained to answer.
 
@@ -42,10 +51,9 @@ Args = dict[str, str]
 # phrase below may contain them.
 CLAIM_VERBS = ("is", "says", "has")
 
-# Demonstration styles and their share of the SFT set. Verbose and repetitive
-# demos both open with "Sure", so greedy decoding of the SFT model tends to
-# start chatty rather than canonical; the labeler's preferred canonical style
-# is only a quarter of the data.
+# Demonstration styles and their share of the SFT set. The labeler's preferred
+# canonical style is half of it; "wrong" demos state the family's slip in one of
+# the other styles.
 STYLE_MIX: dict[str, float] = {
     "canonical": 0.50,
     "wrong": 0.20,
