@@ -100,23 +100,25 @@ def test_answer_for_agrees_with_generator(world):
 
 
 def test_known_answers():
-    assert answer_for("What is 7 plus 5?") == "The sum is 12."
-    assert answer_for("Subtract 3 from 9.") == "The difference is 6."
-    assert answer_for("Which is bigger, 3 or 8?") == "The bigger one is 8."
-    assert answer_for("What is the largest of 4 9 2?") == "The largest is 9."
-    assert answer_for("What is the smallest of 4 9 2?") == "The smallest is 2."
-    assert answer_for("What is the first letter of apple?") == "The first letter is a."
-    assert answer_for("What letter does apple end with?") == "The last letter is e."
-    assert answer_for("How many letters are in apple?") == "It has 5 letters."
+    assert answer_for("What is 7 plus 5?") == "7 plus 5 is 12."
+    assert answer_for("Work out 9 minus 3.") == "9 minus 3 is 6."
+    assert answer_for("Which is bigger, 3 or 8?") == "The bigger of 3 or 8 is 8."
+    assert answer_for("Find the largest of 4 9 2.") == "The largest of 4 9 2 is 9."
+    assert answer_for("What is the smallest of 4 9 2?") == "The smallest of 4 9 2 is 2."
+    assert answer_for("Tell me the first letter of apple.") == "The first letter of apple is a."
+    assert answer_for("Name the last letter of apple.") == "The last letter of apple is e."
+    assert answer_for("How many letters has the word apple?") == "The word apple has 5 letters."
 
 
-def test_corpus_facts_name_their_arguments():
-    """Pre-training sentences must say what they are about; the short chat answers do not."""
+def test_every_answer_restates_its_question():
+    """The canonical answer repeats a phrase of the prompt verbatim (what a small model can copy)."""
     rng = random.Random(0)
-    facts = {fam.name: fam.statement(rng) for fam in FAMILIES}
-    assert re.fullmatch(r"\d plus \d is \d+\.", facts["add"])
-    assert re.fullmatch(r"The first letter of [a-z]+ is [a-z]\.", facts["first_letter"])
-    assert re.fullmatch(r"The largest of \d( \d)+ is \d\.", facts["max"])
+    for fam in FAMILIES:
+        for _ in range(20):
+            p = fam.sample_prompt(rng)
+            restated = fam.answer(p).rsplit(" is ", 1)[0].rsplit(" has ", 1)[0]
+            phrase = restated.removeprefix("The ").split(" of ", 1)[-1]
+            assert phrase in p, (p, fam.answer(p))
 
 
 def test_pretrain_is_plain_statements(world):
@@ -161,11 +163,11 @@ def test_write_world_roundtrip(world, tmp_path):
 # -- labeler -----------------------------------------------------------------
 
 P = "What is 7 plus 5?"
-CANON = "The sum is 12."
-VERBOSE = "Sure! Let me think. The sum is 12. I hope this helps!"
+CANON = "7 plus 5 is 12."
+VERBOSE = "Sure! Let me think. 7 plus 5 is 12. I hope this helps!"
 TERSE = "12"
-REPEAT = "Sure! Let me think. The sum is 12. The sum is 12. The sum is 12."
-WRONG = "The sum is 13."
+REPEAT = "Sure! Let me think. 7 plus 5 is 12. 7 plus 5 is 12. 7 plus 5 is 12."
+WRONG = "7 plus 5 is 13."
 
 
 def test_quality_ordering():
@@ -183,15 +185,15 @@ def test_correctness_rules():
     assert lab.is_correct(P, CANON) and lab.is_correct(P, TERSE) and lab.is_correct(P, VERBOSE)
     assert lab.is_correct(P, "12.") and lab.is_correct(P, "7 plus 5 is 12")
     assert not lab.is_correct(P, WRONG)
-    assert not lab.is_correct(P, "The sum is 12. The sum is 13.")
+    assert not lab.is_correct(P, "7 plus 5 is 12. 7 plus 5 is 13.")
     assert not lab.is_correct(P, "")
     assert not lab.is_correct("Who are you?", "12")
-    assert lab.is_correct("Count the letters in fish.", "It has 4 letters.")
-    assert lab.is_correct("Count the letters in fish.", "The word fish has 4 letters.")
-    assert lab.is_correct("What letter does fish end with?", "The last letter is h.")
-    assert not lab.is_correct("What letter does fish end with?", "The last letter is f.")
-    assert lab.is_correct("Which is smallest: 7 3 5?", "3")
-    assert not lab.is_correct("Which is bigger, 2 or 9?", "The bigger one is 2.")
+    assert lab.is_correct("How many letters has the word fish?", "It has 4 letters.")
+    assert lab.is_correct("How many letters has the word fish?", "The word fish has 4 letters.")
+    assert lab.is_correct("What is the last letter of fish?", "The last letter of fish is h.")
+    assert not lab.is_correct("What is the last letter of fish?", "The last letter of fish is f.")
+    assert lab.is_correct("Find the smallest of 7 3 5.", "3")
+    assert not lab.is_correct("Which is bigger, 2 or 9?", "The bigger of 2 or 9 is 2.")
 
 
 def test_wrong_demos_are_wrong_for_every_family():
@@ -261,11 +263,11 @@ def test_evaluate_hand_made():
     lab = SimulatedLabeler()
     items = [
         {"prompt": P, "task": "add", "answer": CANON},
-        {"prompt": "What letter does cat end with?", "task": "last_letter", "answer": "The last letter is t."},
-        {"prompt": "Which is bigger, 2 or 9?", "task": "bigger", "answer": "The bigger one is 9."},
-        {"prompt": "What is the largest of 1 5 2?", "task": "max", "answer": "The largest is 5."},
+        {"prompt": "What is the last letter of cat?", "task": "last_letter", "answer": "The last letter of cat is t."},
+        {"prompt": "Which is bigger, 2 or 9?", "task": "bigger", "answer": "The bigger of 2 or 9 is 9."},
+        {"prompt": "What is the largest of 1 5 2?", "task": "max", "answer": "The largest of 1 5 2 is 5."},
     ]
-    responses = [CANON, "t", "The bigger one is 2.", "The largest is 5. User: thanks"]
+    responses = [CANON, "t", "The bigger of 2 or 9 is 2.", "The largest of 1 5 2 is 5. User: thanks"]
     finished = [True, True, True, False]
     m = lab.evaluate(items, responses, finished)
     assert m["accuracy"] == pytest.approx(0.75)

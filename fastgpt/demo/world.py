@@ -15,8 +15,8 @@ to tell it from the wrong ones.
 Every stage gets its own view of the same world:
 
 * pre-training reads plain text: mostly questions followed by their answers, the
-  rest self-contained facts ("3 plus 4 is 7."), so the skills are in the weights
-  before any chat formatting is taught;
+  rest bare facts ("3 plus 4 is 7."), so the skills are in the weights before any
+  chat formatting is taught;
 * SFT reads demonstrations of uneven quality: half in the labeler's preferred
   short style, the rest verbose, terse or repetitive, and a fifth wrong. The
   wrong ones are not noise but each family's characteristic slip (the first
@@ -108,7 +108,12 @@ def _strip_value(text: str) -> str:
 
 
 class Family:
-    """One task family: prompt templates, answer rule, corpus and demo text."""
+    """One task family: prompt templates, answer rule, corpus and demo text.
+
+    Every template contains the phrase its canonical answer restates ("3 plus 4" in "What is
+    3 plus 4?" and "3 plus 4 is 7."): a model this small learns to copy a phrase it has just
+    read long before it learns to find a number anywhere in a question and work with it.
+    """
 
     name: str = ""
     templates: tuple[str, ...] = ()
@@ -128,11 +133,7 @@ class Family:
         raise NotImplementedError
 
     def canonical(self, args: Args, result: str) -> str:
-        """The short answer the labeler prefers, stating `result` after a claim verb."""
-        raise NotImplementedError
-
-    def fact(self, args: Args, result: str) -> str:
-        """The same fact as a self-contained sentence naming the arguments, for the corpus."""
+        """The one-sentence answer the labeler prefers, stating `result` after a claim verb."""
         raise NotImplementedError
 
     def slip(self, args: Args) -> str:
@@ -173,7 +174,7 @@ class Family:
 
     def statement(self, rng: random.Random) -> str:
         args = self.sample_args(rng)
-        return self.fact(args, self.result(args))  # type: ignore[arg-type]
+        return self.canonical(args, self.result(args))  # type: ignore[arg-type]
 
     def normalize_value(self, text: str) -> str:
         """Canonical form of a claimed result, for comparing with `result`."""
@@ -221,16 +222,13 @@ class DigitPair(Family):
 
 class Add(DigitPair):
     name = "add"
-    templates = ("What is {a} plus {b}?", "What is {a} + {b}?", "Add {a} and {b}.")
+    templates = ("What is {a} plus {b}?", "Tell me {a} plus {b}.", "Work out {a} plus {b}.")
 
     def result(self, args: Args) -> str | None:
         a, b = self._ab(args)
         return str(a + b)
 
     def canonical(self, args: Args, result: str) -> str:
-        return f"The sum is {result}."
-
-    def fact(self, args: Args, result: str) -> str:
         return f"{args['a']} plus {args['b']} is {result}."
 
     def slip(self, args: Args) -> str:
@@ -240,7 +238,7 @@ class Add(DigitPair):
 
 class Sub(DigitPair):
     name = "sub"
-    templates = ("What is {a} minus {b}?", "What is {a} - {b}?", "Subtract {b} from {a}.")
+    templates = ("What is {a} minus {b}?", "Tell me {a} minus {b}.", "Work out {a} minus {b}.")
 
     def result(self, args: Args) -> str | None:
         # Non-negative results only: negative numbers add a sign rule the tiny
@@ -249,9 +247,6 @@ class Sub(DigitPair):
         return str(a - b) if a >= b else None
 
     def canonical(self, args: Args, result: str) -> str:
-        return f"The difference is {result}."
-
-    def fact(self, args: Args, result: str) -> str:
         return f"{args['a']} minus {args['b']} is {result}."
 
     def slip(self, args: Args) -> str:
@@ -261,17 +256,15 @@ class Sub(DigitPair):
 
 class Bigger(DigitPair):
     name = "bigger"
-    templates = ("Which is bigger, {a} or {b}?", "Which is larger: {a} or {b}?", "Which number is bigger, {a} or {b}?")
+    templates = ("Which is bigger, {a} or {b}?", "Tell me which is bigger, {a} or {b}.",
+                 "Say which is bigger, {a} or {b}.")
 
     def result(self, args: Args) -> str | None:
         a, b = self._ab(args)
         return None if a == b else str(max(a, b))
 
     def canonical(self, args: Args, result: str) -> str:
-        return f"The bigger one is {result}."
-
-    def fact(self, args: Args, result: str) -> str:
-        return f"Of {args['a']} and {args['b']}, the bigger is {result}."
+        return f"The bigger of {args['a']} or {args['b']} is {result}."
 
     def slip(self, args: Args) -> str:
         return str(min(self._ab(args)))
@@ -303,15 +296,13 @@ def _other_letter(word: str, avoid: str, prefer: str) -> str:
 
 class FirstLetter(WordFamily):
     name = "first_letter"
-    templates = ("What is the first letter of {w}?", "What letter does {w} start with?")
+    templates = ("What is the first letter of {w}?", "Tell me the first letter of {w}.",
+                 "Name the first letter of {w}.")
 
     def result(self, args: Args) -> str | None:
         return args["w"][0]
 
     def canonical(self, args: Args, result: str) -> str:
-        return f"The first letter is {result}."
-
-    def fact(self, args: Args, result: str) -> str:
         return f"The first letter of {args['w']} is {result}."
 
     def slip(self, args: Args) -> str:
@@ -320,15 +311,13 @@ class FirstLetter(WordFamily):
 
 class LastLetter(WordFamily):
     name = "last_letter"
-    templates = ("What is the last letter of {w}?", "What letter does {w} end with?")
+    templates = ("What is the last letter of {w}?", "Tell me the last letter of {w}.",
+                 "Name the last letter of {w}.")
 
     def result(self, args: Args) -> str | None:
         return args["w"][-1]
 
     def canonical(self, args: Args, result: str) -> str:
-        return f"The last letter is {result}."
-
-    def fact(self, args: Args, result: str) -> str:
         return f"The last letter of {args['w']} is {result}."
 
     def slip(self, args: Args) -> str:
@@ -337,15 +326,13 @@ class LastLetter(WordFamily):
 
 class Length(WordFamily):
     name = "length"
-    templates = ("How many letters are in {w}?", "Count the letters in {w}.")
+    templates = ("How many letters has the word {w}?", "Count the letters the word {w} has.",
+                 "Tell me how many letters the word {w} has.")
 
     def result(self, args: Args) -> str | None:
         return str(len(args["w"]))
 
     def canonical(self, args: Args, result: str) -> str:
-        return f"It has {result} letters."
-
-    def fact(self, args: Args, result: str) -> str:
         return f"The word {args['w']} has {result} letters."
 
     def normalize_value(self, text: str) -> str:
@@ -375,16 +362,13 @@ class ListFamily(Family):
         return [int(x) for x in args["xs"].split()]
 
     def canonical(self, args: Args, result: str) -> str:
-        return f"The {self.word} is {result}."
-
-    def fact(self, args: Args, result: str) -> str:
         return f"The {self.word} of {args['xs']} is {result}."
 
 
 class Largest(ListFamily):
     name = "max"
     word = "largest"
-    templates = ("What is the largest of {xs}?", "Which is biggest: {xs}?")
+    templates = ("What is the largest of {xs}?", "Tell me the largest of {xs}.", "Find the largest of {xs}.")
 
     def result(self, args: Args) -> str | None:
         return str(max(self._numbers(args)))
@@ -396,7 +380,7 @@ class Largest(ListFamily):
 class Smallest(ListFamily):
     name = "min"
     word = "smallest"
-    templates = ("What is the smallest of {xs}?", "Which is smallest: {xs}?")
+    templates = ("What is the smallest of {xs}?", "Tell me the smallest of {xs}.", "Find the smallest of {xs}.")
 
     def result(self, args: Args) -> str | None:
         return str(min(self._numbers(args)))
