@@ -62,17 +62,17 @@ class LoadReport:
                          + (f" ({context} tokens)" if context else ""))
         return f"{self.path}: " + "; ".join(parts) if parts else ""
 
-    def check(self, max_bad_fraction: float, what: str = "records") -> None:
-        """Fail when too many records were bad, or none were usable."""
+    def finish(self, stage: str, max_bad_fraction: float, what: str = "records", context: int | None = None) -> None:
+        """End of loading: fail with one line when too many records were bad or none is usable;
+        otherwise print the one summary line of skipped / truncated records (stderr), if any.
+        A failure is reported once, by the error alone."""
         if self.total and len(self.bad) / self.total > max_bad_fraction:
             raise DataError(f"{self.path}: {len(self.bad)} of {self.total} {what} are bad, more than "
                             f"max_bad_fraction={max_bad_fraction} (first: {self.bad[0]})")
         if self.kept - self.ignored <= 0:
-            reason = f" (first problem: {self.bad[0]})" if self.bad else ""
+            reason = (f" (first problem: {self.bad[0]})" if self.bad else
+                      f" ({self.ignored} all-tied, holding no preference)" if self.ignored else "")
             raise DataError(f"{self.path}: no usable {what}{reason}")
-
-    def warn(self, stage: str, context: int | None = None) -> None:
-        """Print the one summary line of skipped / truncated records (stderr), if any."""
         text = self.summary(context)
         if text:
             print(f"{stage}: warning: {text}", file=sys.stderr)

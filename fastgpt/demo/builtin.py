@@ -43,8 +43,9 @@ def fill_builtin_data(cfg: Any) -> Any:
     """Point the empty data fields of a stage config at the built-in world; returns ``cfg``.
 
     pretrain: ``data`` -> the built-in corpus (``builtin_documents`` documents, seed ``seed``);
-    sft: ``data`` -> the world's demonstrations (seed ``seed``); ppo: ``prompts`` and
-    ``eval_prompts`` -> the world's PPO and held-out prompts (seed ``world_seed``). The reward
+    sft: ``data`` -> the world's demonstrations (seed ``seed``); ppo without ``prompts``: the
+    world's PPO prompts, and its held-out evaluation prompts unless ``eval_prompts`` is given (a
+    user's own prompts get a held-out slice of themselves instead, in the stage). The reward
     stage has no built-in data: rankings come from a person or the demo's labeler.
     """
     from ..stages.configs import PPOConfig, PretrainConfig, SFTConfig
@@ -54,12 +55,11 @@ def fill_builtin_data(cfg: Any) -> Any:
     elif isinstance(cfg, SFTConfig) and not cfg.data:
         from .world import make_world
         cfg.data = _write_once(folder / f"sft-seed{cfg.seed}.jsonl", make_world(cfg.seed, n_pretrain=0).sft)
-    elif isinstance(cfg, PPOConfig) and not (cfg.prompts and cfg.eval_prompts):
+    elif isinstance(cfg, PPOConfig) and not cfg.prompts:
         from .world import make_world
         world = make_world(cfg.world_seed, n_pretrain=0)
-        if not cfg.prompts:
-            cfg.prompts = _write_once(folder / f"ppo_prompts-seed{cfg.world_seed}.jsonl",
-                                      ({"prompt": p} for p in world.ppo_prompts))
+        cfg.prompts = _write_once(folder / f"ppo_prompts-seed{cfg.world_seed}.jsonl",
+                                  ({"prompt": p} for p in world.ppo_prompts))
         if not cfg.eval_prompts:
             cfg.eval_prompts = _write_once(folder / f"eval_prompts-seed{cfg.world_seed}.jsonl",
                                            ({"prompt": it["prompt"]} for it in world.eval_items))

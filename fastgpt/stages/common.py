@@ -1,15 +1,21 @@
-"""Pieces every stage needs around the trainer: start-from models and vocabulary sizing."""
+"""Pieces every stage needs around the trainer: start-from models, vocabulary sizing, held-out
+splits and the data plan of packed stages."""
 from __future__ import annotations
 
+import math
+import random
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ..chatdata import batches_per_epoch
 from ..checkpoint import CheckpointError, load_model
 from ..config import ModelConfig
 from ..model import GPT
 from ..tokenizer import Tokenizer
+from ..trainer import DataPlan, distributed_env
 
 
 def padded_vocab(tokenizer: Tokenizer, multiple: int = 64) -> int:
@@ -59,3 +65,23 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded (train, val) index split; at least one of each once there are two items."""
+    ids = list(range(n))
+    random.Random(seed).shuffle(ids)
+    n_val = min(n - 1, max(1 if n >= 2 and fraction > 0 else 0, round(n * fraction)))
+    return sorted(ids[n_val:]), sorted(ids[:n_val])
+
+
+def packed_plan(cfg: Any, group_lengths: list[list[int]], block_size: int, unit: str, val_size: int) -> DataPlan:
+    """The plan of a stage that packs whole groups (a conversation, one prompt's ranked responses)
+    into ``batch_size`` rows of ``block_size`` tokens. With ``cfg.epochs > 0`` it also sets
+    ``cfg.max_steps`` to that many passes over the groups."""
+    per_step = cfg.grad_accum * distributed_env().world_size
+    batches = batches_per_epoch(group_lengths, cfg.batch_size, block_size)
+    if cfg.epochs > 0:
+        cfg.max_steps = max(1, math.ceil(cfg.epochs * batches / per_step))
+    return DataPlan(len(group_lengths), unit, batches / per_step, cfg.batch_size * block_size * per_step,
+                    val_size=val_size, val_unit=unit)

@@ -33,6 +33,7 @@ import torch.nn as nn
 from .. import kernels
 from ..checkpoint import load_model
 from ..config import ModelConfig
+from ..console import plural
 from ..chatdata import LoadReport, parse_prompt, parse_prompt_record, read_records
 from ..data import IGNORE_INDEX, DataError, PackedBatch, TokenLoader, pack_all
 from ..engine import SamplingParams, generate
@@ -41,9 +42,9 @@ from ..losses import (AdaptiveKLController, FixedKLController, explained_varianc
                       masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
 from ..model import GPT, ScalarModel
 from ..tokenizer import Tokenizer, encode_prompt
-from ..trainer import (Trainer, TrainingError, autocast_context, distributed_env, resolve_device,
+from ..trainer import (DataPlan, Trainer, TrainingError, autocast_context, distributed_env, resolve_device,
                        seed_everything)
-from .common import cast_parameters, freeze, require_same_tokenizer, set_dropout
+from .common import cast_parameters, freeze, require_same_tokenizer, set_dropout, split_holdout
 from .configs import PPOConfig
 from .reward import raw_scores
 
@@ -127,8 +128,7 @@ def load_prompts(path: str, tok: Tokenizer, block_size: int, what: str) -> list[
     to answer are skipped with one warning (an error if none is left)."""
     report = LoadReport(path)
     texts = [value for _, value in read_records(path, parse_prompt_record, report)]
-    report.warn("ppo")
-    report.check(0.1, "prompts")
+    report.finish("ppo", 0.1, "prompts")
     return encode_prompts(texts, tok, block_size, f"{what}={path}")
 
 
@@ -153,12 +153,9 @@ class PPOTask:
     def __init__(self, cfg: PPOConfig, model: PolicyValue, ref: GPT, tokenizer: Tokenizer,
                  prompts: list[list[int]], reward_fn: RewardFn, eval_prompts: list[list[int]] | None = None,
                  device: torch.device | str = "cpu") -> None:
-        if cfg.value_model not in ("reward", "head"):
-            raise PPOError(f"value_model={cfg.value_model!r}: expected 'reward' or 'head'")
-        if cfg.mini_batch_size < 1 or cfg.rollout_batch_size < cfg.mini_batch_size:
-            raise PPOError("expected 1 <= mini_batch_size <= rollout_batch_size")
-        if cfg.temperature <= 0:
-            raise PPOError("temperature must be > 0: PPO needs the policy's own samples")
+        if cfg.rollout_batch_size < cfg.mini_batch_size:
+            raise PPOError(f"mini_batch_size={cfg.mini_batch_size} is larger than rollout_batch_size="
+                           f"{cfg.rollout_batch_size}")
         self.cfg, self.model, self.ref, self.tok = cfg, model, ref, tokenizer
         self.prompts, self.eval_prompts = prompts, eval_prompts or []
         self.reward_fn = reward_fn
@@ -450,12 +447,45 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
     model.to(device)
     block = policy.config.block_size
     prompts = load_prompts(cfg.prompts, tok, block, "prompts")
-    eval_prompts = load_prompts(cfg.eval_prompts, tok, block, "eval_prompts") if cfg.eval_prompts else []
+    if cfg.eval_prompts:
+        eval_prompts = load_prompts(cfg.eval_prompts, tok, block, "eval_prompts")
+        held_out = f"held-out score on {plural(min(len(eval_prompts), cfg.eval_max_prompts), 'prompt')} of eval_prompts"
+    else:  # score the policy on prompts like the user's own, never on unrelated ones
+        prompts, eval_prompts = hold_out(prompts, cfg.eval_fraction, cfg.eval_max_prompts, cfg.seed)
+        held_out = (f"held-out score on {plural(len(eval_prompts), 'prompt')} kept out of prompts (eval_fraction="
+                    f"{cfg.eval_fraction:g}, not trained on)" if eval_prompts else
+                    "no held-out score: no eval_prompts, and none of prompts held out (eval_fraction, eval_max_prompts)")
     task = PPOTask(cfg, model, ref, tok, prompts, reward_fn, eval_prompts, device)
     extra["sft_checkpoint"] = str(cfg.sft_checkpoint)
+    data = {"prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts, "ptx_data": cfg.ptx_data}
     trainer = Trainer(cfg, model, task, stage="ppo", tokenizer=tok, model_kind="policy_value", extra=extra,
+                      data=data, plan=ppo_plan(cfg, prompts, eval_prompts, block, held_out),
                       flops_per_token=policy.flops_per_token(block))
     return trainer, task
+
+
+def hold_out(prompts: list[list[int]], fraction: float, most: int, seed: int
+             ) -> tuple[list[list[int]], list[list[int]]]:
+    """(train, held-out) prompts: a seeded ``fraction`` held out, at most ``most`` of them (the rest
+    of the slice would be neither trained on nor scored)."""
+    train_ids, val_ids = split_holdout(len(prompts), fraction, seed)
+    train_ids = sorted(train_ids + val_ids[most:])
+    return [prompts[i] for i in train_ids], [prompts[i] for i in val_ids[:most]]
+
+
+def ppo_plan(cfg: PPOConfig, prompts: list[list[int]], eval_prompts: list[list[int]], block: int,
+             held_out: str) -> DataPlan:
+    """Epochs are passes over the training prompts: each rollout answers rollout_batch_size of
+    them and trains ppo_epochs passes of its minibatches."""
+    world = distributed_env().world_size
+    steps_per_rollout = cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.mini_batch_size) / cfg.grad_accum
+    rollouts = math.ceil(cfg.max_steps / steps_per_rollout)
+    seq = min(block, max(map(len, prompts)) + cfg.max_new_tokens)
+    return DataPlan(len(prompts), "prompts", len(prompts) / (cfg.rollout_batch_size * world) * steps_per_rollout,
+                    cfg.mini_batch_size * cfg.grad_accum * world * seq, val_size=min(len(eval_prompts), cfg.eval_max_prompts),
+                    val_unit="prompts" if eval_prompts else "",
+                    notes=[f"about {plural(rollouts, 'rollout')} of {cfg.rollout_batch_size} prompts, "
+                           f"{steps_per_rollout:g} steps each; {held_out}"])
 
 
 def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, Any]:
@@ -469,4 +499,5 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, Any]:
     summary = trainer.fit()
     summary["sft"] = sft_eval
     summary["rollouts"] = task.rollouts_done
+    summary["held_out_prompts"] = len(task.eval_prompts[:cfg.eval_max_prompts])
     return summary

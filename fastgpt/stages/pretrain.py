@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError
-from ..data import TokenLoader, dataset_tokenizer
+from ..data import TokenLoader, dataset_tokenizer, load_meta
 from ..model import GPT
-from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
+from ..trainer import DataPlan, Trainer, distributed_env, resolve_device, seed_everything
 from .common import load_language_model, padded_vocab
 from .configs import PretrainConfig
 
@@ -64,6 +64,15 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         cfg.model.vocab_size = padded_vocab(tokenizer)
         model = GPT(cfg.model)
     task = PretrainTask(cfg, cfg.model.vocab_size, device)
-    trainer = Trainer(cfg, model, task, stage="pretrain", tokenizer=tokenizer,
-                      flops_per_token=model.flops_per_token(cfg.model.block_size))
+    trainer = Trainer(cfg, model, task, stage="pretrain", tokenizer=tokenizer, data={"data": cfg.data},
+                      plan=pretrain_plan(cfg), flops_per_token=model.flops_per_token(cfg.model.block_size))
     return trainer.fit()
+
+
+def pretrain_plan(cfg: PretrainConfig) -> DataPlan:
+    """Tokens per step and epochs over the dataset's training tokens; validation in context windows."""
+    tokens = load_meta(cfg.data)["tokens"]
+    T = cfg.model.block_size
+    per_step = cfg.batch_size * T * cfg.grad_accum * distributed_env().world_size
+    return DataPlan(tokens["train"], "tokens", tokens["train"] / per_step, per_step, packed=False,
+                    val_size=tokens["val"] // T, val_unit=f"validation windows of {T} tokens")

@@ -13,7 +13,6 @@ rankings file) score mean 0, std 1: ``reward_offset`` / ``reward_scale`` go to t
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -21,18 +20,20 @@ import torch
 import torch.nn as nn
 
 from ..chatdata import (
-    BadRecord, Comparison, EpochOrder, Example, LoadReport, batches_per_epoch, fits_one_batch, iter_batches,
+    BadRecord, Comparison, EpochOrder, Example, LoadReport, fits_one_batch, iter_batches,
     pack_groups, parse_prompt, parse_preference, read_records,
 )
 from ..checkpoint import load_model
 from ..config import ConfigError
+from ..console import plural
 from ..data import PackedBatch
 from ..losses import ranking_loss, ranking_pairs
 from ..model import ScalarModel
 from ..tokenizer import Message, Tokenizer, encode_prompt
 from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
 from .configs import RewardConfig
-from .sft import load_start_model, split_holdout
+from .common import packed_plan, split_holdout
+from .sft import load_start_model
 
 
 # ---------------------------------------------------------------------------- data
@@ -85,8 +86,7 @@ def load_preferences(path: str, tok: Tokenizer, block_size: int, n_rows: int, ma
 
     groups = [g for _, g in read_records(path, parse, report)]
     report.ignored = sum(not g.pairs for g in groups)  # all tied: valid, but nothing to learn from
-    report.warn("reward", block_size)
-    report.check(max_bad_fraction, "rankings")
+    report.finish("reward", max_bad_fraction, "rankings", block_size)
     return groups, report
 
 
@@ -219,16 +219,18 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     groups = [g for g in every if g.pairs]
     train_ids, val_ids = split_holdout(len(groups), cfg.val_fraction, cfg.seed)
     train = [groups[i] for i in train_ids]
-    if cfg.epochs > 0:
-        if cfg.max_steps != RewardConfig.max_steps:
-            raise ConfigError(f"reward: set either epochs ({cfg.epochs}) or max_steps ({cfg.max_steps}), "
-                              f"not both (epochs=0 uses max_steps)")
-        per_epoch = batches_per_epoch([[len(ids) for ids, _ in g.examples] for g in train], cfg.batch_size, T)
-        cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch / (cfg.grad_accum * distributed_env().world_size)))
+    if cfg.epochs > 0 and cfg.max_steps != RewardConfig.max_steps:
+        raise ConfigError(f"reward: set either epochs ({cfg.epochs}) or max_steps ({cfg.max_steps}), "
+                          f"not both (epochs=0 uses max_steps)")
+    plan = packed_plan(cfg, [[len(ids) for ids, _ in g.examples] for g in train], T, "ranked prompts", len(val_ids))
+    if cfg.epochs > 0 and cfg.max_steps < cfg.min_steps:
+        plan.notes.append(f"{cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'} of {plural(len(train), 'ranked prompt')} "
+                          f"would be only {plural(cfg.max_steps, 'step')}: training min_steps={cfg.min_steps} instead")
+        cfg.max_steps = cfg.min_steps
     device = resolve_device(cfg.device, distributed_env())
     task = RewardTask(cfg, train, [groups[i] for i in val_ids], tok.pad_id, T, device)
-    trainer = Trainer(cfg, model, task, stage="reward", tokenizer=tok, model_kind="scalar",
-                      flops_per_token=model.gpt.flops_per_token(T))
+    trainer = Trainer(cfg, model, task, stage="reward", tokenizer=tok, model_kind="scalar", data={"data": cfg.data},
+                      plan=plan, flops_per_token=model.gpt.flops_per_token(T))
     summary = trainer.fit()
     # SFT responses score mean 0, std 1: PPO's reward scale then does not depend on this run.
     model.eval()

@@ -13,22 +13,20 @@ models: cosine decay to 10% of the peak LR, residual dropout (0.2 there, 0.1 her
 """
 from __future__ import annotations
 
-import math
-import random
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..chatdata import (
-    BadRecord, EpochOrder, Example, LoadReport, batches_per_epoch, iter_batches, pack_groups, parse_conversation, read_records,
+    BadRecord, EpochOrder, Example, LoadReport, iter_batches, pack_groups, parse_conversation, read_records,
 )
 from ..config import ConfigError
 from ..data import IGNORE_INDEX, DataError, PackedBatch
 from ..model import GPT
 from ..tokenizer import Message, Tokenizer, encode_chat, encode_prompt, load_tokenizer
 from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
-from .common import load_language_model, padded_vocab, set_dropout
+from .common import load_language_model, packed_plan, padded_vocab, set_dropout, split_holdout
 from .configs import SFTConfig
 
 
@@ -64,17 +62,8 @@ def load_conversations(path: str, tok: Tokenizer, block_size: int, max_bad_fract
         return example, msgs
 
     records = [v for _, v in read_records(path, parse, report)]
-    report.warn("sft", block_size)
-    report.check(max_bad_fraction, "conversations")
+    report.finish("sft", max_bad_fraction, "conversations", block_size)
     return [e for e, _ in records], [m for _, m in records], report
-
-
-def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded (train, val) index split; at least one of each once there are two items."""
-    ids = list(range(n))
-    random.Random(seed).shuffle(ids)
-    n_val = min(n - 1, max(1 if n >= 2 and fraction > 0 else 0, round(n * fraction)))
-    return sorted(ids[n_val:]), sorted(ids[:n_val])
 
 
 def load_start_model(init_from: str, tokenizer: str = "") -> tuple[GPT, Tokenizer]:
@@ -182,12 +171,11 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     if not train_ids:
         raise DataError(f"{report.path}: too few conversations to train on ({len(examples)})")
     train = [examples[i] for i in train_ids]
-    if cfg.epochs > 0:
-        per_epoch = batches_per_epoch([[len(ids)] for ids, _ in train], cfg.batch_size, T)
-        cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch / (cfg.grad_accum * distributed_env().world_size)))
+    plan = packed_plan(cfg, [[len(ids)] for ids, _ in train], T, "conversations", len(val_ids))
     device = resolve_device(cfg.device, distributed_env())
     task = SFTTask(cfg, train, [examples[i] for i in val_ids], [messages[i] for i in val_ids], tok, T, device)
-    trainer = Trainer(cfg, model, task, stage="sft", tokenizer=tok, flops_per_token=model.flops_per_token(T))
+    trainer = Trainer(cfg, model, task, stage="sft", tokenizer=tok, data={"data": cfg.data}, plan=plan,
+                      flops_per_token=model.flops_per_token(T))
     summary = trainer.fit()
     summary["data"] = {"train": len(train), "val": len(val_ids), "skipped": len(report.bad),
                        "truncated": report.truncated}
