@@ -91,7 +91,7 @@ def check_fields(obj: Any, prefix: str = "") -> None:
 class ModelConfig:
     """Shape of a decoder-only GPT. Defaults are GPT-2 small's layout."""
 
-    vocab_size: Positive = 50304          # token ids the model has embeddings for (the tokenizer's, padded)
+    vocab_size: Positive = 50304          # embedding rows; pre-training from scratch sets it from the data's tokenizer
     block_size: Positive = 1024           # longest sequence the model is trained for (its context)
     n_layer: Positive = 12                # transformer blocks
     n_head: Positive = 12                 # attention heads (query heads under grouped-query attention)

@@ -75,7 +75,7 @@ class DataPlan:
     the numbers cannot mean much."""
 
     size: int                        # training items (conversations, rankings, prompts, tokens)
-    unit: str                        # what an item is, plural ("conversations")
+    unit: str                        # what an item is, singular ("conversation")
     steps_per_epoch: float           # optimizer steps one pass over the training items takes
     tokens_per_step: int             # tokens one optimizer step trains on (at most, when packed)
     packed: bool = True              # tokens_per_step is a capacity of packed rows, not exact
@@ -347,15 +347,15 @@ class Trainer:
                      f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}"
                      + (f" x {world} processes" if world > 1 else "") + ")")
         epochs = cfg.max_steps / max(plan.steps_per_epoch, 1e-9)
-        held = f"; {plan.val_size:,} {plan.val_unit} held out" if plan.val_unit else ""
-        lines.append(f"data: {plan.size:,} {plan.unit}{held}; max_steps {cfg.max_steps:,} = {epochs:.3g} "
+        held = f"; {plural(plan.val_size, plan.val_unit)} held out" if plan.val_unit else ""
+        lines.append(f"data: {plural(plan.size, plan.unit)}{held}; max_steps {cfg.max_steps:,} = {epochs:.3g} "
                      f"epoch{'' if epochs == 1 else 's'} ({plan.steps_per_epoch:.3g} steps each)")
         lines += plan.notes
         if epochs > MANY_EPOCHS:
-            warnings.append(f"{epochs:.0f} epochs over {plan.size:,} {plan.unit}: the model will memorise them "
+            warnings.append(f"{epochs:.0f} epochs over {plural(plan.size, plan.unit)}: the model will memorise them "
                             f"rather than generalise; use more data or fewer steps")
         if plan.val_unit and 0 < plan.val_size < FEW_HELD_OUT:
-            warnings.append(f"only {plan.val_size} {plan.val_unit} held out: held-out metrics over so few are "
+            warnings.append(f"only {plural(plan.val_size, plan.val_unit)} held out: held-out metrics over so few are "
                             f"mostly noise")
         return lines, warnings
 

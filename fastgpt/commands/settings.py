@@ -26,8 +26,8 @@ DEFAULT_PRESET = "tiny"
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """The comment on each field's line of dataclass ``cls`` (a base class's where a subclass only
-    changes a default)."""
+    """The comment on each field's line of dataclass ``cls``. A subclass that changes a default keeps
+    the base class's description and adds its own comment after it ("...; constant learning rate")."""
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
@@ -42,7 +42,8 @@ def field_comments(cls: type) -> dict[str, str]:
             if tok.type == tokenize.NAME and tokens[i + 1].string == ":" and tok.start[1] == 4:
                 first.setdefault(tok.start[0], tok.string)
             elif tok.type == tokenize.COMMENT and tok.start[0] in first:
-                out[first[tok.start[0]]] = tok.string.lstrip("#").strip()
+                name, text = first[tok.start[0]], tok.string.lstrip("#").strip()
+                out[name] = f"{out[name]}; {text}" if name in out else text
     return out
 
 

@@ -273,7 +273,8 @@ class PPOTask:
         self.rollout = {
             "seqs": seqs, "prompt_lens": prompt_lens, "old_logp": fwd["logp"],  # stays on the device: read every minibatch
             "old_values": fwd["values"], "adv": adv, "returns": returns,
-            "stats": {"score": float(raw_scores.mean()), "kl": seq_kl, "beta": beta,
+            "stats": {"rollout": float(self.rollouts_done + 1), "score": float(raw_scores.mean()), "kl": seq_kl,
+                      "beta": beta,
                       "non_score_reward": float(rewards.sum(1).mean() - scores.mean()) if not cfg.whiten_rewards
                       else float("nan"),
                       "response_len": float(lengths.float().mean()), "eos_frac": float(finished.float().mean()),
@@ -481,9 +482,9 @@ def ppo_plan(cfg: PPOConfig, prompts: list[list[int]], eval_prompts: list[list[i
     steps_per_rollout = cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.mini_batch_size) / cfg.grad_accum
     rollouts = math.ceil(cfg.max_steps / steps_per_rollout)
     seq = min(block, max(map(len, prompts)) + cfg.max_new_tokens)
-    return DataPlan(len(prompts), "prompts", len(prompts) / (cfg.rollout_batch_size * world) * steps_per_rollout,
+    return DataPlan(len(prompts), "prompt", len(prompts) / (cfg.rollout_batch_size * world) * steps_per_rollout,
                     cfg.mini_batch_size * cfg.grad_accum * world * seq, val_size=min(len(eval_prompts), cfg.eval_max_prompts),
-                    val_unit="prompts" if eval_prompts else "",
+                    val_unit="prompt" if eval_prompts else "",
                     notes=[f"about {plural(rollouts, 'rollout')} of {cfg.rollout_batch_size} prompts, "
                            f"{steps_per_rollout:g} steps each; {held_out}"])
 

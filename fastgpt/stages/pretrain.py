@@ -74,5 +74,5 @@ def pretrain_plan(cfg: PretrainConfig) -> DataPlan:
     tokens = load_meta(cfg.data)["tokens"]
     T = cfg.model.block_size
     per_step = cfg.batch_size * T * cfg.grad_accum * distributed_env().world_size
-    return DataPlan(tokens["train"], "tokens", tokens["train"] / per_step, per_step, packed=False,
-                    val_size=tokens["val"] // T, val_unit=f"validation windows of {T} tokens")
+    return DataPlan(tokens["train"], "token", tokens["train"] / per_step, per_step, packed=False,
+                    val_size=tokens["val"] // T, val_unit=f"{T}-token validation window")

@@ -222,7 +222,7 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     if cfg.epochs > 0 and cfg.max_steps != RewardConfig.max_steps:
         raise ConfigError(f"reward: set either epochs ({cfg.epochs}) or max_steps ({cfg.max_steps}), "
                           f"not both (epochs=0 uses max_steps)")
-    plan = packed_plan(cfg, [[len(ids) for ids, _ in g.examples] for g in train], T, "ranked prompts", len(val_ids))
+    plan = packed_plan(cfg, [[len(ids) for ids, _ in g.examples] for g in train], T, "ranked prompt", len(val_ids))
     if cfg.epochs > 0 and cfg.max_steps < cfg.min_steps:
         plan.notes.append(f"{cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'} of {plural(len(train), 'ranked prompt')} "
                           f"would be only {plural(cfg.max_steps, 'step')}: training min_steps={cfg.min_steps} instead")

@@ -171,7 +171,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     if not train_ids:
         raise DataError(f"{report.path}: too few conversations to train on ({len(examples)})")
     train = [examples[i] for i in train_ids]
-    plan = packed_plan(cfg, [[len(ids)] for ids, _ in train], T, "conversations", len(val_ids))
+    plan = packed_plan(cfg, [[len(ids)] for ids, _ in train], T, "conversation", len(val_ids))
     device = resolve_device(cfg.device, distributed_env())
     task = SFTTask(cfg, train, [examples[i] for i in val_ids], [messages[i] for i in val_ids], tok, T, device)
     trainer = Trainer(cfg, model, task, stage="sft", tokenizer=tok, data={"data": cfg.data}, plan=plan,
