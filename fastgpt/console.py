@@ -77,9 +77,9 @@ class Progress:
         self.n += n
         if self.bar is not None:
             self.bar.update(n)
-        elif self.enabled and (self.n - self.last_n >= self.every
-                               or time.perf_counter() - self.last_time >= self.min_seconds):
-            self._line()
+        elif self.enabled and (not self.total or self.n < self.total) and (
+                self.n - self.last_n >= self.every or time.perf_counter() - self.last_time >= self.min_seconds):
+            self._line()  # the last unit's line is close()'s, with the final postfix
 
     def _line(self) -> None:
         elapsed = time.perf_counter() - self.start

@@ -20,7 +20,7 @@ def test_plain_progress_lines_off_a_terminal():
         bar.set_postfix({"loss": "1.02", "val_loss": "1.5"})
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue()
-    assert [ln.split(" |")[0] for ln in lines] == [f"sft: {n}/100 steps ({n}%)" for n in (25, 50, 75, 100, 100)]
+    assert [ln.split(" |")[0] for ln in lines] == [f"sft: {n}/100 steps ({n}%)" for n in (25, 50, 75, 100)]
     assert "left" in lines[0] and "loss 1.02 | val_loss" not in lines[-1] and "val_loss 1.5" in lines[-1]
 
 
