@@ -257,8 +257,8 @@ class Trainer:
                             optimizer=self.optimizer.state_dict(),
                             trainer={"step": self.step, "tokens_seen": self.tokens_seen,
                                      "bad_steps": self.bad_steps, "world_size": self.dist.world_size},
-                            seconds=self.seconds_before + seconds, rng=rngs, task=tasks, config=asdict(self.cfg), data=self.data, extra=self.extra,
-                            history=self.history)
+                            seconds=self.seconds_before + seconds, rng=rngs, task=tasks, config=asdict(self.cfg),
+                            data=self.data, extra=self.extra, history=self.history)
         if self.dist.world_size > 1:
             dist.barrier()
 
@@ -267,19 +267,22 @@ class Trainer:
         ``self.cfg`` (only the config's RESUME_SAFE settings may change), or past max_steps."""
         saved, now = ckpt.get("config", {}), asdict(self.cfg)
         safe = getattr(type(self.cfg), "RESUME_SAFE", frozenset())
+        saved_data = ckpt.get("data")  # None: a checkpoint from before data digests; compare paths then
+        by_digest = set(self.data) | set(saved_data or {}) if saved_data is not None else set()
         changes = []
         for key, old in saved.items():
-            if key in safe or key in self.data or key not in now or now[key] == old:
+            if key in safe or key in by_digest or key not in now or now[key] == old:
                 continue
             if isinstance(old, dict):  # a nested config (model): name each differing field
                 changes += [f"{key}.{k} {v!r} -> {now[key].get(k)!r}" for k, v in old.items() if now[key].get(k) != v]
             else:
                 changes.append(f"{key} {old!r} -> {now[key]!r}")
-        for key, old in ckpt.get("data", {}).items():
-            new = self.data.get(key)
-            if new is None or new["sha256"] != old["sha256"]:
-                what = "other contents" if new and new["path"] == old["path"] else f"-> {new['path'] if new else None!r}"
-                changes.append(f"{key} {old['path']!r} {what}")
+        for key in sorted(by_digest):  # the same contents under another path are the same data
+            old, new = (saved_data or {}).get(key), self.data.get(key)
+            if old is None or new is None or new["sha256"] != old["sha256"]:
+                same_path = old and new and new["path"] == old["path"]
+                changes.append(f"{key} {old['path'] if old else ''!r} "
+                               + ("other contents" if same_path else f"-> {new['path'] if new else ''!r}"))
         if changes:
             shown = ", ".join(changes[:4]) + (f" and {len(changes) - 4} more" if len(changes) > 4 else "")
             raise CheckpointError(
@@ -387,84 +390,94 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
         return total / cfg.grad_accum, sums, tokens
 
+    def _optimizer_step(self) -> tuple[float, dict[str, float], int] | None:
+        """One optimizer step at the scheduled learning rate: (loss, metrics, tokens), or None when
+        the loss was not finite and the step was skipped (every rank agrees to skip)."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, metrics, tokens = self._backward_step()
+        loss_value = float(loss)
+        if self.dist.world_size > 1:
+            flag = torch.tensor([0.0 if math.isfinite(loss_value) else 1.0], device=self.device)
+            dist.all_reduce(flag)
+            finite = flag.item() == 0
+        else:
+            finite = math.isfinite(loss_value)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self._log({"step": self.step, "event": "skipped non-finite loss", "bad_steps": self.bad_steps})
+            if self.bad_steps > cfg.max_bad_steps:
+                raise TrainingError(
+                    f"{self.stage}: {self.bad_steps} non-finite losses (max_bad_steps={cfg.max_bad_steps}); "
+                    f"stopped at step {self.step}, last good checkpoint kept in {self.out_dir}")
+            return None
+        metrics = {"loss": loss_value, "lr": lr, **metrics}
+        if cfg.grad_clip > 0:
+            metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.step += 1
+        self.tokens_seen += tokens * self.dist.world_size
+        return loss_value, metrics, tokens * self.dist.world_size
+
+    def _start(self) -> None:
+        """Open the metric sinks (rank 0) and print what this run is about to train."""
+        if not self.dist.is_main:
+            return
+        self.loggers = open_loggers(self.out_dir, self.history, stage=self.stage, config=asdict(self.cfg),
+                                    tensorboard=self.cfg.tensorboard, wandb=self.cfg.wandb) + self.extra_loggers
+        lines, warnings = self.describe()
+        for line in lines:
+            print(f"{self.stage}: {line}", flush=True)
+        for line in warnings:
+            print(f"{self.stage}: warning: {line}", file=sys.stderr, flush=True)
+
     def fit(self) -> dict[str, Any]:
         """Train to cfg.max_steps (from the resumed step, if any) and return a summary: ``steps``
         and ``seconds_total`` count everything the checkpoint holds, ``steps_this_run`` and
         ``seconds`` this call only."""
         cfg = self.cfg
         self.model.train()
-        if self.dist.is_main:
-            self.loggers = open_loggers(self.out_dir, self.history, stage=self.stage, config=asdict(cfg),
-                                        tensorboard=cfg.tensorboard, wandb=cfg.wandb) + self.extra_loggers
-            lines, warnings = self.describe()
-            for line in lines:
-                print(f"{self.stage}: {line}", flush=True)
-            for line in warnings:
-                print(f"{self.stage}: warning: {line}", file=sys.stderr, flush=True)
+        self._start()
         first_step, first_tokens = self.step, self.tokens_seen
         peak = peak_flops(self.device)
         bar = Progress(cfg.max_steps, self.stage, "step", initial=self.step,
                        enabled=cfg.progress and self.dist.is_main, every=max(cfg.log_interval, cfg.max_steps // 20))
         window: dict[str, float] = {}
         counts: dict[str, int] = {}  # a metric may be missing on some steps: average what was reported
-        window_steps, window_tokens, window_time = 0, 0, 0.0
+        window_tokens, window_time = 0, 0.0
         bar_keys = ("loss", "tokens_per_s", "mfu", *getattr(self.task, "progress_keys", ()))
         shown: dict[str, str] = {}
         last_eval: dict[str, float] = {}
         start = time.perf_counter()
         try:
             while self.step < cfg.max_steps:
-                lr = lr_at(self.step, cfg)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
                 t0 = time.perf_counter()
-                loss, metrics, tokens = self._backward_step()
-                loss_value = float(loss)
-                if self.dist.world_size > 1:  # every rank must agree to skip
-                    flag = torch.tensor([0.0 if math.isfinite(loss_value) else 1.0], device=self.device)
-                    dist.all_reduce(flag)
-                    finite = flag.item() == 0
-                else:
-                    finite = math.isfinite(loss_value)
-                if not finite:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.bad_steps += 1
-                    self._log({"step": self.step, "event": "skipped non-finite loss", "bad_steps": self.bad_steps})
-                    if self.bad_steps > cfg.max_bad_steps:
-                        raise TrainingError(
-                            f"{self.stage}: {self.bad_steps} non-finite losses (max_bad_steps={cfg.max_bad_steps}); "
-                            f"stopped at step {self.step}, last good checkpoint kept in {self.out_dir}")
+                done = self._optimizer_step()
+                if done is None:
                     continue
-                grad_norm = None
-                if cfg.grad_clip > 0:
-                    grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                dt = time.perf_counter() - t0
-                self.step += 1
-                self.tokens_seen += tokens * self.dist.world_size
-                window_steps += 1
-                window_tokens += tokens * self.dist.world_size
-                window_time += dt
-                step_metrics = {"loss": loss_value, **metrics}
-                if grad_norm is not None:
-                    step_metrics["grad_norm"] = grad_norm
+                _, step_metrics, tokens = done
+                window_tokens += tokens
+                window_time += time.perf_counter() - t0
                 for k, v in step_metrics.items():
                     if math.isfinite(v):
                         window[k] = window.get(k, 0.0) + v
                         counts[k] = counts.get(k, 0) + 1
-
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                    record = {"step": self.step, "lr": lr, **{k: v / counts[k] for k, v in window.items()}}
+                    record = {"step": self.step, "lr": step_metrics["lr"],
+                              **{k: v / counts[k] for k, v in window.items() if k != "lr"}}
                     record["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
                     if peak and self.flops_per_token:
                         record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (peak * self.dist.world_size)
                     self._log(record)
                     shown = {k: f"{record[k]:.4g}" for k in bar_keys if k in record}
                     bar.set_postfix(shown | {k: f"{v:.4g}" for k, v in last_eval.items() if k.startswith("val")})
-                    window, counts, window_steps, window_tokens, window_time = {}, {}, 0, 0, 0.0
+                    window, counts, window_tokens, window_time = {}, {}, 0, 0.0
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
                     last_eval = self.evaluate()
                     self._log({"step": self.step, **{f"eval/{k}": v for k, v in last_eval.items()}})
@@ -472,10 +485,9 @@ class Trainer:
                     self.save(time.perf_counter() - start)
                 bar.update(1)
             last_eval = self.evaluate()
-            # the bar's last word is the evaluation the checkpoint holds
+            # the progress display's last word is the evaluation the checkpoint holds
             bar.set_postfix(shown | {k: f"{v:.4g}" for k, v in last_eval.items() if k.startswith("val")})
-            trained = self.step > first_step  # a finished run that trained nothing keeps its checkpoint as it is
-            if trained:
+            if self.step > first_step:  # a finished run that trained nothing keeps its checkpoint as it is
                 self._log({"step": self.step, **{f"eval/{k}": v for k, v in last_eval.items()}})
                 self.save(time.perf_counter() - start)
         finally:
@@ -485,6 +497,6 @@ class Trainer:
         seconds = time.perf_counter() - start
         self.seconds_before += seconds  # a save after fit (the reward model's normalisation) keeps the total
         return {"stage": self.stage, "steps": self.step, "steps_this_run": self.step - first_step,
-                "tokens": self.tokens_seen, "tokens_this_run": self.tokens_seen - first_tokens, "seconds": seconds, "seconds_total": self.seconds_before,
-                "bad_steps": self.bad_steps, "resumed_from": self.resumed_from, "eval": last_eval,
-                "out_dir": str(self.out_dir)}
+                "tokens": self.tokens_seen, "tokens_this_run": self.tokens_seen - first_tokens,
+                "seconds": seconds, "seconds_total": self.seconds_before, "bad_steps": self.bad_steps,
+                "resumed_from": self.resumed_from, "eval": last_eval, "out_dir": str(self.out_dir)}

@@ -230,6 +230,12 @@ def test_without_eval_prompts_a_slice_of_the_users_prompts_is_held_out(ckpts, tm
                  "--eval_fraction", "0"])
     out = capsys.readouterr().out
     assert code == 0 and "no held-out prompts, so no held-out score" in out and "vs SFT" not in out
+    # data that was not there before is other data too
+    code = main(["ppo", "--sft_checkpoint", str(ckpts["sft"]), "--reward_checkpoint", str(ckpts["rm"]), "--prompts",
+                 str(prompts), "--out_dir", str(tmp_path / "none"), "--device", "cpu", "--progress", "false",
+                 "--max_steps", "2", "--rollout_batch_size", "8", "--mini_batch_size", "8", "--max_new_tokens", "4",
+                 "--eval_fraction", "0", "--eval_prompts", str(ckpts["prompts"])])
+    assert code == 2 and "eval_prompts '' -> " in capsys.readouterr().err
 
 
 def test_builtin_world_fills_prompts_and_its_own_eval_prompts(tmp_path):
