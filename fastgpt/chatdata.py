@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+from .console import plural
 from .data import DataError, PackedBatch, first_fit, pack_rows
 from .tokenizer import Message, TokenizerError, validate_messages
 
@@ -56,9 +57,9 @@ class LoadReport:
         if self.bad:
             parts.append(f"skipped {len(self.bad)} of {self.total} bad records (first: {self.bad[0]})")
         if self.ignored:
-            parts.append(f"ignored {self.ignored} all-tied rankings (no preference)")
+            parts.append(f"ignored {plural(self.ignored, 'all-tied ranking')} (no preference)")
         if self.truncated:
-            parts.append(f"truncated {self.truncated} records longer than the context"
+            parts.append(f"truncated {plural(self.truncated, 'record')} longer than the context"
                          + (f" ({context} tokens)" if context else ""))
         return f"{self.path}: " + "; ".join(parts) if parts else ""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .chatdata import MAX_RESPONSES, Comparison, LoadReport, parse_prompt, parse_prompt_record, read_comparisons, read_records
-from .console import Progress, visible
+from .console import Progress, plural, visible
 from .errors import FastGPTError
 from .files import atomic_write
 
@@ -158,7 +158,7 @@ def rank_interactive(comparisons_path: str, rankings_path: str, ask: Callable[[s
             except EOFError:
                 answer = "q"
             if answer == "q":
-                say(f"rank: saved {sum(flags)} rankings to {out}; run again to continue")
+                say(f"rank: saved {plural(sum(flags), 'ranking')} to {out}; run again to continue")
                 return session
             if answer == "s":
                 skipped.add(i)

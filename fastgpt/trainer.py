@@ -306,7 +306,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         t = ckpt["trainer"]
         if t["world_size"] != self.dist.world_size:
-            raise CheckpointError(f"{path}: written by {t['world_size']} processes, resuming with "
+            raise CheckpointError(f"{path}: written by {plural(t['world_size'], 'process', 'processes')}, resuming with "
                                   f"{self.dist.world_size}")
         self.step, self.tokens_seen, self.bad_steps = t["step"], t["tokens_seen"], t["bad_steps"]
         self.seconds_before = float(ckpt.get("seconds", 0.0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 from ..errors import FastGPTError
@@ -40,7 +41,8 @@ def run_prepare(args: argparse.Namespace) -> int:
             size = int(args.tokenizer[4:])
         except ValueError:
             raise FastGPTError(f"--tokenizer {args.tokenizer}: expected bpe:<vocab size>") from None
-        tok = train_bpe((text for _, text in iter_documents(args.inputs, args.text_field, extensions)), size)
+        tok = train_bpe((text for _, text in iter_documents(args.inputs, args.text_field, extensions)), size,
+                        show_progress=sys.stderr.isatty())  # its bar is carriage returns in a log
     else:
         tok = load_tokenizer(args.tokenizer)
     meta = prepare(args.inputs, args.out, tok, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,

@@ -307,9 +307,9 @@ def _headline(name: str, s: dict[str, Any]) -> str:
         return (f" (held-out RM score {s.get('sft', {}).get('score_greedy', math.nan):+.2f} -> "
                 f"{ev['score_greedy']:+.2f}, KL {ev.get('kl_to_ref', math.nan):.2f})")
     if name == "compare":
-        return f" ({s['prompts']} prompts x {s['k']}, {s['finished_fraction']:.0%} finished)"
+        return f" ({plural(s['prompts'], 'prompt')} x {s['k']}, {s['finished_fraction']:.0%} finished)"
     if name == "rank":
-        return f" ({s['ranked']} rankings, {s['skipped_all_tied']} all-tied skipped)"
+        return f" ({plural(s['ranked'], 'ranking')}, {s['skipped_all_tied']} all-tied skipped)"
     return ""
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..console import plural
+
 MODEL_NAMES = {"pretrain": "base (pre-trained)", "sft": "SFT", "ppo": "PPO"}
 ACCURACY_BAR = 0.75  # the reward model's held-out pairwise accuracy the demo aims for
 
@@ -252,7 +254,7 @@ def write_report(out: str | Path, records: dict[str, dict[str, Any]], run: dict[
            f"train on (the labeler flips ~{1 - rw['val_accuracy_ceiling']:.0%} of pairs, so a perfect model scores "
            f"about {rw['val_accuracy_ceiling']:.0%}); agreement with the labeler's noiseless preference on SFT samples "
            f"for the evaluation prompts: {rw['labeler_agreement']:.1%} of {rw['labeler_agreement_pairs']} pairs.",
-           f"- PPO: {ppo['steps']} steps over {ppo['rollouts']} rollouts; held-out reward-model score (greedy) "
+           f"- PPO: {plural(ppo['steps'], 'step')} over {plural(ppo['rollouts'], 'rollout')}; held-out reward-model score (greedy) "
            f"{ppo['rm_score_sft']:+.2f} (SFT) -> {ppo['rm_score_ppo']:+.2f} (PPO); KL to SFT "
            f"{ppo['kl_to_sft']:.2f} nats per sampled response.", "",
            "## Bars", ""]

@@ -136,7 +136,7 @@ def encode_prompts(texts: Sequence[Any], tok: Tokenizer, block_size: int, where:
     encoded = [encode_prompt(tok, parse_prompt(t)) for t in texts]
     kept = [p for p in encoded if len(p) < block_size]
     if not kept:
-        raise DataError(f"{where}: all {len(encoded)} prompts are at least the model's context of "
+        raise DataError(f"{where}: {'the' if len(encoded) == 1 else 'all'} {plural(len(encoded), 'prompt')} {'is' if len(encoded) == 1 else 'are'} at least the model's context of "
                         f"{block_size} tokens long")
     if len(kept) < len(encoded):
         print(f"ppo: {where}: skipped {len(encoded) - len(kept)} of {len(encoded)} prompts longer than "
@@ -247,7 +247,7 @@ class PPOTask:
             warnings.warn(f"ppo: rollout {self.rollouts_done} has non-finite rewards; skipped "
                           f"({self.bad_rollouts}/{cfg.max_bad_rollouts})", stacklevel=2)
             if self.bad_rollouts > cfg.max_bad_rollouts:
-                raise TrainingError(f"ppo: {self.bad_rollouts} rollouts with non-finite rewards "
+                raise TrainingError(f"ppo: {plural(self.bad_rollouts, 'rollout')} with non-finite rewards "
                                     f"(max_bad_rollouts={cfg.max_bad_rollouts}); check the reward model")
             return False
         raw_scores = scores.clone()
