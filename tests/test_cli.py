@@ -317,3 +317,17 @@ def test_truncated_checkpoint(run_copy, workspace, cli):
     assert_one_line_error(proc, "checkpoint.pt", "truncated")
     assert snapshot(run_copy) == before
     assert_one_line_error(cli("sample", run_copy.parent / "nothing", "--device", "cpu"), "not found")
+
+
+def test_pretrain_rerun_is_refused_resumed_or_started_fresh(workspace, tmp_path, capsys):
+    import json
+
+    from helpers import rerun_tells_the_truth
+    base = ["--data", workspace / "data", *SMALL]
+    rerun_tells_the_truth(capsys, "pretrain", tmp_path / "run", base, {"lr": "1e-3", "model.dropout": "0.1"})
+    from fastgpt.cli import main
+    assert main(["pretrain", *map(str, base), "--out_dir", str(tmp_path / "run"), "--max_steps", "2", "--lr", "1e-3",
+                 "--fresh"]) == 0
+    assert "resuming" not in capsys.readouterr().out
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2  # the old run's records went with it
