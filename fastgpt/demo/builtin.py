@@ -25,18 +25,19 @@ def _write_once(path: Path, rows: Iterable[dict[str, Any]]) -> str:
 
 
 def builtin_dataset(out_dir: str | Path, documents: int, seed: int = 0) -> Path:
-    """fastgpt's own pre-training corpus (the world's plain statements), tokenized byte-level."""
+    """fastgpt's own pre-training corpus (the world's plain statements), tokenized byte-level into
+    ``<out_dir>/builtin/corpus-<documents>-seed<seed>`` unless it is there already."""
     from ..data import prepare
     from ..tokenizer import ByteTokenizer
     from .world import pretrain_texts
-    data_dir = Path(out_dir) / "data"
-    if (data_dir / "meta.json").exists():
-        return data_dir
-    corpus = Path(out_dir) / "corpus" / "pretrain.jsonl"
-    corpus.unlink(missing_ok=True)
+    folder = Path(out_dir) / "builtin" / f"corpus-{documents}-seed{seed}"
+    if (folder / "meta.json").exists():
+        return folder
+    corpus = folder / "corpus.jsonl"
+    corpus.unlink(missing_ok=True)  # a half-prepared folder from an interrupted run
     _write_once(corpus, ({"text": t} for t in pretrain_texts(documents, seed=seed)))
-    prepare([corpus], data_dir, ByteTokenizer(), val_fraction=0.02, seed=seed)
-    return data_dir
+    prepare([corpus], folder, ByteTokenizer(), val_fraction=0.02, seed=seed)
+    return folder
 
 
 def fill_builtin_data(cfg: Any) -> Any:
