@@ -81,6 +81,7 @@ class DataPlan:
     packed: bool = True              # tokens_per_step is a capacity of packed rows, not exact
     val_size: int = 0                # held-out items behind the evaluation metrics
     val_unit: str = ""
+    step: str = ""                   # what one step is made of, when not batch_size x grad_accum rows
     notes: list[str] = field(default_factory=list)  # stage-specific lines for the start block
 
 
@@ -347,7 +348,7 @@ class Trainer:
             return lines, warnings
         world = self.dist.world_size
         lines.append(f"{'up to ' if plan.packed else ''}{plan.tokens_per_step:,} tokens per step "
-                     f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}"
+                     f"({plan.step or f'batch_size {cfg.batch_size}'} x grad_accum {cfg.grad_accum}"
                      + (f" x {world} processes" if world > 1 else "") + ")")
         epochs = cfg.max_steps / max(plan.steps_per_epoch, 1e-9)
         held = f"; {plural(plan.val_size, plan.val_unit)} held out" if plan.val_unit else ""

@@ -485,6 +485,7 @@ def ppo_plan(cfg: PPOConfig, prompts: list[list[int]], eval_prompts: list[list[i
     return DataPlan(len(prompts), "prompt", len(prompts) / (cfg.rollout_batch_size * world) * steps_per_rollout,
                     cfg.mini_batch_size * cfg.grad_accum * world * seq, val_size=min(len(eval_prompts), cfg.eval_max_prompts),
                     val_unit="prompt" if eval_prompts else "",
+                    step=f"mini_batch_size {cfg.mini_batch_size} sequences of up to {seq} tokens",
                     notes=[f"about {plural(rollouts, 'rollout')} of {cfg.rollout_batch_size} prompts, "
                            f"{steps_per_rollout:g} steps each; {held_out}"])
 
