@@ -40,15 +40,23 @@ class ModelConfig:
     mlp: str = "gelu"               # "gelu" | "swiglu"
     position: str = "learned"       # "learned" | "rope"
     rope_theta: float = 10000.0
+    # RoPE frequency scaling for long contexts: "none", "linear" (positions / rope_factor) or
+    # "llama3" (Llama 3.1+: low frequencies / rope_factor, high ones kept, a smooth band between)
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192  # the context the model was pre-trained at before scaling
     tie_embeddings: bool = True
-    bias: bool = True
+    bias: bool = True               # biases on every linear layer and LayerNorm
+    qkv_bias: bool = False          # biases on the q/k/v projection even when bias=False (Qwen2)
     dropout: float = 0.0            # residual / embedding dropout
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         checks = {
             "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
-            "position": ("learned", "rope"),
+            "position": ("learned", "rope"), "rope_scaling": ("none", "linear", "llama3"),
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
@@ -63,6 +71,11 @@ class ModelConfig:
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.position='rope' needs an even head size, got model.n_embd / model.n_head "
                               f"= {self.head_dim}")
+        if self.rope_scaling != "none" and self.rope_factor <= 0:
+            raise ConfigError(f"model.rope_factor={self.rope_factor}: expected a positive number")
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ConfigError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be positive and below "
+                              f"model.rope_high_freq_factor={self.rope_high_freq_factor}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout}: expected a value in [0, 1)")
 
