@@ -116,6 +116,7 @@ class TrainConfig:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0          # 0 disables
+    grad_checkpointing: bool = False  # recompute each block in backward instead of keeping its activations
     eval_interval: int = 200        # steps between evaluations (0: only at the end)
     log_interval: int = 10
     ckpt_interval: int = 500        # steps between checkpoints (the last step always saves)

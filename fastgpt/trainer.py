@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_state_strict,
                          remove_stale_temporaries, save_checkpoint)
 from .config import TrainConfig
+from .model import GPT
 from .tokenizer import Tokenizer
 
 # Dense bf16 tensor-core peaks (datasheet, FLOP/s) used for MFU; unknown devices report no MFU.
@@ -179,6 +180,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.amp_dtype = amp_dtype(self.device, cfg.dtype)
         self.model = model.to(self.device)
+        for module in self.model.modules():
+            if isinstance(module, GPT):
+                module.grad_checkpointing = cfg.grad_checkpointing
         self.flops_per_token = flops_per_token
         self.out_dir = Path(cfg.out_dir)
         self.step = 0

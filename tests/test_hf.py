@@ -139,7 +139,7 @@ def test_reward_model_exports_as_sequence_classifier(tmp_path, arch):
         theirs = hf(batch).logits[:, 0]
         ours = torch.stack([rm(torch.tensor([s]))[0, -1] for s in seqs])
     extra = json.loads((tmp_path / "rm" / "config.json").read_text())["fastgpt_reward"]
-    assert extra == {"score_bias": pytest.approx(float(rm.head.bias)), "offset": 0.5, "scale": 2.0}
+    assert extra == {"score_bias": pytest.approx(float(rm.head.bias.detach())), "offset": 0.5, "scale": 2.0}
     assert (theirs + extra["score_bias"] - ours).abs().max().item() <= TOL
 
 

@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 from typing import Any, get_type_hints
 
+DEFAULT_PRESET = "tiny"
+
 
 def _config_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, Any]]:
     out = []
@@ -29,8 +31,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     # Presets size a model, so only stages that build one (pre-training) take them; later
     # stages inherit the architecture from their start checkpoint.
     if "model" in {f.name for f in dataclasses.fields(cls)}:
-        parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                            help="named preset: model size and training defaults (default: tiny)")
+        parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                            help=f"named preset: model size and training defaults (default: {DEFAULT_PRESET}; "
+                                 "none with init_from, whose model brings its own)")
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file of settings (after any preset)")
     group = parser.add_argument_group("settings (override preset and config file)")
     for name, typ, default in _config_fields(cls):
@@ -41,9 +44,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    from ..config import build_config
+    """The stage config of ``cls`` from --preset, --config and the setting flags. A stage that
+    builds a model gets the default preset unless it starts from one (init_from)."""
+    from ..config import ConfigError, build_config
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
-    return build_config(cls, getattr(args, "preset", None), args.config, overrides)
+    preset = getattr(args, "preset", None)
+    cfg = build_config(cls, preset, args.config, overrides)
+    if not hasattr(cfg, "model"):
+        return cfg
+    if getattr(cfg, "init_from", ""):
+        if preset:
+            raise ConfigError(f"--preset {preset} sizes a new model, but init_from={cfg.init_from} brings its own "
+                              "(set model.block_size or model.dropout instead)")
+        return cfg
+    return build_config(cls, preset or DEFAULT_PRESET, args.config, overrides)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: float, top_p: float,

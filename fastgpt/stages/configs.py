@@ -18,7 +18,10 @@ from ..config import ModelConfig, TrainConfig
 class PretrainConfig(TrainConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: str = ""              # dataset folder from `fastgpt prepare` (command line: the built-in corpus if empty)
-    init_from: str = ""         # "" = random init; a fastgpt checkpoint; "hf:<folder>" = GPT-2 import
+    # "" = random init; a fastgpt checkpoint or "hf:<folder>" (a Hugging Face model): the model's own
+    # settings, of which model.block_size (up to its context) and model.dropout may change
+    init_from: str = ""
+    batch_size: int = 0         # rows per micro-batch; 0 = the largest `fastgpt plan` fits (at most 16)
     eval_batches: int = 20      # validation batches per evaluation (same windows every time)
     builtin_documents: int = 30000  # size of the built-in corpus the command line generates when data = ""
 
@@ -27,8 +30,10 @@ class PretrainConfig(TrainConfig):
 class SFTConfig(TrainConfig):
     # The architecture comes from init_from, so there is no nested ModelConfig to set here.
     out_dir: str = "runs/sft"
-    init_from: str = ""            # required: a fastgpt checkpoint or "hf:<GPT-2 folder>"
-    tokenizer: str = ""            # for hf: init only ("" = the folder's tokenizer.json)
+    init_from: str = ""            # required: a fastgpt checkpoint or "hf:<Hugging Face model folder>"
+    tokenizer: str = ""            # for hf: init only ("" = the folder's tokenizer and chat template)
+    block_size: int = 0            # context (rows) to train at, up to the model's; 0 = the model's
+    batch_size: int = 0            # rows per micro-batch; 0 = the largest `fastgpt plan` fits (at most 16)
     data: str = ""                 # conversations JSONL (command line: the built-in demonstrations if empty)
     val_fraction: float = 0.05     # conversations held out for val_loss
     epochs: float = 0.0            # > 0: sets max_steps to this many passes over the data
@@ -46,7 +51,9 @@ class SFTConfig(TrainConfig):
 class RewardConfig(TrainConfig):
     # The architecture comes from init_from, so there is no nested ModelConfig to set here.
     out_dir: str = "runs/reward"
-    init_from: str = ""            # required: the SFT checkpoint (any language-model checkpoint)
+    init_from: str = ""            # required: the SFT checkpoint (any language-model checkpoint, or hf:<folder>)
+    block_size: int = 0            # context to train at, up to the model's; 0 = the model's
+    batch_size: int = 0            # rows per micro-batch; 0 = the largest `fastgpt plan` fits (at most 16)
     data: str = ""                 # rankings or chosen/rejected pairs, JSONL
     val_fraction: float = 0.1      # prompts held out for pairwise accuracy
     epochs: float = 1.0            # InstructGPT: one epoch (more overfits); > 0 sets max_steps
@@ -59,7 +66,7 @@ class RewardConfig(TrainConfig):
 @dataclass
 class PPOConfig(TrainConfig):
     out_dir: str = "runs/ppo"
-    sft_checkpoint: str = ""          # policy init and frozen reference
+    sft_checkpoint: str = ""          # policy init and frozen reference (a checkpoint or hf:<folder>)
     reward_checkpoint: str = ""       # frozen reward model (scalar checkpoint)
     prompts: str = ""                 # JSONL of {"prompt"} or {"messages"} (command line: the built-in world's)
     eval_prompts: str = ""            # held-out prompts for the summary (command line: the built-in world's)
@@ -78,7 +85,7 @@ class PPOConfig(TrainConfig):
     kl_horizon: int = 10000
     kl_estimator: str = "k1"          # "k1" | "k3"
     reward_clip: float = 0.0          # clip normalised scores to +-this; 0 = off
-    missing_eos_penalty: float = -1.0  # score of a response that never emitted <|end|>; 0 = off
+    missing_eos_penalty: float = -1.0  # score of a response that never ended its turn; 0 = off
     whiten_rewards: bool = False
     # PPO
     gamma: float = 1.0

@@ -10,7 +10,9 @@ from ..config import ConfigError
 from ..data import TokenLoader, dataset_tokenizer
 from ..model import GPT
 from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
-from .common import load_language_model, padded_vocab
+from ..hf import resize_vocab
+from .common import (announce_batch, apply_start_settings, load_language_model, micro_batch_rows, padded_vocab,
+                     require_same_tokenizer)
 from .configs import PretrainConfig
 
 
@@ -56,13 +58,20 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     tokenizer = dataset_tokenizer(cfg.data)
     device = resolve_device(cfg.device, distributed_env())
     if cfg.init_from:
-        model, _, cfg.model = load_language_model(cfg.init_from)
-        if cfg.model.vocab_size < tokenizer.vocab_size:
-            raise ConfigError(f"init_from={cfg.init_from}: model vocabulary {cfg.model.vocab_size} is smaller "
-                             f"than the dataset's tokenizer ({tokenizer.vocab_size})")
+        model, model_tokenizer, _ = load_language_model(cfg.init_from)
+        if model_tokenizer is not None:
+            hint = f" (prepare the data with --tokenizer {cfg.init_from.removeprefix('hf:')})" \
+                if cfg.init_from.startswith("hf:") else ""
+            require_same_tokenizer(model_tokenizer, tokenizer, f"data={cfg.data}", hint)
+        if model.config.vocab_size < tokenizer.vocab_size:  # chat special tokens added to a BPE
+            model, _ = resize_vocab(model, padded_vocab(tokenizer))
+        apply_start_settings(model, cfg.model, cfg.init_from)
+        cfg.model = model.config
     else:
         cfg.model.vocab_size = padded_vocab(tokenizer)
         model = GPT(cfg.model)
+    cfg.batch_size = micro_batch_rows(cfg, cfg.model, "pretrain", cfg.model.block_size, device)
+    announce_batch("pretrain", cfg, cfg.model.block_size)
     task = PretrainTask(cfg, cfg.model.vocab_size, device)
     trainer = Trainer(cfg, model, task, stage="pretrain", tokenizer=tokenizer,
                       flops_per_token=model.flops_per_token(cfg.model.block_size))
