@@ -14,7 +14,8 @@ from typing import Sequence
 
 from .errors import FastGPTError
 
-# name -> (module, help). Each module defines add_<name>_arguments(parser) and run_<name>(args) -> int.
+# name -> (module, help). Each module defines add_<name>_arguments(parser) and run_<name>(args) -> int
+# (dashes in a name are underscores there).
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("fastgpt.commands.data", "tokenize .txt/.jsonl files or folders into token shards"),
     "pretrain": ("fastgpt.commands.train", "stage 1: pre-train a GPT on token shards"),
@@ -26,6 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ppo": ("fastgpt.commands.train", "stage 3b: optimise the policy with PPO against the reward model"),
     "chat": ("fastgpt.commands.generate", "chat with any stage's checkpoint in the terminal"),
     "demo": ("fastgpt.commands.demo", "run every stage end to end on built-in data and report"),
+    "inspect-data": ("fastgpt.commands.models", "show how conversations are tokenized for a model; warn about bugs"),
+    "export": ("fastgpt.commands.models", "write a checkpoint as a Hugging Face folder (transformers from_pretrained)"),
+    "plan": ("fastgpt.commands.models", "memory of a stage on one GPU and the largest micro-batch that fits"),
 }
 
 
@@ -57,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     module_name, help_text = COMMANDS[name]
     parser = ArgumentParser(prog=f"fastgpt {name}", description=help_text)
     module = importlib.import_module(module_name)
-    getattr(module, f"add_{name}_arguments")(parser)
+    function = name.replace("-", "_")
+    getattr(module, f"add_{function}_arguments")(parser)
     args = parser.parse_args(argv[1:])
     try:
         importlib.import_module("fastgpt.kernels")
@@ -67,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # a bad environment setting read at import, e.g. FASTGPT_KERNELS
         print(f"fastgpt {name}: error: {e}", file=sys.stderr)
         return 2
-    run = getattr(module, f"run_{name}")
+    run = getattr(module, f"run_{function}")
     try:
         code = run(args)
     except FastGPTError as e:

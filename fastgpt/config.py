@@ -96,6 +96,10 @@ class ModelConfig:
         return 4 * self.n_embd
 
 
+# Model settings that may differ from a start model's (init_from) without touching its weights.
+START_SETTINGS = ("block_size", "dropout")
+
+
 @dataclass
 class TrainConfig:
     """Fields of the one trainer loop, shared by every stage."""
@@ -248,6 +252,20 @@ def build_config(cls: type[C], preset: str | None = None, toml_path: str | Path 
         except TypeError as e:
             raise ConfigError(f"model config: {e}") from None
     return cfg
+
+
+def given_keys(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> set[str]:
+    """The dotted keys a TOML file and overrides set (what a user asked for, defaults aside)."""
+    keys = set(overrides or {})
+    if toml_path:
+        def walk(table: dict[str, Any], prefix: str) -> None:
+            for key, value in table.items():
+                if isinstance(value, dict):
+                    walk(value, f"{prefix}{key}.")
+                else:
+                    keys.add(f"{prefix}{key}")
+        walk(tomllib.loads(Path(toml_path).read_text()), "")
+    return keys
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -22,7 +22,6 @@ peak.  Nothing here allocates a tensor: models are sized on the meta device.
 """
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,7 +231,7 @@ def plan(cfg: ModelConfig, stage: str, *, seq_len: int = 2048, budget: float = 8
     return p
 
 
-# --------------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------------------- report
 def _gb(x: float) -> str:
     return f"{x / GB:,.2f} GB"
 
@@ -257,21 +256,3 @@ def format_plan(p: MemoryPlan, cfg: ModelConfig) -> str:
     if p.rollout_per_row:
         lines.append(f"largest rollout batch: {p.max_rollout_rows} rows")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a known model (" + ", ".join(KNOWN_MODELS) + "), a preset, "
-                        "hf:FOLDER or a checkpoint")
-    parser.add_argument("--stage", default="sft", choices=STAGES)
-    parser.add_argument("--gpu-memory", default="80GB", help="memory of the GPU (default 80GB)")
-    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per row (PPO: prompt + answer)")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="count activation checkpointing")
-    parser.add_argument("--value-model", default="reward", choices=("reward", "head"), help="PPO's value model")
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = model_config(args.model)
-    p = plan(cfg, args.stage, seq_len=args.seq_len, budget=parse_size(args.gpu_memory), model_name=args.model,
-             grad_checkpointing=args.grad_checkpointing, value_model=args.value_model)
-    print(format_plan(p, cfg))
-    return 0

@@ -46,7 +46,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     """The stage config of ``cls`` from --preset, --config and the setting flags. A stage that
     builds a model gets the default preset unless it starts from one (init_from)."""
-    from ..config import ConfigError, build_config
+    from ..config import START_SETTINGS, ConfigError, build_config, given_keys
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
     preset = getattr(args, "preset", None)
     cfg = build_config(cls, preset, args.config, overrides)
@@ -56,6 +56,11 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
         if preset:
             raise ConfigError(f"--preset {preset} sizes a new model, but init_from={cfg.init_from} brings its own "
                               "(set model.block_size or model.dropout instead)")
+        start = {f"model.{name}" for name in START_SETTINGS}
+        for key in sorted(given_keys(args.config, overrides)):
+            if key.startswith("model.") and key not in start:
+                raise ConfigError(f"{key}: the model comes from init_from={cfg.init_from}; only model.block_size "
+                                  "(up to its context) and model.dropout can change without other weights")
         return cfg
     return build_config(cls, preset or DEFAULT_PRESET, args.config, overrides)
 

@@ -11,12 +11,10 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import CheckpointError, load_model
-from ..config import ConfigError, ModelConfig, TrainConfig
+from ..config import START_SETTINGS, ConfigError, ModelConfig, TrainConfig
 from ..model import GPT
 from ..tokenizer import Tokenizer, load_tokenizer
 
-# What may differ from a start model's settings without touching its weights.
-START_SETTINGS = ("block_size", "dropout")
 AUTO_MAX_ROWS = 16           # batch_size=0 picks at most this many rows per micro-batch
 CPU_MEMORY_BUDGET = 4e9      # ... and on a CPU sizes them to fit this much memory
 
