@@ -77,10 +77,9 @@ def tokenizer_notes(tok: Tokenizer, folder: Path | None = None) -> list[str]:
             notes.append(f"{folder / 'tokenizer_config.json'} sets pad_token to the end-of-turn token {pad}: a trainer "
                          f"that masks padding never teaches the model to stop (fastgpt pads with {chat.pad_token})")
     bos = chat.variables.get("bos_token")
-    backend = getattr(tok, "tokenizer", None)
-    if bos and backend is not None and bos in chat.render([{"role": "user", "content": "hi"}]):
-        ids = backend.encode(chat.render([{"role": "user", "content": "hi"}]), add_special_tokens=True).ids
-        if ids[:2] == [tok.special_ids.get(bos)] * 2:
+    text = chat.render([{"role": "user", "content": "hi"}])
+    if bos and hasattr(tok, "encode_like_transformers") and text.startswith(bos):
+        if tok.encode_like_transformers(text)[:2] == [tok.special_ids.get(bos)] * 2:
             notes.append(f"double BOS: the chat template writes {bos} and the tokenizer adds another when the rendered "
                          "text is tokenized with add_special_tokens=True (transformers' default); fastgpt encodes "
                          "without, so its ids start with one")

@@ -69,6 +69,16 @@ class HFTokenizer(Tokenizer):
             self.tokenizer.encode_special_tokens = True
         return enc.ids, [a for a, _ in enc.offsets]
 
+    def encode_like_transformers(self, text: str) -> list[int]:
+        """What transformers' ``tokenizer(text)`` gives: special tokens' text parsed and the
+        post-processor's tokens (a BOS) added. fastgpt never encodes this way; it is the reference
+        for spotting a double BOS."""
+        self.tokenizer.encode_special_tokens = False
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=True).ids
+        finally:
+            self.tokenizer.encode_special_tokens = True
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Many texts at once, in parallel inside ``tokenizers`` (data preparation)."""
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
