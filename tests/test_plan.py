@@ -77,3 +77,50 @@ def test_estimate_matches_measured_cpu_memory():
         held_before = 12 * (p.params - idle_head) + 4 * idle_head
         estimate = p.total(rows) - held_before
         assert 0.97 <= estimate / growth <= 1.15, (case, estimate, growth)
+
+
+GPU_CASES = [  # (known model, stage, rows, seq_len, grad_checkpointing); head sizes 64 all
+    ("SmolLM2-135M", "sft", 4, 1024, False),
+    ("SmolLM2-135M", "sft", 4, 1024, True),
+    ("Qwen2.5-0.5B", "reward", 4, 1024, False),
+    ("Llama-3.2-1B", "sft", 2, 1024, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, stage, rows, seq_len, gc", GPU_CASES)
+def test_estimate_matches_cuda_peak(name, stage, rows, seq_len, gc):
+    """The GPU (fused kernels, bf16 autocast) estimate against CUDA's peak allocation during one
+    training step of the real model's shape (random weights), as the trainer runs it."""
+    import torch
+    from fastgpt.model import GPT, ScalarModel
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cfg = model_config(name)
+    cfg.block_size = seq_len
+    torch.manual_seed(0)
+    model = (ScalarModel(cfg) if stage == "reward" else GPT(cfg)).cuda()
+    (model.gpt if stage == "reward" else model).grad_checkpointing = gc
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    idx = torch.randint(0, cfg.vocab_size, (rows, seq_len), device="cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(idx)[:, -1].float().pow(2).mean() if stage == "reward" else model(idx, idx)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    growth = torch.cuda.max_memory_allocated() - before
+    p = plan(cfg, stage, seq_len=seq_len, grad_checkpointing=gc, dropout=0.0)
+    idle_head = 0 if cfg.tie_embeddings or stage != "reward" else cfg.vocab_size * cfg.n_embd
+    estimate = p.total(rows) - 12 * (p.params - idle_head) - 4 * idle_head
+    print(f"\n{name} {stage} {rows}x{seq_len} checkpointing={gc}: step peak {growth / GB:.3f} GB, "
+          f"estimate {estimate / GB:.3f} GB, ratio {estimate / growth:.3f} ({torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__})")
+    assert 0.9 <= estimate / growth <= 1.3
