@@ -460,6 +460,4 @@ def write_hf_tokenizer(tokenizer: Tokenizer, folder: str | Path, context: int) -
 
 
 
-# benchmarks/bench_generation.py exports through this name
-save_hf_gpt2 = save_hf
-load_hf_gpt2 = load_hf_model  # TODO(llama): remove once stages call load_hf_model
+save_hf_gpt2 = save_hf  # the name benchmarks/bench_generation.py exports through

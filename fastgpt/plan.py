@@ -165,27 +165,38 @@ def token_bytes(cfg: ModelConfig, *, lm_loss: bool, grad_checkpointing: bool, am
 # ------------------------------------------------------------------------------- plans
 @dataclass
 class MemoryPlan:
-    """Bytes a stage holds; ``total(n)`` with a micro-batch of n rows of ``seq_len`` tokens."""
+    """Bytes a stage holds; ``total(n)`` at its peak with a micro-batch of n rows of ``seq_len``.
+
+    ``static`` is held across steps (fp32 weights and AdamW state, frozen models). Within a step
+    the peak is the larger of two moments measured on an H100: the end of the forward pass
+    (bf16 weight copies, every row's activations, the loss workspace) and the optimizer step
+    (the fp32 gradients, which backward allocates as it frees the activations).
+    """
 
     model: str
     stage: str
     params: int
     seq_len: int
     budget: float
-    static: dict[str, float] = field(default_factory=dict)      # independent of the batch
+    static: dict[str, float] = field(default_factory=dict)      # held across steps
+    gradients: float = 0.0                                      # fp32 gradients of the trained models
+    weight_copies: float = 0.0                                  # bf16 copies autocast makes in a step
     per_row: dict[str, float] = field(default_factory=dict)     # per micro-batch row
+    workspace: float = 0.0                                      # the loss's, once per step
     rollout_per_row: float = 0.0                                # PPO: KV cache per rollout row
-    workspace: float = 0.0                                      # transient, at most once
 
     def total(self, rows: int) -> float:
-        return sum(self.static.values()) + rows * sum(self.per_row.values()) + self.workspace
+        forward = self.weight_copies + rows * sum(self.per_row.values()) + self.workspace
+        return sum(self.static.values()) + max(self.gradients, forward)
 
     @property
     def max_rows(self) -> int:
         """Largest micro-batch (rows of seq_len tokens) that fits, 0 if none does."""
-        room = self.budget - sum(self.static.values()) - self.workspace
+        room = self.budget - sum(self.static.values())
         per = sum(self.per_row.values())
-        return max(0, int(room // per)) if per > 0 else 0
+        if per <= 0 or room < self.gradients:
+            return 0
+        return max(0, int((room - self.weight_copies - self.workspace) // per))
 
     @property
     def max_rollout_rows(self) -> int:
@@ -203,30 +214,28 @@ def plan(cfg: ModelConfig, stage: str, *, seq_len: int = 2048, budget: float = 8
     if seq_len < 1:
         raise PlanError(f"--seq-len {seq_len}: expected a positive number of tokens")
     n = num_params(cfg)
-    # A scalar-head model never uses an untied lm_head: it gets no gradient and no AdamW state.
-    idle_head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.n_embd
-    trained = 16.0 + (2.0 if amp else 0.0)  # fp32 weight, grad, AdamW m and v (+ bf16 copy)
+    # A scalar-head model never uses an untied lm_head: no gradient, no AdamW state, no bf16 copy.
+    used = n - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.n_embd)
     p = MemoryPlan(model_name or "model", stage, n, seq_len, budget)
     if dropout is None:
         dropout = {"pretrain": cfg.dropout, "sft": 0.1}.get(stage, 0.0)
     act = dict(amp=amp, backend=backend, grad_checkpointing=grad_checkpointing, dropout=dropout)
-    workspace = loss_bytes(cfg, amp, backend)[1]
+    copy = 2.0 if amp else 0.0
+    trained = {"pretrain": [n], "sft": [n], "reward": [used], "ppo": [n] + ([used] if value_model == "reward" else [])}
+    p.static["fp32 weights and AdamW state"] = 12.0 * sum(trained[stage]) + 4.0 * (n * len(trained[stage])
+                                                                                   - sum(trained[stage]))
+    p.gradients = 4.0 * sum(trained[stage])
+    p.weight_copies = copy * sum(trained[stage])
     if stage in ("pretrain", "sft"):
-        p.static["weights, gradients, AdamW state"] = trained * n
         p.per_row["activations"] = token_bytes(cfg, lm_loss=True, **act) * seq_len
-        p.workspace = workspace
+        p.workspace = loss_bytes(cfg, amp, backend)[1]
     elif stage == "reward":
-        p.static["weights, gradients, AdamW state"] = trained * (n - idle_head) + 4.0 * idle_head
         p.per_row["activations"] = token_bytes(cfg, lm_loss=False, **act) * seq_len
     else:  # ppo: the policy (and a value model) train; the SFT reference and reward model are frozen
-        p.static["policy weights, gradients, AdamW state"] = trained * n
-        value = 0.0
-        if value_model == "reward":
-            p.static["value model weights, gradients, AdamW state"] = trained * (n - idle_head) + 4.0 * idle_head
-            value = token_bytes(cfg, lm_loss=False, **act)
+        value = token_bytes(cfg, lm_loss=False, **act) if value_model == "reward" else 0.0
         p.static["frozen reference and reward model (bf16)"] = (2.0 if amp else 4.0) * 2 * n
         p.per_row["activations (policy and value)"] = (token_bytes(cfg, lm_loss=True, **act) + value) * seq_len
-        p.workspace = workspace
+        p.workspace = loss_bytes(cfg, amp, backend)[1]
         p.rollout_per_row = cfg.n_layer * 2 * cfg.kv_heads * cfg.head_dim * (2 if amp else 4) * seq_len
     return p
 
@@ -242,6 +251,9 @@ def format_plan(p: MemoryPlan, cfg: ModelConfig) -> str:
              f"rows of {p.seq_len:,} tokens, budget {_gb(p.budget)}"]
     for name, value in p.static.items():
         lines.append(f"  {name:<42} {_gb(value):>12}")
+    lines.append(f"  {'fp32 gradients (from backward to the step)':<42} {_gb(p.gradients):>12}")
+    if p.weight_copies:
+        lines.append(f"  {'bf16 weight copies (forward, backward)':<42} {_gb(p.weight_copies):>12}")
     for name, value in p.per_row.items():
         if value:
             lines.append(f"  {name + ' per row':<42} {_gb(value):>12}")

@@ -12,8 +12,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                         "per line) or folders of them")
     parser.add_argument("--out", required=True, help="dataset folder to write (shards + meta.json)")
     parser.add_argument("--tokenizer", default="byte",
-                        help="'byte' (default), 'bpe:<vocab size>' to train a BPE on the inputs, or a "
-                             "tokenizer file (fastgpt JSON or a GPT-2 tokenizer.json)")
+                        help="'byte' (default), 'bpe:<vocab size>' to train a BPE on the inputs, a "
+                             "tokenizer file (fastgpt JSON or a tokenizer.json), or a Hugging Face model "
+                             "folder (the tokenizer a model started from it uses)")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     parser.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for validation")
     parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")

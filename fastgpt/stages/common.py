@@ -60,15 +60,14 @@ def load_start_model(init_from: str, tokenizer: str = "") -> tuple[GPT, Tokenize
     return model, tok
 
 
-def apply_start_settings(model: GPT, requested: ModelConfig, source: str, *, given: set[str] | None = None) -> None:
-    """Use settings of ``requested`` on a model started from ``source``: those in ``given``, or
-    else those that differ from ModelConfig's defaults. The context may shrink (the RoPE tables
-    or learned positions are cut; no weight changes) and dropout change; any other setting would
-    need other weights and is refused with one line naming it."""
+def apply_start_settings(model: GPT, requested: ModelConfig, source: str) -> None:
+    """Use the settings of ``requested`` that differ from ModelConfig's defaults on a model
+    started from ``source`` (the command line refuses every other model flag by name). The context
+    may shrink (the RoPE tables or learned positions are cut; no weight changes) and dropout
+    change; any other setting would need other weights and is refused with one line naming it."""
     defaults = ModelConfig()
     have = model.config
-    if given is None:
-        given = {f.name for f in fields(ModelConfig) if getattr(requested, f.name) != getattr(defaults, f.name)}
+    given = {f.name for f in fields(ModelConfig) if getattr(requested, f.name) != getattr(defaults, f.name)}
     for name in sorted(given):
         want = getattr(requested, name)
         if want == getattr(have, name) or name in START_SETTINGS:
