@@ -20,7 +20,7 @@ stop; padding is never the end-of-turn token.
 """
 from __future__ import annotations
 
-from .errors import FastGPTError, TokenizerError  # noqa: F401  (TokenizerError is part of this module's API)
+from .errors import TokenizerError  # noqa: F401  (part of this module's API)
 
 import json
 import re
