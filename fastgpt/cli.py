@@ -17,7 +17,7 @@ from .errors import FastGPTError
 
 # name -> (module, help, what an interruption leaves). Each module defines
 # add_<name>_arguments(parser, argv) -- argv, the command's own arguments, lets help show the
-# defaults they select -- and run_<name>(args) -> int.
+# defaults they select -- and run_<name>(args) -> int (dashes in a name are underscores there).
 RESUMES = "; the last checkpoint is intact: run the same command to resume"
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": ("fastgpt.commands.data", "tokenize text files or folders into token shards",
@@ -35,6 +35,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("fastgpt.commands.demo", "run every stage end to end on built-in data and report",
              "; finished stages are kept and the current one resumes from its checkpoint: run the same "
              "command to continue"),
+    "inspect-data": ("fastgpt.commands.models", "show how conversations are tokenized for a model; warn about bugs",
+                     ""),
+    "export": ("fastgpt.commands.models", "write a checkpoint as a Hugging Face folder (transformers from_pretrained)",
+               "; the export folder may be incomplete: run it again"),
+    "plan": ("fastgpt.commands.models", "memory of a stage on one GPU and the largest micro-batch that fits", ""),
 }
 
 
@@ -69,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     module_name, help_text, interrupted = COMMANDS[name]
     parser = ArgumentParser(prog=f"fastgpt {name}", description=help_text)
     module = importlib.import_module(module_name)
-    getattr(module, f"add_{name}_arguments")(parser, argv[1:])
+    function = name.replace("-", "_")
+    getattr(module, f"add_{function}_arguments")(parser, argv[1:])
     args = parser.parse_args(argv[1:])
     try:
         importlib.import_module("fastgpt.kernels")
@@ -79,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # a bad environment setting read at import, e.g. FASTGPT_KERNELS
         print(f"fastgpt {name}: error: {e}", file=sys.stderr)
         return 2
-    run = getattr(module, f"run_{name}")
+    run = getattr(module, f"run_{function}")
     try:
         code = run(args)
     except FastGPTError as e:

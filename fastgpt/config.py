@@ -102,8 +102,16 @@ class ModelConfig:
     mlp: Literal["gelu", "swiglu"] = "gelu"  # MLP activation
     position: Literal["learned", "rope"] = "learned"  # learned position embeddings or rotary (RoPE)
     rope_theta: PositiveFloat = 10000.0   # RoPE base frequency
+    # RoPE frequency scaling for long contexts: "linear" divides positions by rope_factor; "llama3"
+    # (Llama 3.1+) divides low frequencies by it, keeps high ones, with a smooth band between
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"  # RoPE frequency scaling for long contexts
+    rope_factor: PositiveFloat = 1.0      # RoPE scaling factor
+    rope_low_freq_factor: PositiveFloat = 1.0  # llama3 scaling: the low-frequency edge of the smooth band
+    rope_high_freq_factor: PositiveFloat = 4.0  # llama3 scaling: the high-frequency edge of the smooth band
+    rope_original_context: Positive = 8192  # the context the model was pre-trained at before scaling
     tie_embeddings: bool = True           # output layer shares the token embedding's weights
-    bias: bool = True                     # biases in the linear and norm layers
+    bias: bool = True                     # biases on every linear layer and LayerNorm
+    qkv_bias: bool = False                # biases on the q/k/v projection even when bias=false (Qwen2)
     dropout: Fraction = 0.0               # residual / embedding dropout
     norm_eps: PositiveFloat = 1e-5        # epsilon of the normalisation layers
 
@@ -116,6 +124,9 @@ class ModelConfig:
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.position='rope' needs an even head size, got model.n_embd / model.n_head "
                               f"= {self.head_dim}")
+        if self.rope_scaling == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ConfigError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be below "
+                              f"model.rope_high_freq_factor={self.rope_high_freq_factor}")
 
     @property
     def kv_heads(self) -> int:
@@ -132,6 +143,10 @@ class ModelConfig:
         if self.mlp == "swiglu":  # keeps parameter count close to the 4x GELU MLP
             return 64 * ((8 * self.n_embd // 3 + 63) // 64)
         return 4 * self.n_embd
+
+
+# Model settings that may differ from a start model's (init_from) without touching its weights.
+START_SETTINGS = ("block_size", "dropout")
 
 
 @dataclass
@@ -154,6 +169,7 @@ class TrainConfig:
     beta2: Fraction = 0.95          # AdamW second-moment decay
     adam_eps: PositiveFloat = 1e-8  # AdamW epsilon
     grad_clip: NonNegativeFloat = 1.0  # clip the gradient norm to this; 0 disables
+    grad_checkpointing: bool = False  # recompute each block in backward instead of keeping its activations
     eval_interval: NonNegative = 200  # steps between evaluations (0: only at the end)
     log_interval: Positive = 10     # steps between metrics.jsonl records
     ckpt_interval: Positive = 500   # steps between checkpoints (the last step always saves)
@@ -163,12 +179,12 @@ class TrainConfig:
     tensorboard: bool = False       # also log metrics to TensorBoard in out_dir/tensorboard (needs tensorboard)
     wandb: bool = False             # also log metrics to Weights & Biases (needs wandb; project $WANDB_PROJECT)
 
-    # Settings a resumed run may change: how long it runs and what it shows, never what it learns
-    # from (max_steps extends or shortens the schedule). Every other setting must match the
-    # checkpoint's, or the trainer refuses to resume.
+    # Settings a resumed run may change: how long it runs, how it computes and what it shows,
+    # never what it learns from (max_steps extends or shortens the schedule). Every other setting
+    # must match the checkpoint's, or the trainer refuses to resume.
     RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({
-        "out_dir", "device", "compile", "max_steps", "eval_interval", "log_interval", "ckpt_interval",
-        "max_bad_steps", "resume", "progress", "tensorboard", "wandb"})
+        "out_dir", "device", "compile", "grad_checkpointing", "max_steps", "eval_interval", "log_interval",
+        "ckpt_interval", "max_bad_steps", "resume", "progress", "tensorboard", "wandb"})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -298,6 +314,20 @@ def build_config(cls: type[C], preset: str | None = None, toml_path: str | Path 
         except TypeError as e:
             raise ConfigError(f"model config: {e}") from None
     return cfg
+
+
+def given_keys(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> set[str]:
+    """The dotted keys a TOML file and overrides set (what a user asked for, defaults aside)."""
+    keys = set(overrides or {})
+    if toml_path:
+        def walk(table: dict[str, Any], prefix: str) -> None:
+            for key, value in table.items():
+                if isinstance(value, dict):
+                    walk(value, f"{prefix}{key}.")
+                else:
+                    keys.add(f"{prefix}{key}")
+        walk(tomllib.loads(Path(toml_path).read_text()), "")
+    return keys
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

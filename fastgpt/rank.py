@@ -55,7 +55,7 @@ def compare(checkpoint: str, prompts_path: str, out_path: str, k: int = 4, tempe
         for b, start in enumerate(range(0, len(prompts), per_batch)):
             chunk = encoded[start:start + per_batch]
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                    stop_ids=(tok.end_id,), seed=seed + b)
+                                    stop_ids=tok.stop_ids, seed=seed + b)
             gens = generate(model, [p for p in chunk for _ in range(k)], params, vocab_limit=tok.vocab_size)
             for i, prompt in enumerate(prompts[start:start + per_batch]):
                 mine = gens[i * k:(i + 1) * k]

@@ -35,6 +35,7 @@ from .config import TrainConfig
 from .console import Progress, plural
 from .files import content_digest
 from .metrics import MetricsLogger, open_loggers
+from .model import GPT
 from .tokenizer import Tokenizer
 
 # Dense bf16 tensor-core peaks (datasheet, FLOP/s) used for MFU; unknown devices report no MFU.
@@ -81,7 +82,7 @@ class DataPlan:
     packed: bool = True              # tokens_per_step is a capacity of packed rows, not exact
     val_size: int = 0                # held-out items behind the evaluation metrics
     val_unit: str = ""
-    step: str = ""                   # what one step is made of, when not batch_size x grad_accum rows
+    step: str = ""                   # what a micro-batch is, when not batch_size rows of the model's context
     notes: list[str] = field(default_factory=list)  # stage-specific lines for the start block
 
 
@@ -210,6 +211,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.amp_dtype = amp_dtype(self.device, cfg.dtype)
         self.model = model.to(self.device)
+        for module in self.model.modules():
+            if isinstance(module, GPT):
+                module.grad_checkpointing = cfg.grad_checkpointing
         self.flops_per_token = flops_per_token
         self.out_dir = Path(cfg.out_dir)
         self.data = {name: {"path": str(path), "sha256": content_digest(path)}
@@ -347,9 +351,10 @@ class Trainer:
         if plan is None:
             return lines, warnings
         world = self.dist.world_size
-        lines.append(f"{'up to ' if plan.packed else ''}{plan.tokens_per_step:,} tokens per step "
-                     f"({plan.step or f'batch_size {cfg.batch_size}'} x grad_accum {cfg.grad_accum}"
-                     + (f" x {world} processes" if world > 1 else "") + ")")
+        step = plan.step or (f"micro-batch {plural(cfg.batch_size, 'row')} x "
+                             f"{mconf.block_size if mconf is not None else '?':,} tokens")
+        lines.append(f"{step}, grad_accum {cfg.grad_accum}" + (f", {world} processes" if world > 1 else "")
+                     + f": {'up to ' if plan.packed else ''}{plan.tokens_per_step:,} tokens per step")
         epochs = cfg.max_steps / max(plan.steps_per_epoch, 1e-9)
         held = f"; {plural(plan.val_size, plan.val_unit)} held out" if plan.val_unit else ""
         lines.append(f"data: {plural(plan.size, plan.unit)}{held}; max_steps {cfg.max_steps:,} = {epochs:.3g} "

@@ -190,7 +190,7 @@ def test_sample_chat_needs_a_prompt(workspace, cli):
     assert_one_line_error(cli("sample", workspace / "run", "--chat", "--device", "cpu"), "--chat needs --prompt")
 
 
-@pytest.mark.parametrize("flag, value", [("--max_steps", "-5"), ("--max_steps", "0"), ("--batch_size", "0"),
+@pytest.mark.parametrize("flag, value", [("--max_steps", "-5"), ("--max_steps", "0"), ("--batch_size", "-1"), ("--grad_accum", "0"),
                                          ("--lr", "0"), ("--eval_batches", "0"), ("--model.dropout", "1.5")])
 def test_non_positive_counts_are_refused(workspace, tmp_path, cli, flag, value):
     proc = cli("pretrain", "--data", workspace / "data", "--out_dir", tmp_path / "r", *SMALL, flag, value)

@@ -155,9 +155,9 @@ def test_cli_sft_smoke(tmp_path):
 
 
 def test_sft_from_hf_folder_grows_vocab(tmp_path):
-    from fastgpt.hf import save_hf_gpt2
+    from fastgpt.hf import save_hf
     torch.manual_seed(0)
-    save_hf_gpt2(GPT(ModelConfig(**{**TINY, "vocab_size": 256})), tmp_path / "hf")
+    save_hf(GPT(ModelConfig(**{**TINY, "vocab_size": 256})), tmp_path / "hf")
     data = write_jsonl(tmp_path / "d.jsonl", [convo(i) for i in range(8)])
     cfg = SFTConfig(init_from=f"hf:{tmp_path / 'hf'}", tokenizer="byte", data=data, out_dir=str(tmp_path / "o"),
                     max_steps=1, batch_size=2, progress=False, eval_format_prompts=0)

@@ -465,7 +465,7 @@ def test_start_block_and_warnings(tmp_path, tiny_data, capsys):
     out, err = capsys.readouterr()
     lines = [ln for ln in out.splitlines() if ln.startswith("pretrain: ")]
     assert "parameters, vocabulary 320, context 32; cpu fp32, 1 thread" in lines[0]
-    assert lines[1].startswith("pretrain: 128 tokens per step (batch_size 4 x grad_accum 1)")
+    assert lines[1] == "pretrain: micro-batch 4 rows x 32 tokens, grad_accum 1: 128 tokens per step"
     meta = __import__("fastgpt.data", fromlist=["load_meta"]).load_meta(tiny_data)
     train_tokens = meta["tokens"]["train"]
     assert f"data: {train_tokens:,} tokens; {meta['tokens']['val'] // 32} 32-token validation windows" in lines[2]

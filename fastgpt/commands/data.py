@@ -17,8 +17,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] =
                         "folders, e.g. .py,.md (default: %(default)s)")
     parser.add_argument("--out", required=True, help="dataset folder to write (shards + meta.json)")
     parser.add_argument("--tokenizer", default="byte",
-                        help="'byte' (default), 'bpe:<vocab size>' to train a BPE on the inputs, or a "
-                             "tokenizer file (fastgpt JSON or a GPT-2 tokenizer.json)")
+                        help="'byte' (default), 'bpe:<vocab size>' to train a BPE on the inputs, a "
+                             "tokenizer file (fastgpt JSON or a tokenizer.json), or a Hugging Face model "
+                             "folder (the tokenizer a model started from it uses)")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: %(default)s)")
     parser.add_argument("--val-fraction", type=float, default=0.01,
                         help="share of documents held out for validation (default: %(default)s)")

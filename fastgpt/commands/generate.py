@@ -31,7 +31,7 @@ def run_sample(args: argparse.Namespace) -> int:
     model, tok, _ = load_model(args.checkpoint, kind="gpt", device=device)
     if args.chat:
         prompt = encode_prompt(tok, prompt_messages(args.prompt))
-        stops: tuple[int, ...] = (tok.end_id,)
+        stops: tuple[int, ...] = tok.stop_ids
     else:
         prompt = [tok.eot_id] + tok.encode(args.prompt)
         stops = (tok.eot_id,)
@@ -58,7 +58,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from ..checkpoint import load_model
     from ..trainer import resolve_device
     model, tok, ckpt = load_model(args.checkpoint, kind="gpt", device=resolve_device(args.device))
-    params = sampling_params(args, stop_ids=(tok.end_id,))
+    params = sampling_params(args, stop_ids=tok.stop_ids)
     print(f"fastgpt chat: {ckpt['stage']} checkpoint {args.checkpoint}")
     chat_loop(model, tok, params, input, sys.stdout, system=args.system)
     return 0

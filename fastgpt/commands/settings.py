@@ -77,9 +77,12 @@ def _defaults(cls: type, argv: Sequence[str], has_preset: bool) -> tuple[Any, st
     and a note naming those sources; an unreadable one falls back to the plain defaults (the real
     parse reports it)."""
     peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--preset", default=DEFAULT_PRESET if has_preset else None)
+    peek.add_argument("--preset")
     peek.add_argument("--config")
+    peek.add_argument("--init_from", "--init-from")
     known, _ = peek.parse_known_args(argv)
+    if has_preset and not known.preset and not known.init_from:  # a start model brings its own settings
+        known.preset = DEFAULT_PRESET
     try:
         cfg = build_config(cls, known.preset, known.config)
     except FastGPTError:
@@ -95,8 +98,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, argv: Seque
     # stages inherit the architecture from their start checkpoint.
     has_preset = "model" in {f.name for f in dataclasses.fields(cls)}
     if has_preset:
-        parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
-                            help=f"named preset: model size and training defaults (default: {DEFAULT_PRESET})")
+        parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                            help=f"named preset: model size and training defaults (default: {DEFAULT_PRESET}; "
+                                 "none with init_from, whose model brings its own)")
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file of settings (after any preset)")
     parser.add_argument("--fresh", action="store_true",
                         help="start over in out_dir, replacing its checkpoint and metrics (same as --resume false)")
@@ -118,10 +122,27 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, argv: Seque
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The stage config of ``cls`` from --preset, --config and the setting flags (--fresh: resume
+    off). A stage that builds a model gets the default preset unless it starts from one (init_from)."""
+    from ..config import START_SETTINGS, ConfigError, given_keys
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
     if getattr(args, "fresh", False):
         overrides["resume"] = False
-    return build_config(cls, getattr(args, "preset", None), args.config, overrides)
+    preset = getattr(args, "preset", None)
+    cfg = build_config(cls, preset, args.config, overrides)
+    if not hasattr(cfg, "model"):
+        return cfg
+    if getattr(cfg, "init_from", ""):
+        if preset:
+            raise ConfigError(f"--preset {preset} sizes a new model, but init_from={cfg.init_from} brings its own "
+                              "(set model.block_size or model.dropout instead)")
+        start = {f"model.{name}" for name in START_SETTINGS}
+        for key in sorted(given_keys(args.config, overrides)):
+            if key.startswith("model.") and key not in start:
+                raise ConfigError(f"{key}: the model comes from init_from={cfg.init_from}; only model.block_size "
+                                  "(up to its context) and model.dropout can change without other weights")
+        return cfg
+    return build_config(cls, preset or DEFAULT_PRESET, args.config, overrides)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: float, top_p: float,

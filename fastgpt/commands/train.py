@@ -83,7 +83,8 @@ def run_reward(args: argparse.Namespace) -> int:
         records = read_scoring_file(args.score)
         model, tok, extra = load_reward_model(args.checkpoint, resolve_device(cfg.device))
         scores = score(model, tok, [r["prompt"] for r in records], [r["response"] for r in records],
-                       [r.get("finished", True) for r in records], extra, batch_size=cfg.batch_size)
+                       [r.get("finished", True) for r in records], extra,
+                       batch_size=cfg.batch_size or 16)  # no gradients: any row count fits
         for rec, s in zip(records, scores):
             print(json.dumps({**rec, "score": s}, ensure_ascii=False))
         sys.stdout.flush()

@@ -20,7 +20,10 @@ from ..config import (Fraction, ModelConfig, NonNegative, NonNegativeFloat, Posi
 class PretrainConfig(TrainConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: str = ""              # dataset folder from `fastgpt prepare` (command line: the built-in corpus if empty)
-    init_from: str = ""         # "" = random init; a fastgpt checkpoint; "hf:<folder>" = GPT-2 import
+    # a fastgpt checkpoint or "hf:<folder>" (a Hugging Face model) brings its own model settings, of
+    # which model.block_size (up to its context) and model.dropout may change
+    init_from: str = ""         # "" = a new model; or a fastgpt checkpoint or hf:<folder> to start from
+    batch_size: NonNegative = 0  # rows per micro-batch; 0 = the largest `fastgpt plan` fits (at most 16)
     eval_batches: Positive = 20  # validation batches per evaluation (the same windows every time)
     builtin_documents: Positive = 30000  # size of the built-in corpus the command line generates when data = ""
 
@@ -31,8 +34,10 @@ class PretrainConfig(TrainConfig):
 class SFTConfig(TrainConfig):
     # The architecture comes from init_from, so there is no nested ModelConfig to set here.
     out_dir: str = "runs/sft"
-    init_from: str = ""            # required: a fastgpt checkpoint or "hf:<GPT-2 folder>"
-    tokenizer: str = ""            # for an hf: init only: a tokenizer file ("" = the folder's tokenizer.json)
+    init_from: str = ""            # required: a fastgpt checkpoint or "hf:<Hugging Face model folder>"
+    tokenizer: str = ""            # for an hf: start only: a tokenizer ("" = the folder's, with its chat template)
+    block_size: NonNegative = 0    # context (rows) to train at, up to the model's; 0 = the model's
+    batch_size: NonNegative = 0    # rows per micro-batch; 0 = the largest `fastgpt plan` fits (at most 16)
     data: str = ""                 # conversations JSONL (command line: the built-in demonstrations if empty)
     val_fraction: Fraction = 0.05  # conversations held out for val_loss
     epochs: NonNegativeFloat = 0.0  # > 0: sets max_steps to this many passes over the data
@@ -53,7 +58,9 @@ class SFTConfig(TrainConfig):
 class RewardConfig(TrainConfig):
     # The architecture comes from init_from, so there is no nested ModelConfig to set here.
     out_dir: str = "runs/reward"
-    init_from: str = ""            # required: the SFT checkpoint (any language-model checkpoint)
+    init_from: str = ""            # required: the SFT checkpoint (any language-model checkpoint, or hf:<folder>)
+    block_size: NonNegative = 0    # context to train at, up to the model's; 0 = the model's
+    batch_size: NonNegative = 0    # rows per micro-batch; 0 = the largest `fastgpt plan` fits (at most 16)
     data: str = ""                 # rankings (fastgpt rank) or {"prompt", "chosen", "rejected"} pairs, JSONL
     val_fraction: Fraction = 0.1   # prompts held out for pairwise accuracy
     epochs: NonNegativeFloat = 1.0  # InstructGPT: one epoch (more overfits); > 0 sets max_steps
@@ -69,7 +76,7 @@ class RewardConfig(TrainConfig):
 @dataclass
 class PPOConfig(TrainConfig):
     out_dir: str = "runs/ppo"
-    sft_checkpoint: str = ""          # required: the policy's start and its frozen KL reference
+    sft_checkpoint: str = ""          # required: the policy's start and its frozen KL reference (or hf:<folder>)
     reward_checkpoint: str = ""       # required: the frozen reward model (fastgpt reward)
     prompts: str = ""                 # JSONL of {"prompt"} or {"messages"} (command line: the built-in world's)
     eval_prompts: str = ""            # held-out prompts for the summary ("" = hold out eval_fraction of prompts)
@@ -89,7 +96,7 @@ class PPOConfig(TrainConfig):
     kl_horizon: Positive = 10000      # adaptive controller's horizon (sequences)
     kl_estimator: Literal["k1", "k3"] = "k1"  # per-token KL estimate: k1 = log ratio, k3 = unbiased, >= 0
     reward_clip: NonNegativeFloat = 0.0  # clip normalised scores to +-this; 0 = off
-    missing_eos_penalty: float = -1.0  # score of a response that never emitted <|end|>; 0 = off
+    missing_eos_penalty: float = -1.0  # score of a response that never ended its turn; 0 = off
     whiten_rewards: bool = False      # whiten per-token rewards within each rollout
     # PPO
     gamma: Ratio = 1.0                # discount in GAE

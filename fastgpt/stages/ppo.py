@@ -8,7 +8,7 @@ minibatches; when it runs dry, ``next_batch`` rolls out a new batch first:
    log-probs (all with logits divided by the sampling temperature, through the fused log-prob
    kernel) and the frozen reward model's score at the last token;
 3. per-token reward = -beta * KL(policy || SFT) plus the normalised score on the last token
-   (responses cut off without <|end|> get ``missing_eos_penalty`` as their score instead);
+   (responses cut off before a stop token get ``missing_eos_penalty`` as their score instead);
 4. GAE advantages (whitened) and returns, then ``ppo_epochs`` shuffled passes of
    ``mini_batch_size`` sequences, dropped early when the approximate KL passes ``early_stop_kl``.
 
@@ -44,7 +44,7 @@ from ..model import GPT, ScalarModel
 from ..tokenizer import Tokenizer, encode_prompt
 from ..trainer import (DataPlan, Trainer, TrainingError, autocast_context, distributed_env, resolve_device,
                        seed_everything)
-from .common import cast_parameters, freeze, require_same_tokenizer, set_dropout, split_holdout
+from .common import cast_parameters, freeze, load_start_model, require_same_tokenizer, set_dropout, split_holdout
 from .configs import PPOConfig
 from .reward import raw_scores
 
@@ -231,7 +231,7 @@ class PPOTask:
         prompts = self._sample_prompts()
         seed = int(self.rng.integers(2**31))
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                stop_ids=(self.tok.end_id,), seed=seed)
+                                stop_ids=self.tok.stop_ids, seed=seed)
         gens = generate(self.model.policy, prompts, params, vocab_limit=self.tok.vocab_size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -368,7 +368,7 @@ def evaluate_policy(policy: GPT, ref: GPT, tok: Tokenizer, prompts: list[list[in
     out: dict[str, float] = {}
     for name, temp in (("greedy", 0.0), ("sampled", cfg.temperature)):
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temp,
-                                stop_ids=(tok.end_id,), seed=cfg.seed)  # same samples at every eval
+                                stop_ids=tok.stop_ids, seed=cfg.seed)  # same samples at every eval
         gens = generate(policy, prompts, params, vocab_limit=tok.vocab_size, batch_size=cfg.rollout_batch_size)
         out[f"score_{name}"] = float(reward_fn(prompts, [g.tokens for g in gens]).float().mean())
         if name == "sampled":
@@ -416,7 +416,8 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
         raise PPOError("reward_checkpoint is required")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device, distributed_env())
-    policy, tok, _ = load_model(cfg.sft_checkpoint, kind="gpt", device=device)
+    policy, tok = load_start_model(cfg.sft_checkpoint)
+    policy = policy.to(device).eval()
     ref = freeze(copy.deepcopy(policy))
     rm = None
     if cfg.reward_checkpoint:
@@ -485,7 +486,7 @@ def ppo_plan(cfg: PPOConfig, prompts: list[list[int]], eval_prompts: list[list[i
     return DataPlan(len(prompts), "prompt", len(prompts) / (cfg.rollout_batch_size * world) * steps_per_rollout,
                     cfg.mini_batch_size * cfg.grad_accum * world * seq, val_size=min(len(eval_prompts), cfg.eval_max_prompts),
                     val_unit="prompt" if eval_prompts else "",
-                    step=f"mini_batch_size {cfg.mini_batch_size} sequences of up to {seq} tokens",
+                    step=f"micro-batch of {plural(cfg.mini_batch_size, 'sequence')} (mini_batch_size) of up to {seq} tokens",
                     notes=[f"about {plural(rollouts, 'rollout')} of {cfg.rollout_batch_size} prompts, "
                            f"{steps_per_rollout:g} steps each; {held_out}"])
 
