@@ -1,0 +1,149 @@
+"""Launch configurations of the attention kernels: candidates, limits, and the committed table.
+
+A configuration is block sizes plus ``num_warps`` / ``num_stages``.  Which one a launch uses:
+
+1. Under ``TRITON_INTERPRET=1``: one small fixed configuration per kernel (16-wide tiles), so the
+   CPU tests cross several blocks and ragged tails.
+2. On a GPU: the committed table (:mod:`.launch_table`), keyed by
+   ``kernel / head-dim class / dtype class / GPU arch``, optionally refined by a sequence-length
+   bucket (``.../short`` for max_seqlen <= 2048, ``.../long`` above).  Head-dim class: ``d64``
+   for padded head dims up to 64, ``d128`` up to 128; dtype class: ``16bit`` (fp16 and bf16) or
+   ``fp32``; arch: ``sm90`` for an H100/H200.  ``gpu_check.py --tune`` measures a grid on a GPU
+   and ``gpu_check.py --apply-tune RESULTS.json`` rewrites the table from it.
+3. Fallback, for a GPU / dtype / head dim the table lacks: ``triton.autotune`` over
+   :func:`candidates` (pruned by :func:`fits_sm90`-style limits), keyed by head dim, dtype,
+   causality, GQA group and the sequence-length bucket, with results cached on disk across
+   processes (``cache_results``).  Its first call per key costs one compile and a few timed runs
+   per candidate.
+
+Causal masking relies on BLOCK_M % BLOCK_N == 0 for the forward and dQ kernels and
+BLOCK_N % BLOCK_M == 0 for the dK/dV and fused backward kernels: a block's diagonal then falls
+inside exactly the blocks the kernels mask.  :func:`candidates` only yields such pairs.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+from dataclasses import dataclass
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+KERNELS = ("attn_fwd", "attn_fwd_tma", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused", "attn_decode")
+SHORT_SEQ = 2048  # the "short" / "long" sequence bucket boundary
+SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block on sm_90 (H100 / H200)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int  # query rows per tile (decode: unused, 0)
+    block_n: int  # key rows per tile
+    num_warps: int
+    num_stages: int
+
+    def blocks(self, kernel: str) -> dict:
+        """The kernel's block-size constexprs."""
+        if kernel == "attn_decode":
+            return {"BLOCK_N": self.block_n}
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
+
+    def meta(self, kernel: str) -> dict:
+        """Keyword arguments of the kernel launch."""
+        return {**self.blocks(kernel), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def __str__(self) -> str:
+        tile = f"{self.block_n}" if self.block_m == 0 else f"{self.block_m}x{self.block_n}"
+        return f"{tile} w{self.num_warps} s{self.num_stages}"
+
+
+def head_dim_block(head_dim: int) -> int:
+    """The padded (power-of-two, >= 16) head dim the kernels tile over."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def head_dim_class(block_d: int) -> str:
+    return "d64" if block_d <= 64 else "d128"
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def seq_bucket(max_seqlen: int) -> str:
+    return "short" if max_seqlen <= SHORT_SEQ else "long"
+
+
+def table_key(kernel: str, block_d: int, dtype: torch.dtype, arch: str, bucket: str | None = None) -> str:
+    key = f"{kernel}/{head_dim_class(block_d)}/{dtype_class(dtype)}/{arch}"
+    return f"{key}/{bucket}" if bucket else key
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_arch(index: int = 0) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm{major}{minor}"
+
+
+# Fixed configurations under the interpreter: small tiles, one warp (it ignores warps/stages).
+_INTERPRETER = {
+    "attn_fwd": LaunchConfig(16, 16, 1, 1), "attn_fwd_tma": LaunchConfig(16, 16, 1, 1),
+    "attn_bwd_dkdv": LaunchConfig(16, 32, 1, 1), "attn_bwd_dq": LaunchConfig(32, 16, 1, 1),
+    "attn_bwd_fused": LaunchConfig(16, 32, 1, 1), "attn_decode": LaunchConfig(0, 16, 1, 1),
+}
+
+
+def candidates(kernel: str, block_d: int, dtype: torch.dtype) -> list[LaunchConfig]:
+    """The grid the autotune fallback and ``--tune`` choose from, already pruned of tiles that
+    cannot fit sm_90's registers / shared memory (see :func:`plausible`)."""
+    if kernel == "attn_decode":
+        grid = [LaunchConfig(0, n, w, s) for n, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3))]
+    else:
+        if kernel in ("attn_fwd", "attn_fwd_tma", "attn_bwd_dq"):
+            pairs = [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)]
+        else:  # dK/dV-style: one program per key block, BLOCK_N % BLOCK_M == 0
+            pairs = [(32, 64), (32, 128), (64, 64), (64, 128), (16, 128)]
+        grid = [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(pairs, (4, 8), (2, 3, 4))]
+    return [c for c in grid if plausible(kernel, c, block_d, dtype)]
+
+
+def plausible(kernel: str, c: LaunchConfig, block_d: int, dtype: torch.dtype) -> bool:
+    """Cheap limits that keep a candidate out of register spills and over-full shared memory.
+
+    Rule of thumb from the offline sm_90 compile table (benchmarks/results/sm90-compile-*.md):
+    an fp32 accumulator tile costs BLOCK x block_d x 4 bytes spread over the warps' registers
+    (<= ~128 fp32 values per thread for each live tile keeps clear of spills), and every
+    pipeline stage holds one K and one V tile in shared memory.
+    """
+    elem = 4 if dtype == torch.float32 else 2
+    threads = 32 * c.num_warps
+    if kernel == "attn_decode":
+        tiles = c.block_n * block_d  # K and V tiles of one step
+        return tiles * elem * 2 * c.num_stages <= SHARED_MEMORY_LIMIT and tiles / threads <= 128
+    rows = c.block_m if kernel in ("attn_fwd", "attn_fwd_tma", "attn_bwd_dq") else c.block_n
+    acc = rows * block_d / threads  # fp32 accumulator values per thread
+    accs = 1 if kernel in ("attn_fwd", "attn_fwd_tma", "attn_bwd_dq") else 2  # dK and dV
+    scores = c.block_m * c.block_n / threads
+    if accs * acc + scores > (96 if dtype == torch.float32 else 192):
+        return False
+    other = c.block_n if rows == c.block_m else c.block_m  # the streamed tile's rows
+    streamed = 2 if kernel in ("attn_fwd", "attn_fwd_tma") else 3  # K,V / Q,dO(,lse) tiles
+    smem = streamed * other * block_d * elem * max(1, c.num_stages - 1) + rows * block_d * elem
+    return smem <= SHARED_MEMORY_LIMIT
+
+
+def lookup(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device,
+           max_seqlen: int) -> tuple[LaunchConfig | None, str]:
+    """(configuration, where it came from) for one launch; (None, "autotune") when the table has
+    no entry for this GPU and the caller should autotune."""
+    if INTERPRET or device.type != "cuda":
+        return _INTERPRETER[kernel], "interpreter"
+    from .launch_table import TABLE
+    arch = gpu_arch(device.index or 0)
+    for key in (table_key(kernel, block_d, dtype, arch, seq_bucket(max_seqlen)),
+                table_key(kernel, block_d, dtype, arch)):
+        entry = TABLE.get(key)
+        if entry is not None:
+            cfg = LaunchConfig(entry["block_m"], entry["block_n"], entry["num_warps"], entry["num_stages"])
+            return cfg, f"table {key} ({entry['source']})"
+    return None, "autotune"

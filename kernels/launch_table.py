@@ -1,0 +1,32 @@
+"""Committed launch configurations of the attention kernels (see :mod:`.launch` for the keys).
+
+Rewritten by ``python benchmarks/gpu_check.py --apply-tune RESULTS.json`` from a GPU run's
+``--tune`` sweep; each entry says where it came from.  Entries whose source starts with
+"offline" were chosen without a GPU, from the sm_90 compile report (registers, spills, shared
+memory in benchmarks/results/sm90-compile-*.md): no timing stands behind them yet.
+"""
+
+TABLE: dict[str, dict] = {
+    "attn_fwd/d64/16bit/sm90": {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3, "source": "offline guess"},
+    "attn_fwd/d128/16bit/sm90": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "source": "offline guess"},
+    "attn_fwd/d64/fp32/sm90": {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2, "source": "offline guess"},
+    "attn_fwd/d128/fp32/sm90": {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2, "source": "offline guess"},
+    "attn_fwd_tma/d64/16bit/sm90": {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3, "source": "offline guess"},
+    "attn_fwd_tma/d128/16bit/sm90": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "source": "offline guess"},
+    "attn_bwd_dkdv/d64/16bit/sm90": {"block_m": 32, "block_n": 128, "num_warps": 4, "num_stages": 3, "source": "offline guess"},
+    "attn_bwd_dkdv/d128/16bit/sm90": {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 3, "source": "offline guess"},
+    "attn_bwd_dkdv/d64/fp32/sm90": {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2, "source": "offline guess"},
+    "attn_bwd_dkdv/d128/fp32/sm90": {"block_m": 32, "block_n": 64, "num_warps": 8, "num_stages": 2, "source": "offline guess"},
+    "attn_bwd_dq/d64/16bit/sm90": {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 3, "source": "offline guess"},
+    "attn_bwd_dq/d128/16bit/sm90": {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3, "source": "offline guess"},
+    "attn_bwd_dq/d64/fp32/sm90": {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2, "source": "offline guess"},
+    "attn_bwd_dq/d128/fp32/sm90": {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 2, "source": "offline guess"},
+    "attn_bwd_fused/d64/16bit/sm90": {"block_m": 32, "block_n": 128, "num_warps": 4, "num_stages": 3, "source": "offline guess"},
+    "attn_bwd_fused/d128/16bit/sm90": {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 3, "source": "offline guess"},
+    "attn_bwd_fused/d64/fp32/sm90": {"block_m": 32, "block_n": 64, "num_warps": 4, "num_stages": 2, "source": "offline guess"},
+    "attn_bwd_fused/d128/fp32/sm90": {"block_m": 32, "block_n": 64, "num_warps": 8, "num_stages": 2, "source": "offline guess"},
+    "attn_decode/d64/16bit/sm90": {"block_m": 0, "block_n": 64, "num_warps": 4, "num_stages": 3, "source": "offline guess"},
+    "attn_decode/d128/16bit/sm90": {"block_m": 0, "block_n": 64, "num_warps": 4, "num_stages": 3, "source": "offline guess"},
+    "attn_decode/d64/fp32/sm90": {"block_m": 0, "block_n": 32, "num_warps": 4, "num_stages": 2, "source": "offline guess"},
+    "attn_decode/d128/fp32/sm90": {"block_m": 0, "block_n": 32, "num_warps": 4, "num_stages": 2, "source": "offline guess"},
+}
