@@ -458,9 +458,10 @@ def _autotuned(kernel: str):
 
 
 def _launch(kernel: str, grid, args: tuple, constexprs: dict, block_d: int, dtype: torch.dtype,
-            device: torch.device, max_seqlen: int) -> None:
-    """Launch ``kernel`` with its table configuration, or through its autotuning fallback."""
-    cfg, _ = lookup(kernel, block_d, dtype, device, max_seqlen)
+            device: torch.device, max_seqlen: int, configs: dict | None) -> None:
+    """Launch ``kernel`` with ``configs[kernel]`` if given (the tuning sweep), else its table
+    configuration, else through its autotuning fallback."""
+    cfg = (configs or {}).get(kernel) or lookup(kernel, block_d, dtype, device, max_seqlen)[0]
     if cfg is None:
         _autotuned(kernel)[grid](*args, **constexprs)
         return
@@ -508,11 +509,11 @@ def _grid(max_seqlen: int, n_seqs: int, n_heads: int, block: str):
     return lambda meta: (triton.cdiv(max_seqlen, meta[block]), n_seqs, n_heads)
 
 
-def _flash_fwd_tma(q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale):
+def _flash_fwd_tma(q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, cfg):
     from triton.tools.tensor_descriptor import TensorDescriptor
     n_tokens, n_heads, head_dim = q.shape
-    cfg, _ = lookup("attn_fwd_tma", head_dim, q.dtype, q.device, max_seqlen)
-    cfg = cfg or _tma_default(head_dim, q.dtype)
+    cfg = cfg or lookup("attn_fwd_tma", head_dim, q.dtype, q.device, max_seqlen)[0] \
+        or _tma_default(head_dim, q.dtype)
     descs = [TensorDescriptor.from_tensor(x.view(n_tokens, -1), [rows, head_dim])
              for x, rows in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n))]
     _attn_fwd_tma_kernel[(triton.cdiv(max_seqlen, cfg.block_m), cu_seqlens.numel() - 1, n_heads)](
@@ -522,8 +523,10 @@ def _flash_fwd_tma(q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_sc
 
 
 def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-               max_seqlen: int, causal: bool, softmax_scale: float, use_tma: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               max_seqlen: int, causal: bool, softmax_scale: float, use_tma: bool = False,
+               configs: dict[str, LaunchConfig] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward launch; ``configs`` ({kernel name: LaunchConfig}) overrides the table (the
+    tuning sweep times candidates through it)."""
     n_tokens, n_heads, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((n_heads, n_tokens), device=q.device, dtype=torch.float32)
@@ -531,7 +534,8 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: to
     if n_tokens == 0 or n_seqs == 0 or max_seqlen == 0:
         return out, lse
     if use_tma and _tma_ok(head_dim, q.device):
-        _flash_fwd_tma(q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale)
+        _flash_fwd_tma(q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale,
+                       (configs or {}).get("attn_fwd_tma"))
         return out, lse
     block_d = head_dim_block(head_dim)
     _launch("attn_fwd", _grid(max_seqlen, n_seqs, n_heads, "BLOCK_M"),
@@ -540,14 +544,16 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: to
              out.stride(0), out.stride(1), lse.stride(0), _seq_bucket_arg(max_seqlen)),
             dict(GROUP=n_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d,
                  PAD_D=head_dim != block_d, IS_CAUSAL=causal, DOT_PREC=_dot_precision(q.dtype)),
-            block_d, q.dtype, q.device, max_seqlen)
+            block_d, q.dtype, q.device, max_seqlen, configs)
     return out, lse
 
 
 def _flash_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-               causal: bool, softmax_scale: float, deterministic: bool = True
+               causal: bool, softmax_scale: float, deterministic: bool = True,
+               configs: dict[str, LaunchConfig] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward launches; ``configs`` as in :func:`_flash_fwd`."""
     n_tokens, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -573,14 +579,14 @@ def _flash_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
              dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
              dq.stride(0), dq.stride(1), lse.stride(0), bucket),
-            dict(common, ATOMIC_DQ=not deterministic), block_d, q.dtype, q.device, max_seqlen)
+            dict(common, ATOMIC_DQ=not deterministic), block_d, q.dtype, q.device, max_seqlen, configs)
     if not deterministic:
         return dq.to(q.dtype), dk, dv
     _launch("attn_bwd_dq", _grid(max_seqlen, n_seqs, n_heads, "BLOCK_M"),
             (q, k, v, dout, lse, delta, dq, cu_seqlens, qk_scale, softmax_scale,
              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
              dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), bucket),
-            common, block_d, q.dtype, q.device, max_seqlen)
+            common, block_d, q.dtype, q.device, max_seqlen, configs)
     return dq, dk, dv
 
 

@@ -164,12 +164,13 @@ def decode_launch(head_dim: int, dtype: torch.dtype, device: torch.device, t_max
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cache_seqlens: torch.Tensor, softmax_scale: float | None = None,
                             cache_batch_idx: torch.Tensor | None = None, *,
-                            num_splits: int | None = None) -> torch.Tensor:
+                            num_splits: int | None = None, config: LaunchConfig | None = None
+                            ) -> torch.Tensor:
     """Split-K decode attention, same contract as :func:`reference.decode_attention_reference`.
 
     q (B, Tq, Hq, D), caches (Bc, Tmax, Hkv, D), cache_seqlens int (B,) including the Tq new
-    tokens, optional cache_batch_idx int (B,).  ``num_splits`` overrides the split count (for
-    A/B measurements).  Forward only (no autograd).
+    tokens, optional cache_batch_idx int (B,).  ``num_splits`` overrides the split count and
+    ``config`` the launch configuration (A/B measurements, the tuning sweep).  Forward only.
     """
     if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"decode attention needs q (B, Tq, Hq, D) and equal (Bc, Tmax, Hkv, D) "
@@ -185,7 +186,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     real_rows = tq * group
     rows = max(16, triton.next_power_of_2(real_rows))  # tl.dot needs >= 16 rows
     block_d = head_dim_block(head_dim)
-    cfg, _ = decode_launch(head_dim, q.dtype, q.device, t_max)
+    cfg = config or decode_launch(head_dim, q.dtype, q.device, t_max)[0]
     q = q.contiguous()
     # Only the last dim must be dense; batch/time/head strides are passed to the kernel.
     k_cache = k_cache if k_cache.stride(-1) == 1 else k_cache.contiguous()

@@ -1,0 +1,246 @@
+"""gpu_check section "tune" (``--tune``): time every launch-configuration candidate of the
+attention kernels at the benchmark shapes, and turn a run's results into the committed table.
+
+Grid: :func:`fastgpt.kernels.launch.candidates` (block sizes x warps x stages, pruned of tiles that
+spill or overflow shared memory) for the forward, the TMA forward, the dK/dV and dQ kernels, the
+fused atomic-dQ backward and the decode kernel; head dims 64 and 128, bf16, causal, 16k tokens
+per launch (B = 16384 // S, H = 2048 // hd) at S = 1024 ("short" bucket) and 8192 ("long");
+decode with H = 2048 // hd heads, batch 64 with 1024 cached tokens (short) and batch 8 with
+8192 (long).  A backward kernel is timed inside the whole
+backward (the other backward kernels at their table configuration), so its rows compare
+configurations of that one kernel.
+
+Compilation dominates a sweep, so every candidate is first compiled in parallel worker processes
+(each launches it once; Triton's on-disk cache then serves the timing process), then timed one by
+one: median of >= 20 CUDA-event-timed runs with the L2 flushed.
+
+    python benchmarks/gpu_check.py --tune                # benchmarks, then this sweep
+    python benchmarks/gpu_check.py --only tune
+    python benchmarks/gpu_check.py --apply-tune benchmarks/results/<date>-<gpu>.json
+
+``--apply-tune`` rewrites ``kernels/launch_table.py``: per (kernel, head-dim class, dtype class,
+arch, bucket) the fastest measured configuration, plus a bucket-free entry for the configuration
+with the best summed time relative to each bucket's best; entries it did not measure stay.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import json
+import multiprocessing
+import os
+import pprint
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from measure import Plan, error_text, time_ms  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLE_PATH = ROOT / "kernels" / "launch_table.py"
+ATTENTION_KERNELS = ("attn_fwd", "attn_fwd_tma", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused")
+GPU_GRID = dict(head_dims=(64, 128), seqlens={"short": 1024, "long": 8192}, tokens=16384,
+                model_dim=2048, dtype="bfloat16", decode={"short": (64, 1024), "long": (8, 8192)})
+REHEARSAL_GRID = dict(head_dims=(16,), seqlens={"short": 40}, tokens=80, model_dim=32,
+                      dtype="float32", decode={"short": (2, 40)}, per_kernel=2)
+
+
+def _tasks(grid: dict) -> list[tuple]:
+    """(kernel, head_dim, bucket, config fields) for every candidate to time."""
+    from fastgpt.kernels.launch import candidates
+    dtype = getattr(torch, grid["dtype"])
+    tasks = []
+    for kernel in ATTENTION_KERNELS + ("attn_decode",):
+        for hd in grid["head_dims"]:
+            cands = candidates(kernel, hd, dtype)[:grid.get("per_kernel")]
+            for bucket in grid["seqlens"]:
+                tasks += [(kernel, hd, bucket, (c.block_m, c.block_n, c.num_warps, c.num_stages))
+                          for c in cands]
+    return tasks
+
+
+def _runner(task: tuple, grid: dict, device: str) -> tuple[Callable[[], object], float]:
+    """(a call of the task's kernel with its candidate configuration, its FLOPs or bytes)."""
+    from fastgpt.kernels.launch import LaunchConfig
+    from fastgpt.kernels.triton_attention import _flash_bwd, _flash_fwd
+    from fastgpt.kernels.triton_decode import decode_attention_triton
+    kernel, hd, bucket, fields = task
+    cfg = LaunchConfig(*fields)
+    dtype = getattr(torch, grid["dtype"])
+    heads = max(1, grid["model_dim"] // hd)
+    gen = torch.Generator(device=device).manual_seed(0)
+    if kernel == "attn_decode":
+        batch, context = grid["decode"][bucket]
+        q = torch.randn(batch, 1, heads, hd, device=device, generator=gen).to(dtype)
+        kc, vc = (torch.randn(batch, context, heads, hd, device=device, generator=gen).to(dtype)
+                  for _ in range(2))
+        lengths = torch.full((batch,), context, device=device, dtype=torch.int32)
+        return (lambda: decode_attention_triton(q, kc, vc, lengths, config=cfg),
+                2 * batch * context * heads * hd * kc.element_size())
+    seqlen = grid["seqlens"][bucket]
+    n = grid["tokens"]
+    q, k, v, dout = (torch.randn(n, heads, hd, device=device, generator=gen).to(dtype) for _ in range(4))
+    cu = torch.arange(0, n + 1, seqlen, device=device, dtype=torch.int32)
+    scale = hd ** -0.5
+    fwd_flops = 2.0 * (n // seqlen) * seqlen**2 * heads * hd  # causal: 4 B S^2 H D / 2
+    if kernel in ("attn_fwd", "attn_fwd_tma"):
+        return (lambda: _flash_fwd(q, k, v, cu, seqlen, True, scale, kernel == "attn_fwd_tma",
+                                   {kernel: cfg}), fwd_flops)
+    out, lse = _flash_fwd(q, k, v, cu, seqlen, True, scale)
+    return (lambda: _flash_bwd(dout, q, k, v, out, lse, cu, seqlen, True, scale,
+                               kernel != "attn_bwd_fused", {kernel: cfg}), 2.5 * fwd_flops)
+
+
+def _compile_one(task: tuple, grid: dict, device: str) -> float:
+    """Worker: launch the candidate once (its compile lands in Triton's on-disk cache)."""
+    t0 = time.perf_counter()
+    run, _ = _runner(task, grid, device)
+    run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def precompile(tasks: list[tuple], grid: dict, device: str, workers: int) -> dict[tuple, str]:
+    """Compile every candidate in ``workers`` spawned processes; {task: error} for failures."""
+    failures: dict[tuple, str] = {}
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {pool.submit(_compile_one, t, grid, device): t for t in tasks}
+        for fut in concurrent.futures.as_completed(futures):
+            try:
+                fut.result()
+            except Exception as exc:  # an over-full config fails here: record it, time the rest
+                failures[futures[fut]] = error_text(exc)
+    return failures
+
+
+def gpu_check_rows(plan: Plan) -> Iterator[dict]:
+    from fastgpt.kernels.launch import LaunchConfig, gpu_arch
+    grid = REHEARSAL_GRID if plan.rehearse else GPU_GRID
+    device = plan.device.type
+    tasks = _tasks(grid)
+    workers = 2 if plan.rehearse else min(8, os.cpu_count() or 1)
+    t0 = time.time()
+    failures = precompile(tasks, grid, device, workers)
+    yield {"kernel": "(compile all candidates)", "candidates": len(tasks), "workers": workers,
+           "seconds": time.time() - t0, "failed": len(failures),
+           "arch": "interpreter" if plan.rehearse else gpu_arch()}
+    for task in tasks:
+        kernel, hd, bucket, fields = task
+        row = {"kernel": kernel, "head_dim": hd, "dtype": grid["dtype"], "bucket": bucket,
+               "seqlen": grid["seqlens"][bucket] if kernel != "attn_decode" else grid["decode"][bucket][1],
+               "config": str(LaunchConfig(*fields)), "fields": list(fields)}
+        if task in failures:
+            yield {**row, "error": failures[task]}
+            continue
+        try:
+            run, work = _runner(task, grid, device)
+            t = time_ms(run, device, **plan.timing(), flush_l2=True)
+            row.update(ms=t["ms"], runs=t["runs"])
+            if kernel == "attn_decode":
+                row["kv_gbs"] = work / (t["ms"] * 1e-3) / 1e9
+            else:
+                row["tflops"] = work / (t["ms"] * 1e-3) / 1e12
+        except Exception as exc:
+            row["error"] = error_text(exc)
+        if plan.rehearse:
+            row["note"] = "rehearsal: interpreter, fp32, two candidates per kernel"
+        yield row
+
+
+# ------------------------------------------------------------------------- --apply-tune
+def best_entries(rows: list[dict], arch: str, source: str) -> dict[str, dict]:
+    """Table entries from a sweep's rows: the fastest candidate per bucket, and per kernel the
+    candidate with the least summed time relative to each bucket's fastest."""
+    from fastgpt.kernels.launch import table_key
+    timed = [r for r in rows if "ms" in r and "fields" in r]
+    groups: dict[tuple, list[dict]] = {}
+    for r in timed:
+        groups.setdefault((r["kernel"], r["head_dim"], r["dtype"]), []).append(r)
+    entries = {}
+    for (kernel, hd, dtype_name), group in groups.items():
+        dtype = getattr(torch, dtype_name)
+        fastest = {}
+        for r in group:
+            if r["bucket"] not in fastest or r["ms"] < fastest[r["bucket"]]["ms"]:
+                fastest[r["bucket"]] = r
+        for bucket, r in fastest.items():
+            entries[table_key(kernel, hd, dtype, arch, bucket)] = _entry(
+                r["fields"], f"{source}: {r['ms']:.4g} ms at S={r['seqlen']}")
+        score: dict[tuple, float] = {}
+        for r in group:
+            score[tuple(r["fields"])] = score.get(tuple(r["fields"]), 0.0) + r["ms"] / fastest[r["bucket"]]["ms"]
+        complete = {f: s for f, s in score.items()
+                    if sum(tuple(r["fields"]) == f for r in group) == len(fastest)}
+        if complete:
+            best = min(complete, key=complete.get)
+            entries[table_key(kernel, hd, dtype, arch)] = _entry(
+                list(best), f"{source}: {complete[best] / len(fastest):.3f}x the per-bucket best on average")
+    return entries
+
+
+def _entry(fields: list[int], source: str) -> dict:
+    block_m, block_n, warps, stages = fields
+    return {"block_m": block_m, "block_n": block_n, "num_warps": warps, "num_stages": stages,
+            "source": source}
+
+
+def apply_tune(results_json: Path, table_path: Path = TABLE_PATH) -> str:
+    """Merge a ``--tune`` run's best configurations into ``kernels/launch_table.py``."""
+    data = json.loads(Path(results_json).read_text())
+    env = data["environment"]
+    rows = data["sections"].get("tune", {}).get("rows", [])
+    if "capability" not in env:
+        raise SystemExit(f"{results_json}: not a GPU run (a rehearsal's timings would not mean anything)")
+    arch = "sm" + env["capability"].replace(".", "")
+    source = f"measured {env['date'][:10]} on {env['gpu']} (triton {env['triton']})"
+    new = best_entries(rows, arch, source)
+    if not new:
+        raise SystemExit(f"{results_json}: no timed tune rows")
+    table = {**load_table(table_path), **new}
+    write_table(table, table_path)
+    return f"{table_path}: {len(new)} entries from {results_json} ({len(table)} in all)"
+
+
+def load_table(table_path: Path = TABLE_PATH) -> dict[str, dict]:
+    """The TABLE of a launch-table file (the committed one, or a copy)."""
+    spec = importlib.util.spec_from_file_location("launch_table_copy", table_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TABLE
+
+
+def write_table(table: dict, table_path: Path = TABLE_PATH) -> None:
+    text = table_path.read_text()
+    header = text[:text.index("TABLE: dict[str, dict] = {")]
+    body = "".join(f"    {key!r}: {pprint.pformat(table[key], width=200, sort_dicts=False)},\n"
+                   for key in sorted(table))
+    table_path.write_text(f"{header}TABLE: dict[str, dict] = {{\n{body}}}\n")
+
+
+def test_best_entries_pick_the_fastest_per_bucket():
+    rows = [{"kernel": "attn_fwd", "head_dim": 64, "dtype": "bfloat16", "bucket": b, "seqlen": s,
+             "fields": list(f), "ms": ms}
+            for b, s, f, ms in (("short", 1024, (128, 64, 4, 3), 1.0), ("short", 1024, (64, 64, 4, 2), 0.9),
+                                ("long", 8192, (128, 64, 4, 3), 5.0), ("long", 8192, (64, 64, 4, 2), 6.0))]
+    entries = best_entries(rows, "sm90", "test")
+    assert entries["attn_fwd/d64/16bit/sm90/short"]["block_m"] == 64
+    assert entries["attn_fwd/d64/16bit/sm90/long"]["block_m"] == 128
+    # summed relative time: (128,64): 1/0.9 + 1 = 2.11; (64,64): 1 + 6/5 = 2.2
+    assert entries["attn_fwd/d64/16bit/sm90"]["block_m"] == 128
+
+
+def test_write_table_round_trips(tmp_path):
+    from fastgpt.kernels.launch_table import TABLE
+    path = tmp_path / "launch_table.py"
+    path.write_text(TABLE_PATH.read_text())
+    write_table({**TABLE, "attn_fwd/d64/16bit/sm80": _entry([64, 64, 4, 2], "test")}, path)
+    table = load_table(path)
+    assert table["attn_fwd/d64/16bit/sm80"]["num_stages"] == 2
+    assert len(table) == len(TABLE) + 1
