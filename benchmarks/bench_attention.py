@@ -288,7 +288,25 @@ def rows_for(c: dict, impl: str, timing: dict) -> Iterator[dict]:
         yield row
 
 
+def ceiling_rows(plan: Plan) -> Iterator[dict]:
+    """The two ceilings of this GPU, measured in the same run: a large bf16 matmul (the attention
+    targets are stated as a share of it) and a device-to-device copy (bytes read + written)."""
+    n, dtype = (64, torch.float32) if plan.rehearse else (8192, torch.bfloat16)
+    a, b = (torch.randn(n, n, device=plan.device).to(dtype) for _ in range(2))
+    t = time_ms(lambda: a @ b, plan.device, **plan.timing())
+    yield {"case": "ceiling", "impl": f"torch.matmul {n}^3", "dtype": str(dtype).removeprefix("torch."),
+           "ms": t["ms"], "runs": t["runs"], "tflops": 2 * n**3 / (t["ms"] * 1e-3) / 1e12,
+           "flop_formula": "2*n^3"}
+    nbytes = 2**20 if plan.rehearse else 2**31
+    src = torch.randn(nbytes // 4, device=plan.device)
+    dst = torch.empty_like(src)
+    t = time_ms(lambda: dst.copy_(src), plan.device, **plan.timing())
+    yield {"case": "ceiling", "impl": f"device copy {nbytes // 2**20} MiB", "ms": t["ms"], "runs": t["runs"],
+           "gbs": 2 * nbytes / (t["ms"] * 1e-3) / 1e9, "flop_formula": "GB/s = (read + written) / time"}
+
+
 def gpu_check_rows(plan: Plan) -> Iterator[dict]:
+    yield from ceiling_rows(plan)
     for c in rehearsal_cases() if plan.rehearse else gpu_cases():
         for impl in impls_for(c):
             yield from rows_for(c, impl, plan.timing())

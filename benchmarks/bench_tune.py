@@ -10,9 +10,11 @@ decode with H = 2048 // hd heads, batch 64 with 1024 cached tokens (short) and b
 backward (the other backward kernels at their table configuration), so its rows compare
 configurations of that one kernel.
 
-Compilation dominates a sweep, so every candidate is first compiled in parallel worker processes
-(each launches it once; Triton's on-disk cache then serves the timing process), then timed one by
-one: median of >= 20 CUDA-event-timed runs with the L2 flushed.
+Compilation dominates a sweep, so kernel by kernel, every candidate is first compiled in parallel
+worker processes (each launches it once; Triton's on-disk cache then serves the timing process),
+then timed one by one: median of >= 20 CUDA-event-timed runs with the L2 flushed.  A sweep cut
+by its time slice keeps the kernels it finished (most important first: forward, dK/dV, dQ,
+decode, fused backward, TMA forward).
 
     python benchmarks/gpu_check.py --tune                # benchmarks, then this sweep
     python benchmarks/gpu_check.py --only tune
@@ -43,24 +45,24 @@ from measure import Plan, error_text, time_ms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE_PATH = ROOT / "kernels" / "launch_table.py"
-ATTENTION_KERNELS = ("attn_fwd", "attn_fwd_tma", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused")
+# Swept in this order (a sweep cut by its slice keeps the kernels it finished).
+KERNELS = ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_decode", "attn_bwd_fused", "attn_fwd_tma")
 GPU_GRID = dict(head_dims=(64, 128), seqlens={"short": 1024, "long": 8192}, tokens=16384,
                 model_dim=2048, dtype="bfloat16", decode={"short": (64, 1024), "long": (8, 8192)})
 REHEARSAL_GRID = dict(head_dims=(16,), seqlens={"short": 40}, tokens=80, model_dim=32,
                       dtype="float32", decode={"short": (2, 40)}, per_kernel=2)
 
 
-def _tasks(grid: dict) -> list[tuple]:
-    """(kernel, head_dim, bucket, config fields) for every candidate to time."""
+def _tasks(grid: dict, kernel: str) -> list[tuple]:
+    """(kernel, head_dim, bucket, config fields) for every candidate of ``kernel`` to time."""
     from fastgpt.kernels.launch import candidates
     dtype = getattr(torch, grid["dtype"])
     tasks = []
-    for kernel in ATTENTION_KERNELS + ("attn_decode",):
-        for hd in grid["head_dims"]:
-            cands = candidates(kernel, hd, dtype)[:grid.get("per_kernel")]
-            for bucket in grid["seqlens"]:
-                tasks += [(kernel, hd, bucket, (c.block_m, c.block_n, c.num_warps, c.num_stages))
-                          for c in cands]
+    for hd in grid["head_dims"]:
+        cands = candidates(kernel, hd, dtype)[:grid.get("per_kernel")]
+        for bucket in grid["seqlens"]:
+            tasks += [(kernel, hd, bucket, (c.block_m, c.block_n, c.num_warps, c.num_stages))
+                      for c in cands]
     return tasks
 
 
@@ -106,31 +108,35 @@ def _compile_one(task: tuple, grid: dict, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def precompile(tasks: list[tuple], grid: dict, device: str, workers: int) -> dict[tuple, str]:
-    """Compile every candidate in ``workers`` spawned processes; {task: error} for failures."""
+def precompile(pool, tasks: list[tuple], grid: dict, device: str) -> dict[tuple, str]:
+    """Compile ``tasks`` in the worker pool; {task: error} for the ones that failed."""
     failures: dict[tuple, str] = {}
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = {pool.submit(_compile_one, t, grid, device): t for t in tasks}
-        for fut in concurrent.futures.as_completed(futures):
-            try:
-                fut.result()
-            except Exception as exc:  # an over-full config fails here: record it, time the rest
-                failures[futures[fut]] = error_text(exc)
+    futures = {pool.submit(_compile_one, t, grid, device): t for t in tasks}
+    for fut in concurrent.futures.as_completed(futures):
+        try:
+            fut.result()
+        except Exception as exc:  # an over-full config fails here: record it, time the rest
+            failures[futures[fut]] = error_text(exc)
     return failures
 
 
 def gpu_check_rows(plan: Plan) -> Iterator[dict]:
-    from fastgpt.kernels.launch import LaunchConfig, gpu_arch
     grid = REHEARSAL_GRID if plan.rehearse else GPU_GRID
+    workers = 1 if plan.rehearse else min(8, os.cpu_count() or 1)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        for kernel in KERNELS:
+            tasks = _tasks(grid, kernel)
+            t0 = time.time()
+            failures = precompile(pool, tasks, grid, plan.device.type)
+            yield {"kernel": kernel, "config": f"(compile {len(tasks)} candidates)", "workers": workers,
+                   "seconds": time.time() - t0, "failed": len(failures)}
+            yield from _timed_rows(plan, grid, tasks, failures)
+
+
+def _timed_rows(plan: Plan, grid: dict, tasks: list[tuple], failures: dict) -> Iterator[dict]:
+    from fastgpt.kernels.launch import LaunchConfig
     device = plan.device.type
-    tasks = _tasks(grid)
-    workers = 2 if plan.rehearse else min(8, os.cpu_count() or 1)
-    t0 = time.time()
-    failures = precompile(tasks, grid, device, workers)
-    yield {"kernel": "(compile all candidates)", "candidates": len(tasks), "workers": workers,
-           "seconds": time.time() - t0, "failed": len(failures),
-           "arch": "interpreter" if plan.rehearse else gpu_arch()}
     for task in tasks:
         kernel, hd, bucket, fields = task
         row = {"kernel": kernel, "head_dim": hd, "dtype": grid["dtype"], "bucket": bucket,

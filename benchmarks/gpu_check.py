@@ -87,14 +87,12 @@ def environment(rehearse: bool) -> dict:
            "mode": "rehearsal (CPU, tiny shapes)" if rehearse else "gpu",
            "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
            "triton": triton.__version__, "cuda": torch.version.cuda}
-    for name in ("transformers", "numpy", "liger_kernel"):
+    from importlib.metadata import PackageNotFoundError, version
+    for name in ("transformers", "numpy", "liger-kernel", "pytest-xdist"):
         try:
-            env[name] = importlib.import_module(name).__dict__.get("__version__", "present")
-        except ImportError:
-            env[name] = None
-    if env["liger_kernel"] == "present":
-        from importlib.metadata import version
-        env["liger_kernel"] = version("liger-kernel")
+            env[name.replace("-", "_")] = version(name)
+        except PackageNotFoundError:
+            env[name.replace("-", "_")] = None
     try:
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                        capture_output=True, text=True, timeout=10).stdout.strip() or None
@@ -156,7 +154,8 @@ def _cell(value) -> str:
 
 
 def _table(rows: list[dict]) -> list[str]:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    # columns in the order of the fullest rows, so the usual fields come first
+    keys = list(dict.fromkeys(k for r in sorted(rows, key=len, reverse=True) for k in r))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_cell(r.get(k)) for k in keys) + " |" for r in rows]
     return lines
@@ -371,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {section.name:<12} {sec['status']:<20} {len(sec['rows']):>4} rows "
               f"{sec.get('seconds', 0):>6.1f} s", flush=True)
     print(f"done in {time.time() - start:.0f} s: {results.json_path} and {results.md_path.name}")
-    failed = [n for n, s in results.data["sections"].items() if s["status"] != "ok"]
+    failed = [s.name for s, _ in slices if results.data["sections"][s.name]["status"] != "ok"]
     if failed:
         print(f"not clean: {failed}", flush=True)
     return 1 if failed else 0

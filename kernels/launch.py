@@ -16,16 +16,22 @@ A configuration is block sizes plus ``num_warps`` / ``num_stages``.  Which one a
    processes (``cache_results``).  Its first call per key costs one compile and a few timed runs
    per candidate.
 
+Every kernel launch of the package goes through :func:`run`, so that :func:`recording` can collect
+the launches a call would make instead of making them: benchmarks/sm90_compile.py compiles
+exactly those for sm_90 on a machine without a GPU.
+
 Causal masking relies on BLOCK_M % BLOCK_N == 0 for the forward and dQ kernels and
 BLOCK_N % BLOCK_M == 0 for the dK/dV and fused backward kernels: a block's diagonal then falls
 inside exactly the blocks the kernels mask.  :func:`candidates` only yields such pairs.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -96,10 +102,16 @@ _INTERPRETER = {
 def candidates(kernel: str, block_d: int, dtype: torch.dtype) -> list[LaunchConfig]:
     """The grid the autotune fallback and ``--tune`` choose from, already pruned of tiles that
     cannot fit sm_90's registers / shared memory (see :func:`plausible`)."""
+    rows_major = kernel in ("attn_fwd", "attn_fwd_tma", "attn_bwd_dq")  # BLOCK_M % BLOCK_N == 0
     if kernel == "attn_decode":
         grid = [LaunchConfig(0, n, w, s) for n, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3))]
+    elif dtype == torch.float32:
+        # ieee fp32 dots run on the FMA units with their operands in registers: 16-32 row tiles
+        # only (the sm_90 compile report shows kilobytes of spills from 32 x 32 up).
+        pairs = [(16, 16), (32, 16)] if rows_major else [(16, 16), (16, 32)]
+        grid = [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(pairs, (4, 8), (1, 2))]
     else:
-        if kernel in ("attn_fwd", "attn_fwd_tma", "attn_bwd_dq"):
+        if rows_major:
             pairs = [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)]
         else:  # dK/dV-style: one program per key block, BLOCK_N % BLOCK_M == 0
             pairs = [(32, 64), (32, 128), (64, 64), (64, 128), (16, 128)]
@@ -147,3 +159,27 @@ def lookup(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device,
             cfg = LaunchConfig(entry["block_m"], entry["block_n"], entry["num_warps"], entry["num_stages"])
             return cfg, f"table {key} ({entry['source']})"
     return None, "autotune"
+
+
+_recorded: list | None = None
+
+
+def run(kernel, grid, *args, **kwargs) -> None:
+    """Launch a ``@triton.jit`` kernel on ``grid`` -- or, inside :func:`recording`, only note the
+    launch (kernel, args, kwargs)."""
+    if _recorded is not None:
+        _recorded.append((kernel, args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list]:
+    """``with recording() as launches:`` -- kernel wrappers called inside launch nothing (their
+    outputs stay uninitialised) and ``launches`` lists what they would have launched."""
+    global _recorded
+    previous, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = previous

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import INTERPRET, LaunchConfig, candidates, head_dim_block, lookup, plausible
+from .launch import INTERPRET, LaunchConfig, candidates, head_dim_block, lookup, plausible, run
 
 __all__ = ["attention_triton", "describe_launch"]
 
@@ -117,16 +117,18 @@ def _causal_ranges(start, seq_len, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.cons
 @triton.jit
 def _online_softmax_step(acc, l_i, m_i, qk, v, cols, offs_m, seq_len, MASK: tl.constexpr,
                          IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Fold one block of (already scaled) scores and its V tile into (acc, l_i, m_i)."""
+    """Fold one block of (already scaled) scores and its V tile into (acc, l_i, m_i).  With MASK,
+    only columns < seq_len (and, if causal, <= the row's position ``offs_m``) count."""
     if MASK:
         keep = cols[None, :] < seq_len
         if IS_CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None])
         qk = tl.where(keep, qk, float("-inf"))
-    # Every row sees key 0 in its first block, so m_new is finite from the first step on.
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.exp2(qk - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
+    # A row may see no key of a block yet (a decode chunk after its query): keep exponents finite.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
     return acc, l_i, m_new
@@ -463,9 +465,9 @@ def _launch(kernel: str, grid, args: tuple, constexprs: dict, block_d: int, dtyp
     configuration, else through its autotuning fallback."""
     cfg = (configs or {}).get(kernel) or lookup(kernel, block_d, dtype, device, max_seqlen)[0]
     if cfg is None:
-        _autotuned(kernel)[grid](*args, **constexprs)
+        run(_autotuned(kernel), grid, *args, **constexprs)
         return
-    _JIT[kernel][grid(cfg.blocks(kernel))](*args, **constexprs, **cfg.meta(kernel))
+    run(_JIT[kernel], grid(cfg.blocks(kernel)), *args, **constexprs, **cfg.meta(kernel))
 
 
 def describe_launch(head_dim: int, dtype: torch.dtype, device: torch.device, max_seqlen: int,
@@ -516,7 +518,7 @@ def _flash_fwd_tma(q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_sc
         or _tma_default(head_dim, q.dtype)
     descs = [TensorDescriptor.from_tensor(x.view(n_tokens, -1), [rows, head_dim])
              for x, rows in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n))]
-    _attn_fwd_tma_kernel[(triton.cdiv(max_seqlen, cfg.block_m), cu_seqlens.numel() - 1, n_heads)](
+    run(_attn_fwd_tma_kernel, (triton.cdiv(max_seqlen, cfg.block_m), cu_seqlens.numel() - 1, n_heads),
         *descs, out, lse, cu_seqlens, softmax_scale * _LOG2E, out.stride(0), out.stride(1),
         lse.stride(0), GROUP=n_heads // k.shape[1], HEAD_DIM=head_dim, IS_CAUSAL=causal,
         DOT_PREC=_dot_precision(q.dtype), **cfg.meta("attn_fwd_tma"))
@@ -562,7 +564,7 @@ def _flash_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         return torch.zeros_like(q), dk.zero_(), dv.zero_()
     block_d = head_dim_block(head_dim)
     delta = torch.empty_like(lse)
-    _bwd_preprocess_kernel[(triton.cdiv(n_tokens, _PRE_BLOCK), n_heads)](
+    run(_bwd_preprocess_kernel, (triton.cdiv(n_tokens, _PRE_BLOCK), n_heads),
         out, dout, delta, n_tokens, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         delta.stride(0), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=_PRE_BLOCK,
         num_warps=1 if INTERPRET else 4)

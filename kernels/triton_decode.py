@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import INTERPRET, LaunchConfig, head_dim_block, lookup
-from .triton_attention import _dot_precision, _load_tile, _store_tile, check_dtypes_and_heads
+from .launch import INTERPRET, LaunchConfig, head_dim_block, lookup, run
+from .triton_attention import (_dot_precision, _load_tile, _online_softmax_step, _store_tile,
+                               check_dtypes_and_heads)
 
 __all__ = ["decode_attention_triton", "decode_launch"]
 
@@ -84,15 +85,9 @@ def _decode_split_kernel(Q, K, V, cache_seqlens, cache_batch_idx, MPart, LPart, 
         v = _load_tile(v_base + cols[:, None] * stride_vt + offs_d[None, :], col_ok, d_ok,
                        False, True, PAD_D)
         qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        qk = tl.where(col_ok[None, :] & (cols[None, :] <= q_pos[:, None]), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A new query may see nothing of this chunk (it lies after the query): keep it finite.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
+        # keys < hi and <= each query's position; a query may see none of this chunk
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, qk, v, cols, q_pos, hi, True, True,
+                                             DOT_PREC)
     if DIRECT:
         acc = acc / l_i[:, None]
         _store_tile(Out + b * stride_ob + qi[:, None] * stride_ot + head[:, None] * stride_oh
@@ -212,14 +207,14 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     meta = dict(TQ=tq, GROUP=group, ROWS=rows, HEAD_DIM=head_dim, BLOCK_D=block_d,
                 PAD_D=head_dim != block_d)
-    _decode_split_kernel[(batch, n_kv_heads, n_splits)](
+    run(_decode_split_kernel, (batch, n_kv_heads, n_splits),
         q, k_cache, v_cache, cache_seqlens, idx, m_part, l_part, o_part, out, scale * _LOG2E, chunk,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *part_strides,
         out.stride(0), out.stride(1), out.stride(2), HAS_BATCH_IDX=has_idx, DIRECT=direct,
         DOT_PREC=_dot_precision(q.dtype), **meta, **cfg.meta("attn_decode"))
     if not direct:
-        _decode_combine_kernel[(batch, n_kv_heads)](
+        run(_decode_combine_kernel, (batch, n_kv_heads),
             m_part, l_part, o_part, out, cache_seqlens, chunk, *part_strides,
             out.stride(0), out.stride(1), out.stride(2), num_warps=cfg.num_warps, **meta)
     return out
