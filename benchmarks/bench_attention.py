@@ -205,9 +205,11 @@ def unavailable(impl: str, c: dict) -> str | None:
         if not hasattr(SDPBackend, "CUDNN_ATTENTION"):
             return "skipped: this torch has no cuDNN SDPA backend"
     if impl == "eager" and not cpu:
-        need = 4 * 4 * c["heads"] * sum(n * n for n in c["lengths"])  # ~4 fp32 score copies
-        if max(c["lengths"]) > 2048 or need > 0.5 * torch.cuda.mem_get_info()[0]:
-            return "skipped: the reference's S x S fp32 scores (only run up to S = 2048)"
+        # ~4 fp32 copies of the scores: per sequence for a plain batch, all tokens x all tokens
+        # (masked) for a packed one
+        squares = sum(c["lengths"]) ** 2 if is_varlen(c) else sum(n * n for n in c["lengths"])
+        if max(c["lengths"]) > 2048 or 16 * c["heads"] * squares > 0.5 * torch.cuda.mem_get_info()[0]:
+            return "skipped: the reference's fp32 scores would not fit (or S > 2048)"
     if impl == "flash_attn" and cpu:
         return "skipped: flash_attn needs CUDA"
     return None

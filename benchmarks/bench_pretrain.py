@@ -42,7 +42,7 @@ from measure import Plan, error_text, first_call_s, free_memory, peak_mb, time_m
 CUDA = torch.cuda.is_available()
 H100_PEAK = PEAK_BF16_FLOPS["H100"]  # 989e12 dense bf16
 GPU_BATCH = int(os.environ.get("FASTGPT_BENCH_BATCH", "16"))
-COMPILE_ESTIMATE_S = 75  # cold inductor compile of gpt2-small forward + backward
+COMPILE_ESTIMATE_S = 60  # cold inductor compile of gpt2-small forward + backward (a guess: unmeasured)
 CPU_CASE = dict(preset="tiny", overrides={}, vocab_size=320, batch=16, seqlen=256, device="cpu",
                 bf16=False, compile=False)
 REHEARSAL_MODEL = {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2}

@@ -20,18 +20,16 @@ decode, fused backward, TMA forward).
     python benchmarks/gpu_check.py --only tune
     python benchmarks/gpu_check.py --apply-tune benchmarks/results/<date>-<gpu>.json
 
-``--apply-tune`` rewrites ``kernels/launch_table.py``: per (kernel, head-dim class, dtype class,
+``--apply-tune`` rewrites ``kernels/launch_table.py``'s TABLE (:mod:`table_file`): per (kernel, head-dim class, dtype class,
 arch, bucket) the fastest measured configuration, plus a bucket-free entry for the configuration
 with the best summed time relative to each bucket's best; entries it did not measure stay.
 """
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import json
 import multiprocessing
 import os
-import pprint
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -41,10 +39,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import table_file  # noqa: E402
 from measure import Plan, error_text, time_ms  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-TABLE_PATH = ROOT / "kernels" / "launch_table.py"
 # Swept in this order (a sweep cut by its slice keeps the kernels it finished).
 KERNELS = ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_decode", "attn_bwd_fused", "attn_fwd_tma")
 GPU_GRID = dict(head_dims=(64, 128), seqlens={"short": 1024, "long": 8192}, tokens=16384,
@@ -197,7 +194,7 @@ def _entry(fields: list[int], source: str) -> dict:
             "source": source}
 
 
-def apply_tune(results_json: Path, table_path: Path = TABLE_PATH) -> str:
+def apply_tune(results_json: Path, table_path: Path = table_file.TABLE_PATH) -> str:
     """Merge a ``--tune`` run's best configurations into ``kernels/launch_table.py``."""
     data = json.loads(Path(results_json).read_text())
     env = data["environment"]
@@ -209,25 +206,9 @@ def apply_tune(results_json: Path, table_path: Path = TABLE_PATH) -> str:
     new = best_entries(rows, arch, source)
     if not new:
         raise SystemExit(f"{results_json}: no timed tune rows")
-    table = {**load_table(table_path), **new}
-    write_table(table, table_path)
+    table = {**table_file.load(table_path)[0], **new}
+    table_file.write(table, path=table_path)
     return f"{table_path}: {len(new)} entries from {results_json} ({len(table)} in all)"
-
-
-def load_table(table_path: Path = TABLE_PATH) -> dict[str, dict]:
-    """The TABLE of a launch-table file (the committed one, or a copy)."""
-    spec = importlib.util.spec_from_file_location("launch_table_copy", table_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.TABLE
-
-
-def write_table(table: dict, table_path: Path = TABLE_PATH) -> None:
-    text = table_path.read_text()
-    header = text[:text.index("TABLE: dict[str, dict] = {")]
-    body = "".join(f"    {key!r}: {pprint.pformat(table[key], width=200, sort_dicts=False)},\n"
-                   for key in sorted(table))
-    table_path.write_text(f"{header}TABLE: dict[str, dict] = {{\n{body}}}\n")
 
 
 def test_best_entries_pick_the_fastest_per_bucket():
@@ -242,11 +223,13 @@ def test_best_entries_pick_the_fastest_per_bucket():
     assert entries["attn_fwd/d64/16bit/sm90"]["block_m"] == 128
 
 
-def test_write_table_round_trips(tmp_path):
-    from fastgpt.kernels.launch_table import TABLE
+def test_table_file_round_trips(tmp_path):
+    from fastgpt.kernels.launch_table import OVER_SM90_LIMITS, TABLE
     path = tmp_path / "launch_table.py"
-    path.write_text(TABLE_PATH.read_text())
-    write_table({**TABLE, "attn_fwd/d64/16bit/sm80": _entry([64, 64, 4, 2], "test")}, path)
-    table = load_table(path)
-    assert table["attn_fwd/d64/16bit/sm80"]["num_stages"] == 2
-    assert len(table) == len(TABLE) + 1
+    path.write_text(table_file.TABLE_PATH.read_text())
+    table_file.write({**TABLE, "attn_fwd/d64/16bit/sm80": _entry([64, 64, 4, 2], "test")}, path=path)
+    table_file.write(over=OVER_SM90_LIMITS | {"attn_fwd/d64 64x64 w4 s2"}, path=path)
+    table, over = table_file.load(path)
+    assert table["attn_fwd/d64/16bit/sm80"]["num_stages"] == 2 and len(table) == len(TABLE) + 1
+    assert over == OVER_SM90_LIMITS | {"attn_fwd/d64 64x64 w4 s2"}
+    assert path.read_text().startswith('"""Committed launch configurations')

@@ -40,11 +40,12 @@ class Plan:
         return torch.device("cpu" if self.rehearse else "cuda")
 
     def timing(self) -> dict:
-        """:func:`time_ms` arguments: >= 20 timed runs after 3 warm-ups on a GPU; in the rehearsal
-        one run after the first call (the interpreter is slow and its times mean nothing)."""
+        """:func:`time_ms` arguments: >= 20 timed runs after 3 warm-ups on a GPU (more while 0.1 s
+        lasts); in the rehearsal one run after the first call (the interpreter's times mean
+        nothing)."""
         if self.rehearse:
             return {"warmup": 0, "min_runs": 1, "budget_s": 0.0}
-        return {"warmup": 3, "min_runs": 20, "budget_s": 0.5}
+        return {"warmup": 3, "min_runs": 20, "budget_s": 0.1}
 
     def left(self) -> float:
         return self.deadline - time.time()

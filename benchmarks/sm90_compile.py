@@ -16,9 +16,11 @@ Plans: ``table`` -- every entry of kernels/launch_table.py at its head dims (64 
 the padded path) and dtypes, causal, GQA groups 1 and 4 for bf16; ``tune`` -- every candidate of
 kernels/launch.py's grid that ``gpu_check.py --tune`` times (bf16, hd 64 / 128); ``losses`` --
 the cross-entropy and log-prob kernels at V = 128256 (BLOCK_V 4096) with each option flag.
-Exit status with ``--check``: 1 if a table or loss configuration is over the limits (tune
-candidates over them are listed, and must be pruned by ``launch.plausible``); 3 if this triton
-cannot compile for sm_90 offline (no CUDA backend).
+Exit status with ``--check``: 1 if a table or loss configuration is over the limits; 3 if this
+triton cannot compile for sm_90 offline (no CUDA backend).  Tune candidates over the limits are
+listed in the report; ``--write-exclusions`` collects them from every committed report (both
+triton versions) into ``kernels/launch_table.py``'s OVER_SM90_LIMITS, which
+``launch.candidates`` leaves out.  The full run always compiles the whole grid.
 """
 from __future__ import annotations
 
@@ -130,7 +132,7 @@ def plans(subset: str) -> Iterator[tuple[str, str, list[tuple]]]:
         for kernel in ("attn_fwd", "attn_fwd_tma", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused",
                        "attn_decode"):
             for hd in (64, 128):
-                for cfg in candidates(kernel, hd, torch.bfloat16):
+                for cfg in candidates(kernel, hd, torch.bfloat16, exclude=False):
                     yield ("tune", f"{kernel} hd{hd} bf16 {cfg} [{table_key(kernel, hd, torch.bfloat16, 'sm90')}]",
                            attention_launches(kernel, hd, torch.bfloat16, cfg))
     loss_options = [{"grad": True}] if fast else [
@@ -222,8 +224,21 @@ def to_markdown(rows: list[dict], env: dict) -> str:
                      f"{r['verdict']} |")
     over = [r for r in rows if r["verdict"].startswith("over")]
     lines += ["", f"{len(rows)} compiles; {len(over)} over the limits"
-              + (" (tune candidates only: launch.plausible prunes them)" if all(r["plan"] == "tune" for r in over) else ""), ""]
+              + (" (tune candidates only: launch.candidates leaves them out)"
+                 if all(r["plan"] == "tune" for r in over) else ""), ""]
     return "\n".join(lines)
+
+
+def over_limit_candidates(reports: list[Path]) -> frozenset[str]:
+    """"kernel/head-dim class config" of every tune candidate over the limits in ``reports``."""
+    from fastgpt.kernels.launch import head_dim_class
+    over = set()
+    for report in reports:
+        for r in json.loads(report.read_text())["rows"]:
+            if r["plan"] == "tune" and r["verdict"].startswith("over"):
+                kernel, hd, _, config = r["what"].split(" [")[0].split(" ", 3)
+                over.add(f"{kernel}/{head_dim_class(int(hd[2:]))} {config}")
+    return frozenset(over)
 
 
 def can_compile_offline() -> str | None:
@@ -241,7 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", choices=("fast", "full"), default="full")
     parser.add_argument("--out", default=str(HERE / "results"), help="where the full report goes")
     parser.add_argument("--check", action="store_true", help="exit 1 if a table/loss config is over the limits")
+    parser.add_argument("--write-exclusions", action="store_true",
+                        help="only rewrite OVER_SM90_LIMITS in kernels/launch_table.py from the committed reports")
     args = parser.parse_args(argv)
+    if args.write_exclusions:
+        import table_file
+        reports = sorted((HERE / "results").glob("sm90-compile-triton*.json"))
+        over = over_limit_candidates(reports)
+        table_file.write(over=over)
+        print(f"{table_file.TABLE_PATH}: {len(over)} candidates over the sm_90 limits in {len(reports)} reports")
+        return 0
     reason = can_compile_offline()
     if reason:
         print(f"sm90_compile: this triton ({triton.__version__}) cannot compile for sm_90 offline: {reason}")

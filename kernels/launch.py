@@ -11,7 +11,7 @@ A configuration is block sizes plus ``num_warps`` / ``num_stages``.  Which one a
    ``fp32``; arch: ``sm90`` for an H100/H200.  ``gpu_check.py --tune`` measures a grid on a GPU
    and ``gpu_check.py --apply-tune RESULTS.json`` rewrites the table from it.
 3. Fallback, for a GPU / dtype / head dim the table lacks: ``triton.autotune`` over
-   :func:`candidates` (pruned by :func:`fits_sm90`-style limits), keyed by head dim, dtype,
+   :func:`candidates` (the grid less what sm_90 cannot hold), keyed by head dim, dtype,
    causality, GQA group and the sequence-length bucket, with results cached on disk across
    processes (``cache_results``).  Its first call per key costs one compile and a few timed runs
    per candidate.
@@ -38,7 +38,6 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 KERNELS = ("attn_fwd", "attn_fwd_tma", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused", "attn_decode")
 SHORT_SEQ = 2048  # the "short" / "long" sequence bucket boundary
-SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block on sm_90 (H100 / H200)
 
 
 @dataclass(frozen=True)
@@ -99,9 +98,11 @@ _INTERPRETER = {
 }
 
 
-def candidates(kernel: str, block_d: int, dtype: torch.dtype) -> list[LaunchConfig]:
-    """The grid the autotune fallback and ``--tune`` choose from, already pruned of tiles that
-    cannot fit sm_90's registers / shared memory (see :func:`plausible`)."""
+def candidates(kernel: str, block_d: int, dtype: torch.dtype, *, exclude: bool = True
+               ) -> list[LaunchConfig]:
+    """The grid the autotune fallback and ``--tune`` choose from.  16-bit: block pairs x warps x
+    stages, without the ones the offline sm_90 compile reports found over the limits
+    (``launch_table.OVER_SM90_LIMITS``; ``exclude=False`` keeps them, for that report)."""
     rows_major = kernel in ("attn_fwd", "attn_fwd_tma", "attn_bwd_dq")  # BLOCK_M % BLOCK_N == 0
     if kernel == "attn_decode":
         grid = [LaunchConfig(0, n, w, s) for n, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3))]
@@ -109,39 +110,17 @@ def candidates(kernel: str, block_d: int, dtype: torch.dtype) -> list[LaunchConf
         # ieee fp32 dots run on the FMA units with their operands in registers: 16-32 row tiles
         # only (the sm_90 compile report shows kilobytes of spills from 32 x 32 up).
         pairs = [(16, 16), (32, 16)] if rows_major else [(16, 16), (16, 32)]
-        grid = [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(pairs, (4, 8), (1, 2))]
+        return [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(pairs, (4, 8), (1, 2))]
     else:
         if rows_major:
             pairs = [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)]
         else:  # dK/dV-style: one program per key block, BLOCK_N % BLOCK_M == 0
             pairs = [(32, 64), (32, 128), (64, 64), (64, 128), (16, 128)]
         grid = [LaunchConfig(m, n, w, s) for (m, n), w, s in itertools.product(pairs, (4, 8), (2, 3, 4))]
-    return [c for c in grid if plausible(kernel, c, block_d, dtype)]
-
-
-def plausible(kernel: str, c: LaunchConfig, block_d: int, dtype: torch.dtype) -> bool:
-    """Cheap limits that keep a candidate out of register spills and over-full shared memory.
-
-    Rule of thumb from the offline sm_90 compile table (benchmarks/results/sm90-compile-*.md):
-    an fp32 accumulator tile costs BLOCK x block_d x 4 bytes spread over the warps' registers
-    (<= ~128 fp32 values per thread for each live tile keeps clear of spills), and every
-    pipeline stage holds one K and one V tile in shared memory.
-    """
-    elem = 4 if dtype == torch.float32 else 2
-    threads = 32 * c.num_warps
-    if kernel == "attn_decode":
-        tiles = c.block_n * block_d  # K and V tiles of one step
-        return tiles * elem * 2 * c.num_stages <= SHARED_MEMORY_LIMIT and tiles / threads <= 128
-    rows = c.block_m if kernel in ("attn_fwd", "attn_fwd_tma", "attn_bwd_dq") else c.block_n
-    acc = rows * block_d / threads  # fp32 accumulator values per thread
-    accs = 1 if kernel in ("attn_fwd", "attn_fwd_tma", "attn_bwd_dq") else 2  # dK and dV
-    scores = c.block_m * c.block_n / threads
-    if accs * acc + scores > (96 if dtype == torch.float32 else 192):
-        return False
-    other = c.block_n if rows == c.block_m else c.block_m  # the streamed tile's rows
-    streamed = 2 if kernel in ("attn_fwd", "attn_fwd_tma") else 3  # K,V / Q,dO(,lse) tiles
-    smem = streamed * other * block_d * elem * max(1, c.num_stages - 1) + rows * block_d * elem
-    return smem <= SHARED_MEMORY_LIMIT
+    if not exclude:
+        return grid
+    from .launch_table import OVER_SM90_LIMITS
+    return [c for c in grid if f"{kernel}/{head_dim_class(block_d)} {c}" not in OVER_SM90_LIMITS]
 
 
 def lookup(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device,

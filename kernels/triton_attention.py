@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import INTERPRET, LaunchConfig, candidates, head_dim_block, lookup, plausible, run
+from .launch import INTERPRET, LaunchConfig, candidates, head_dim_block, lookup, run
 
 __all__ = ["attention_triton", "describe_launch"]
 
@@ -440,15 +440,16 @@ def _seq_bucket_arg(max_seqlen: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _autotuned(kernel: str):
     """The autotuning fallback of one kernel: every candidate of every head-dim / dtype class,
-    pruned per launch to the plausible ones for its BLOCK_D and dtype."""
+    pruned per launch to the candidates of its BLOCK_D and dtype."""
     configs = {c for d in (64, 128) for dt in (torch.float16, torch.float32)
                for c in candidates(kernel, d, dt)}
 
     def prune(cfgs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        dtype, block_d = args["Q"].dtype, args["BLOCK_D"]
-        keep = [c for c in cfgs if plausible(kernel, LaunchConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
-                                                                  c.num_warps, c.num_stages), block_d, dtype)]
+        allowed = {(c.block_m, c.block_n, c.num_warps, c.num_stages)
+                   for c in candidates(kernel, args["BLOCK_D"], args["Q"].dtype)}
+        keep = [c for c in cfgs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
         return keep or cfgs[:1]
 
     return triton.autotune(
