@@ -1,14 +1,14 @@
 """gpu_check section "tune" (``--tune``): time every launch-configuration candidate of the
 attention kernels at the benchmark shapes, and turn a run's results into the committed table.
 
-Grid: :func:`fastgpt.kernels.launch.candidates` (block sizes x warps x stages, pruned of tiles that
-spill or overflow shared memory) for the forward, the TMA forward, the dK/dV and dQ kernels, the
-fused atomic-dQ backward and the decode kernel; head dims 64 and 128, bf16, causal, 16k tokens
-per launch (B = 16384 // S, H = 2048 // hd) at S = 1024 ("short" bucket) and 8192 ("long");
-decode with H = 2048 // hd heads, batch 64 with 1024 cached tokens (short) and batch 8 with
-8192 (long).  A backward kernel is timed inside the whole
-backward (the other backward kernels at their table configuration), so its rows compare
-configurations of that one kernel.
+Grid: :func:`fastgpt.kernels.launch.candidates` (block sizes x warps x stages, less the tiles that
+spill or overflow shared memory on sm_90) for the forward, the TMA forward, the dK/dV and dQ
+kernels, the fused atomic-dQ backward and the decode kernel; head dims 64 and 128, bf16, causal,
+16k tokens per launch (B = 16384 // S, H = 2048 // hd): every candidate at S = 8192 ("long"
+bucket), the 4 fastest of each head dim again at S = 1024 ("short"); decode with H = 2048 // hd
+heads, batch 8 with 8192 cached tokens (long) and batch 64 with 1024 (short).  A backward kernel
+is timed inside the whole backward (the other backward kernels at their table configuration),
+so its rows compare configurations of that one kernel.
 
 Compilation dominates a sweep, so kernel by kernel, every candidate is first compiled in parallel
 worker processes (each launches it once; Triton's on-disk cache then serves the timing process),
@@ -44,22 +44,25 @@ from measure import Plan, error_text, time_ms  # noqa: E402
 
 # Swept in this order (a sweep cut by its slice keeps the kernels it finished).
 KERNELS = ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_decode", "attn_bwd_fused", "attn_fwd_tma")
-GPU_GRID = dict(head_dims=(64, 128), seqlens={"short": 1024, "long": 8192}, tokens=16384,
-                model_dim=2048, dtype="bfloat16", decode={"short": (64, 1024), "long": (8, 8192)})
-REHEARSAL_GRID = dict(head_dims=(16,), seqlens={"short": 40}, tokens=80, model_dim=32,
-                      dtype="float32", decode={"short": (2, 40)}, per_kernel=2)
+# Every candidate is timed in the first bucket; the next buckets time the ``finalists`` fastest.
+GPU_GRID = dict(head_dims=(64, 128), seqlens={"long": 8192, "short": 1024}, tokens=16384,
+                model_dim=2048, dtype="bfloat16", decode={"long": (8, 8192), "short": (64, 1024)},
+                finalists=4)
+REHEARSAL_GRID = dict(head_dims=(16,), seqlens={"long": 40, "short": 16}, tokens=80, model_dim=32,
+                      dtype="float32", decode={"long": (2, 40), "short": (2, 16)}, per_kernel=2,
+                      finalists=1)
 
 
-def _tasks(grid: dict, kernel: str) -> list[tuple]:
-    """(kernel, head_dim, bucket, config fields) for every candidate of ``kernel`` to time."""
+def _tasks(grid: dict, kernel: str, bucket: str, fields: list[tuple] | None = None) -> list[tuple]:
+    """(kernel, head_dim, bucket, config fields) for the candidates of ``kernel`` to time in
+    ``bucket``: all of them, or per head dim only those in ``fields`` {head_dim: [fields]}."""
     from fastgpt.kernels.launch import candidates
     dtype = getattr(torch, grid["dtype"])
     tasks = []
     for hd in grid["head_dims"]:
-        cands = candidates(kernel, hd, dtype)[:grid.get("per_kernel")]
-        for bucket in grid["seqlens"]:
-            tasks += [(kernel, hd, bucket, (c.block_m, c.block_n, c.num_warps, c.num_stages))
-                      for c in cands]
+        cands = [(c.block_m, c.block_n, c.num_warps, c.num_stages)
+                 for c in candidates(kernel, hd, dtype)[:grid.get("per_kernel")]]
+        tasks += [(kernel, hd, bucket, f) for f in cands if fields is None or f in fields.get(hd, ())]
     return tasks
 
 
@@ -123,12 +126,22 @@ def gpu_check_rows(plan: Plan) -> Iterator[dict]:
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         for kernel in KERNELS:
-            tasks = _tasks(grid, kernel)
-            t0 = time.time()
-            failures = precompile(pool, tasks, grid, plan.device.type)
-            yield {"kernel": kernel, "config": f"(compile {len(tasks)} candidates)", "workers": workers,
-                   "seconds": time.time() - t0, "failed": len(failures)}
-            yield from _timed_rows(plan, grid, tasks, failures)
+            finalists = None
+            for i, bucket in enumerate(grid["seqlens"]):
+                tasks = _tasks(grid, kernel, bucket, finalists)
+                t0 = time.time()
+                failures = precompile(pool, tasks, grid, plan.device.type)
+                yield {"kernel": kernel, "bucket": bucket, "config": f"(compile {len(tasks)} candidates)",
+                       "workers": workers, "seconds": time.time() - t0, "failed": len(failures)}
+                rows = []
+                for row in _timed_rows(plan, grid, tasks, failures):
+                    rows.append(row)
+                    yield row
+                if i == 0:  # the next buckets time the fastest few only
+                    finalists = {}
+                    for r in sorted((r for r in rows if "ms" in r), key=lambda r: r["ms"]):
+                        if len(finalists.setdefault(r["head_dim"], [])) < grid["finalists"]:
+                            finalists[r["head_dim"]].append(tuple(r["fields"]))
 
 
 def _timed_rows(plan: Plan, grid: dict, tasks: list[tuple], failures: dict) -> Iterator[dict]:
@@ -233,3 +246,18 @@ def test_table_file_round_trips(tmp_path):
     assert table["attn_fwd/d64/16bit/sm80"]["num_stages"] == 2 and len(table) == len(TABLE) + 1
     assert over == OVER_SM90_LIMITS | {"attn_fwd/d64 64x64 w4 s2"}
     assert path.read_text().startswith('"""Committed launch configurations')
+
+
+def test_apply_tune_merges_a_gpu_run_into_a_table_copy(tmp_path):
+    path = tmp_path / "launch_table.py"
+    path.write_text(table_file.TABLE_PATH.read_text())
+    rows = [{"kernel": "attn_decode", "head_dim": 128, "dtype": "bfloat16", "bucket": "long", "seqlen": 8192,
+             "fields": [0, 128, 8, 2], "ms": 0.5}]
+    results = tmp_path / "run.json"
+    results.write_text(json.dumps({"environment": {"capability": "9.0", "date": "2026-12-01T00:00:00",
+                                                   "gpu": "NVIDIA H100 80GB HBM3", "triton": "3.6.0"},
+                                   "sections": {"tune": {"rows": rows}}}))
+    assert "2 entries" in apply_tune(results, path)
+    table, _ = table_file.load(path)
+    assert table["attn_decode/d128/16bit/sm90/long"]["block_n"] == 128
+    assert table["attn_decode/d128/16bit/sm90"]["source"].startswith("measured 2026-12-01 on NVIDIA H100")

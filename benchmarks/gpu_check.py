@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -99,6 +100,11 @@ def environment(rehearse: bool) -> dict:
                                        capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         env["commit"] = None
+    # The device machine gets a copy of the tree without .git: name the kernels by their bytes.
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        digest.update(path.read_bytes())
+    env["kernels_sha256"] = digest.hexdigest()[:12]
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(gpu=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
@@ -168,7 +174,8 @@ def to_markdown(data: dict) -> str:
              f"Device: {env.get('gpu')} (capability {env.get('capability', '-')}, "
              f"{env.get('sms', '-')} SMs, {env.get('memory_gb', '-')} GB); driver {env.get('driver', '-')}; "
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, transformers "
-             f"{env.get('transformers')}, liger-kernel {env.get('liger_kernel')}; commit {env.get('commit')}.",
+             f"{env.get('transformers')}, liger-kernel {env.get('liger_kernel')}; commit {env.get('commit')}, "
+             f"kernels sha256 {env.get('kernels_sha256')}.",
              ""]
     for name, sec in data["sections"].items():
         lines.append(f"## {name}: {sec['status']} ({sec.get('seconds', 0):.0f} s of a "
