@@ -106,14 +106,15 @@ def loss_launches(dtype: torch.dtype, options: dict, op: str) -> list[tuple]:
     return launches
 
 
-def plans(subset: str) -> Iterator[tuple[str, str, list[tuple]]]:
-    """(plan, description, launches) for every configuration to compile."""
+def plans(subset: str, kernels: tuple[str, ...] | None = None) -> Iterator[tuple[str, str, list[tuple]]]:
+    """(plan, description, launches) for every configuration to compile (of ``kernels`` only,
+    if given: attention kernel names, or "losses")."""
     from fastgpt.kernels.launch import LaunchConfig, candidates, head_dim_block, table_key
     from fastgpt.kernels.launch_table import TABLE
     fast = subset == "fast"
     for key, entry in sorted(TABLE.items()):
         kernel, d_class, dtype_class, arch, *bucket = key.split("/")
-        if arch != "sm90":
+        if arch != "sm90" or (kernels and kernel not in kernels):
             continue
         cfg = LaunchConfig(entry["block_m"], entry["block_n"], entry["num_warps"], entry["num_stages"])
         head_dims = (64,) if d_class == "d64" else (128, 80)
@@ -124,17 +125,24 @@ def plans(subset: str) -> Iterator[tuple[str, str, list[tuple]]]:
             if kernel == "attn_fwd_tma" and head_dim_block(hd) != hd:
                 continue  # TMA runs unpadded head dims only
             for dt_name in dtypes:
-                groups = (1, 4) if dt_name == "bf16" and not fast and kernel != "attn_decode" else (1,)
+                # A GQA group loop adds registers to the kernels that sum over it (dK/dV):
+                # the fast subset checks those at group 4 too.
+                gqa = kernel in ("attn_bwd_dkdv", "attn_bwd_fused") or not fast
+                groups = (1, 4) if dt_name == "bf16" and gqa and kernel != "attn_decode" else (1,)
                 for group in groups:
                     yield ("table", f"{kernel} hd{hd} {dt_name} g{group} [{key}] {cfg}",
                            attention_launches(kernel, hd, DTYPES[dt_name], cfg, group))
     if not fast:
         for kernel in ("attn_fwd", "attn_fwd_tma", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_fused",
                        "attn_decode"):
+            if kernels and kernel not in kernels:
+                continue
             for hd in (64, 128):
                 for cfg in candidates(kernel, hd, torch.bfloat16, exclude=False):
                     yield ("tune", f"{kernel} hd{hd} bf16 {cfg} [{table_key(kernel, hd, torch.bfloat16, 'sm90')}]",
                            attention_launches(kernel, hd, torch.bfloat16, cfg))
+    if kernels and "losses" not in kernels:
+        return
     loss_options = [{"grad": True}] if fast else [
         {"grad": True}, {"grad": False}, {"grad": True, "label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}]
     for dt_name in ("bf16",) if fast else ("bf16", "fp32"):
@@ -190,10 +198,10 @@ def verdict(row: dict) -> str:
     return "ok" if row["spill_stores"] == 0 else f"ok ({row['spill_stores']} B spilled)"
 
 
-def compile_plans(subset: str) -> Iterator[dict]:
+def compile_plans(subset: str, kernels: tuple[str, ...] | None = None) -> Iterator[dict]:
     triton.knobs.nvidia.dump_ptxas_log = True      # ptxas's -v report goes to stdout
     triton.knobs.compilation.always_compile = True  # no cache hit may skip the report
-    for plan, description, launches in plans(subset):
+    for plan, description, launches in plans(subset, kernels):
         seen = set()
         for fn, args, kwargs in launches:
             name = jit_function(fn).__name__
@@ -256,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", choices=("fast", "full"), default="full")
     parser.add_argument("--out", default=str(HERE / "results"), help="where the full report goes")
     parser.add_argument("--check", action="store_true", help="exit 1 if a table/loss config is over the limits")
+    parser.add_argument("--kernels", nargs="+", metavar="KERNEL",
+                        help="only these (attn_fwd, ..., attn_decode, losses); with the full subset their "
+                             "rows replace the same rows of this triton's report in --out")
     parser.add_argument("--write-exclusions", action="store_true",
                         help="only rewrite OVER_SM90_LIMITS in kernels/launch_table.py from the committed reports")
     args = parser.parse_args(argv)
@@ -275,13 +286,19 @@ def main(argv: list[str] | None = None) -> int:
     env = {"triton": triton.__version__, "torch": torch.__version__, "host": platform.machine(),
            "date": dt.date.today().isoformat()}
     rows = []
-    for row in compile_plans(args.subset):
+    for row in compile_plans(args.subset, tuple(args.kernels) if args.kernels else None):
         rows.append(row)
         print(f"{row['verdict'][:40]:<40} {row.get('registers', '-'):>4} regs {row.get('spill_stores', '-'):>5} B spilled "
               f"{row.get('shared_bytes', 0) / 1024:6.1f} KiB {row.get('compile_s', 0):5.1f} s  {row['what']}", flush=True)
     if args.subset == "full":
         out = Path(args.out)
         stem = f"sm90-compile-triton{triton.__version__}"
+        if args.kernels:  # replace those kernels' rows of the existing report
+            old = json.loads((out / f"{stem}.json").read_text())["rows"]
+            mine = set(args.kernels)
+            kept = [r for r in old if not (r["what"].split()[0] in mine or
+                                           (r["plan"] == "losses" and "losses" in mine))]
+            rows = kept + rows
         (out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
         (out / f"{stem}.md").write_text(to_markdown(rows, env))
         print(f"wrote {out / stem}.json and .md")

@@ -477,7 +477,7 @@ def describe_launch(head_dim: int, dtype: torch.dtype, device: torch.device, max
     """The configurations the kernels of one attention call use, and where each came from
     (the table, the autotuner's choice for this key, or the interpreter's fixed tiles)."""
     block_d = head_dim_block(head_dim)
-    kernels = ["attn_fwd_tma" if use_tma and _tma_ok(head_dim, device) else "attn_fwd"]
+    kernels = ["attn_fwd_tma" if use_tma and _tma_ok(head_dim) else "attn_fwd"]
     if backward:
         kernels += ["attn_bwd_dkdv", "attn_bwd_dq"] if deterministic else ["attn_bwd_fused"]
     parts = []
@@ -499,9 +499,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
 
 
-def _tma_ok(head_dim: int, device: torch.device) -> bool:
-    """TMA descriptors need an unpadded power-of-two head dim; the interpreter emulates them."""
-    return head_dim == head_dim_block(head_dim) and (INTERPRET or device.type == "cuda")
+def _tma_ok(head_dim: int) -> bool:
+    """TMA descriptors need an unpadded (power-of-two) head dim; the interpreter emulates them."""
+    return head_dim == head_dim_block(head_dim)
 
 
 def _tma_default(block_d: int, dtype: torch.dtype) -> LaunchConfig:
@@ -536,7 +536,7 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: to
     n_seqs = cu_seqlens.numel() - 1
     if n_tokens == 0 or n_seqs == 0 or max_seqlen == 0:
         return out, lse
-    if use_tma and _tma_ok(head_dim, q.device):
+    if use_tma and _tma_ok(head_dim):
         _flash_fwd_tma(q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale,
                        (configs or {}).get("attn_fwd_tma"))
         return out, lse
