@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections import Counter
 
 import pytest
@@ -351,3 +350,18 @@ def test_rm_agreement_splits_correctness_and_style_pairs():
     assert out["correctness_accuracy"] == pytest.approx(2 / 3)  # canon > wrong, terse > wrong; verbose < wrong
     assert out["style_accuracy"] == pytest.approx(2 / 3)  # canon > verbose, terse > verbose; canon < terse
     assert out["accuracy"] == pytest.approx(4 / 6)
+
+
+def test_builtin_data_fills_only_what_is_missing_one_folder_per_world(tmp_path):
+    """The commands' default data: the built-in corpus and demonstrations, named by size and seed
+    so that another world never reuses a folder; data a user gave is left alone."""
+    from fastgpt.data import load_meta
+    from fastgpt.demo.builtin import fill_builtin_data
+    from fastgpt.stages.configs import PretrainConfig, RewardConfig, SFTConfig
+    a = fill_builtin_data(PretrainConfig(out_dir=str(tmp_path), builtin_documents=40, seed=2))
+    b = fill_builtin_data(PretrainConfig(out_dir=str(tmp_path), builtin_documents=60, seed=2))
+    assert a.data != b.data and load_meta(a.data)["documents"]["train"] + load_meta(a.data)["documents"]["val"] == 40
+    assert fill_builtin_data(PretrainConfig(out_dir=str(tmp_path), data="mine")).data == "mine"
+    sft = fill_builtin_data(SFTConfig(out_dir=str(tmp_path), seed=4))
+    assert sft.data.endswith("sft-seed4.jsonl") and len(open(sft.data).readlines()) == len(make_world(4, n_pretrain=0).sft)
+    assert fill_builtin_data(RewardConfig(out_dir=str(tmp_path))).data == ""  # rankings have no built-in default

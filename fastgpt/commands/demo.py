@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import Sequence
 import shutil
 from pathlib import Path
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+def add_demo_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> None:
     from ..demo.pipeline import BUDGETS
     parser.add_argument("--preset", choices=sorted(BUDGETS), default="tiny",
                         help="model size and stage budgets (tiny: under 10 minutes on 2 CPU cores)")

@@ -54,13 +54,13 @@ def evaluate_policy(policy: GPT, ref: GPT, tok: Tokenizer, prompts: list[list[in
         raise ValueError(f"{len(prompts)} prompts but {len(prompt_records)} prompt records for the gold judge")
     out: dict[str, float] = {}
     for kind, temp in (("greedy", 0.0), ("sampled", temperature)):
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temp, stop_ids=(tok.end_id,), seed=seed)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temp, stop_ids=tok.stop_ids, seed=seed)
         gens = generate(policy, prompts, params, vocab_limit=tok.vocab_size, batch_size=batch_size)
         responses = [g.tokens for g in gens]
         out[f"score_{kind}"] = float(reward_fn(prompts, responses).float().mean())
         out[f"len_{kind}"] = float(np.mean([len(r) for r in responses]))
         if gold is not None:
-            texts = [tok.decode(g.tokens[:-1] if g.finished else g.tokens) for g in gens]
+            texts = [tok.decode(g.tokens[:-1] if g.finished else g.tokens) for g in gens]  # without the stop token
             for name, values in gold(list(prompt_records), texts, [g.finished for g in gens]).items():
                 out[f"gold_{name}_{kind}"] = float(np.mean(values))
         if kind == "sampled":

@@ -8,7 +8,7 @@ minibatches; when it runs dry, ``next_batch`` rolls out a new batch first:
    log-probs (all with logits divided by the sampling temperature, through the fused log-prob
    kernel) and the frozen reward model's score at the last token;
 3. per-token reward = -beta * KL(policy || SFT) plus the normalised score on the last token
-   (responses cut off without <|end|> get ``missing_eos_penalty`` as their score instead);
+   (responses cut off before a stop token get ``missing_eos_penalty`` as their score instead);
 4. GAE advantages (whitened) and returns, then ``ppo_epochs`` shuffled passes of
    ``mini_batch_size`` sequences, dropped early when the approximate KL passes ``early_stop_kl``.
 
@@ -24,7 +24,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ import torch.nn as nn
 from .. import kernels
 from ..checkpoint import load_model
 from ..config import ModelConfig
+from ..console import plural
 from ..chatdata import LoadReport, parse_prompt, parse_prompt_record, read_records
 from ..data import IGNORE_INDEX, DataError, PackedBatch, TokenLoader, pack_all
 from ..engine import SamplingParams, generate
@@ -42,12 +43,15 @@ from ..losses import (ENSEMBLE_MODES, AdaptiveKLController, FixedKLController, c
                       ppo_value_loss, whiten)
 from ..model import GPT, ScalarModel
 from ..tokenizer import Tokenizer, encode_prompt
-from ..trainer import (Trainer, TrainingError, autocast_context, distributed_env, resolve_device,
+from ..trainer import (DataPlan, Trainer, TrainingError, autocast_context, distributed_env, resolve_device,
                        seed_everything)
-from .common import cast_parameters, freeze, require_same_tokenizer, set_dropout
+from .common import cast_parameters, freeze, load_start_model, require_same_tokenizer, set_dropout, split_holdout
 from .configs import PPOConfig
 from .policy_eval import GoldJudge, RewardFn, evaluate_policy, selection_score
 from .reward import raw_scores
+
+
+T = TypeVar("T")
 
 
 class PPOError(FastGPTError, ValueError):
@@ -140,8 +144,7 @@ def load_prompts(path: str, tok: Tokenizer, block_size: int, what: str) -> tuple
     leave no room to answer are skipped with one warning (an error if none is left)."""
     report = LoadReport(path)
     texts = [value for _, value in read_records(path, parse_prompt_record, report)]
-    report.warn("ppo")
-    report.check(0.1, "prompts")
+    report.finish("ppo", 0.1, "prompts")
     return encode_prompts(texts, tok, block_size, f"{what}={path}")
 
 
@@ -151,7 +154,7 @@ def encode_prompts(texts: Sequence[Any], tok: Tokenizer, block_size: int, where:
     encoded = [(t, encode_prompt(tok, parse_prompt(t))) for t in texts]
     kept = [(t, p) for t, p in encoded if len(p) < block_size]
     if not kept:
-        raise DataError(f"{where}: all {len(encoded)} prompts are at least the model's context of "
+        raise DataError(f"{where}: {'the' if len(encoded) == 1 else 'all'} {plural(len(encoded), 'prompt')} {'is' if len(encoded) == 1 else 'are'} at least the model's context of "
                         f"{block_size} tokens long")
     if len(kept) < len(encoded):
         print(f"ppo: {where}: skipped {len(encoded) - len(kept)} of {len(encoded)} prompts longer than "
@@ -184,14 +187,9 @@ class PPOTask:
                  prompts: list[list[int]], reward_fn: RewardFn, eval_prompts: list[list[int]] | None = None,
                  device: torch.device | str = "cpu", gold: GoldJudge | None = None,
                  eval_records: Sequence[Any] = ()) -> None:
-        if cfg.value_model not in ("reward", "head"):
-            raise PPOError(f"value_model={cfg.value_model!r}: expected 'reward' or 'head'")
-        if cfg.mini_batch_size < 1 or cfg.rollout_batch_size < cfg.mini_batch_size:
-            raise PPOError("expected 1 <= mini_batch_size <= rollout_batch_size")
-        if cfg.temperature <= 0:
-            raise PPOError("temperature must be > 0: PPO needs the policy's own samples")
-        if cfg.length_penalty < 0 or cfg.length_target < 0:
-            raise PPOError("length_penalty and length_target must be >= 0")
+        if cfg.rollout_batch_size < cfg.mini_batch_size:
+            raise PPOError(f"mini_batch_size={cfg.mini_batch_size} is larger than rollout_batch_size="
+                           f"{cfg.rollout_batch_size}")
         self.cfg, self.model, self.ref, self.tok = cfg, model, ref, tokenizer
         self.prompts, self.eval_prompts = prompts, eval_prompts or []
         self.eval_prompts = self.eval_prompts[:cfg.eval_max_prompts]
@@ -272,7 +270,7 @@ class PPOTask:
         prompts = self._sample_prompts()
         seed = int(self.rng.integers(2**31))
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                stop_ids=(self.tok.end_id,), seed=seed)
+                                stop_ids=self.tok.stop_ids, seed=seed)
         gens = generate(self.model.policy, prompts, params, vocab_limit=self.tok.vocab_size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -288,7 +286,7 @@ class PPOTask:
             warnings.warn(f"ppo: rollout {self.rollouts_done} has non-finite rewards; skipped "
                           f"({self.bad_rollouts}/{cfg.max_bad_rollouts})", stacklevel=2)
             if self.bad_rollouts > cfg.max_bad_rollouts:
-                raise TrainingError(f"ppo: {self.bad_rollouts} rollouts with non-finite rewards "
+                raise TrainingError(f"ppo: {plural(self.bad_rollouts, 'rollout')} with non-finite rewards "
                                     f"(max_bad_rollouts={cfg.max_bad_rollouts}); check the reward model")
             return False
         raw_scores = scores.clone()
@@ -326,7 +324,8 @@ class PPOTask:
         self.rollout = {
             "seqs": seqs, "prompt_lens": prompt_lens, "old_logp": fwd["logp"],  # stays on the device: read every minibatch
             "old_values": fwd["values"], "adv": adv, "returns": returns,
-            "stats": {"score": float(raw_scores.mean()), "kl": seq_kl, "beta": beta,
+            "stats": {"rollout": float(self.rollouts_done + 1), "score": float(raw_scores.mean()), "kl": seq_kl,
+                      "beta": beta,
                       "non_score_reward": float(rewards.sum(1).mean() - scores.mean()) if not cfg.whiten_rewards
                       else float("nan"),
                       "response_len": mean_len, "eos_frac": float(finished.float().mean()),
@@ -462,7 +461,8 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, gold: GoldJudge
         raise PPOError("reward_checkpoint is required")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device, distributed_env())
-    policy, tok, _ = load_model(cfg.sft_checkpoint, kind="gpt", device=device)
+    policy, tok = load_start_model(cfg.sft_checkpoint)
+    policy = policy.to(device).eval()
     ref = freeze(copy.deepcopy(policy))
     rm = None
     if cfg.reward_checkpoint:
@@ -491,14 +491,47 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, gold: GoldJudge
             nn.init.normal_(model.value_head.weight, std=1.0 / math.sqrt(policy.config.n_embd + 1))
     model.to(device)
     block = policy.config.block_size
-    _, prompts = load_prompts(cfg.prompts, tok, block, "prompts")
-    eval_records, eval_prompts = (load_prompts(cfg.eval_prompts, tok, block, "eval_prompts") if cfg.eval_prompts
-                                  else ([], []))
+    records, prompts = load_prompts(cfg.prompts, tok, block, "prompts")
+    if cfg.eval_prompts:
+        eval_records, eval_prompts = load_prompts(cfg.eval_prompts, tok, block, "eval_prompts")
+        held_out = f"held-out score on {plural(min(len(eval_prompts), cfg.eval_max_prompts), 'prompt')} of eval_prompts"
+    else:  # score the policy on prompts like the user's own, never on unrelated ones
+        train, held = hold_out(list(zip(records, prompts)), cfg.eval_fraction, cfg.eval_max_prompts, cfg.seed)
+        prompts, eval_records, eval_prompts = [p for _, p in train], [r for r, _ in held], [p for _, p in held]
+        held_out = (f"held-out score on {plural(len(eval_prompts), 'prompt')} kept out of prompts (eval_fraction="
+                    f"{cfg.eval_fraction:g}, not trained on)" if eval_prompts else
+                    "no held-out score: no eval_prompts, and none of prompts held out (eval_fraction, eval_max_prompts)")
     task = PPOTask(cfg, model, ref, tok, prompts, reward_fn, eval_prompts, device, gold, eval_records)
     extra["sft_checkpoint"] = str(cfg.sft_checkpoint)
+    data = {"prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts, "ptx_data": cfg.ptx_data}
     trainer = Trainer(cfg, model, task, stage="ppo", tokenizer=tok, model_kind="policy_value", extra=extra,
+                      data=data, plan=ppo_plan(cfg, prompts, eval_prompts, block, held_out),
                       flops_per_token=policy.flops_per_token(block))
     return trainer, task
+
+
+def hold_out(prompts: list[T], fraction: float, most: int, seed: int) -> tuple[list[T], list[T]]:
+    """(train, held-out) prompts: a seeded ``fraction`` held out, at most ``most`` of them (the rest
+    of the slice would be neither trained on nor scored)."""
+    train_ids, val_ids = split_holdout(len(prompts), fraction, seed)
+    train_ids = sorted(train_ids + val_ids[most:])
+    return [prompts[i] for i in train_ids], [prompts[i] for i in val_ids[:most]]
+
+
+def ppo_plan(cfg: PPOConfig, prompts: list[list[int]], eval_prompts: list[list[int]], block: int,
+             held_out: str) -> DataPlan:
+    """Epochs are passes over the training prompts: each rollout answers rollout_batch_size of
+    them and trains ppo_epochs passes of its minibatches."""
+    world = distributed_env().world_size
+    steps_per_rollout = cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.mini_batch_size) / cfg.grad_accum
+    rollouts = math.ceil(cfg.max_steps / steps_per_rollout)
+    seq = min(block, max(map(len, prompts)) + cfg.max_new_tokens)
+    return DataPlan(len(prompts), "prompt", len(prompts) / (cfg.rollout_batch_size * world) * steps_per_rollout,
+                    cfg.mini_batch_size * cfg.grad_accum * world * seq, val_size=min(len(eval_prompts), cfg.eval_max_prompts),
+                    val_unit="prompt" if eval_prompts else "",
+                    step=f"micro-batch of {plural(cfg.mini_batch_size, 'sequence')} (mini_batch_size) of up to {seq} tokens",
+                    notes=[f"about {plural(rollouts, 'rollout')} of {cfg.rollout_batch_size} prompts, "
+                           f"{steps_per_rollout:g} steps each; {held_out}"])
 
 
 def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, gold: GoldJudge | None = None) -> dict[str, Any]:
@@ -513,4 +546,5 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, gold: GoldJudge | Non
     summary["sft"] = sft_eval
     summary["rollouts"] = task.rollouts_done
     summary["best"] = trainer.best_record()
+    summary["held_out_prompts"] = len(task.eval_prompts)
     return summary
