@@ -127,10 +127,15 @@ def test_pretrain_is_plain_statements(world):
 
 
 def test_sft_style_mixture(world):
-    counts = Counter(r["style"] for r in world.sft)
-    assert set(counts) == set(STYLE_MIX)
-    for style, frac in STYLE_MIX.items():
-        assert abs(counts[style] / len(world.sft) - frac) < 0.01, style
+    """Per family: its slip_rate of the demonstrations wrong, the rest split by STYLE_MIX."""
+    for fam in FAMILIES:
+        recs = [r for r in world.sft if r["task"] == fam.name]
+        counts = Counter(r["style"] for r in recs)
+        assert set(counts) == set(STYLE_MIX) | ({"wrong"} if fam.slip_rate else set())
+        assert abs(counts["wrong"] / len(recs) - fam.slip_rate) < 0.01, fam.name
+        correct = len(recs) - counts["wrong"]
+        for style, frac in STYLE_MIX.items():
+            assert abs(counts[style] / correct - frac) < 0.05, (fam.name, style)
     labeler = SimulatedLabeler(noise=0.0)
     for rec in world.sft:
         p, a = _reply(rec)

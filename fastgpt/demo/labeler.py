@@ -26,9 +26,10 @@ What "good" means, in order of weight (`SimulatedLabeler.quality`):
    like) and not empty (-1.0).
 
 Correct answers always outrank wrong ones among finished responses, so the
-style terms only order responses of equal correctness. Half the SFT
-demonstrations are verbose, terse, repetitive or wrong, so this ordering is
-something the SFT model does not already follow.
+style terms only order responses of equal correctness. Many SFT
+demonstrations are verbose, terse, repetitive or wrong (in four families, most
+of them wrong), so this ordering is something the SFT model does not already
+follow.
 
 Rankings add noise: people disagree. The default noise (0.15) is calibrated
 so that two independent simulated labelers agree on about 76% of ordered

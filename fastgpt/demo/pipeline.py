@@ -63,7 +63,7 @@ class Budget:
     max_new_tokens: int = 80         # bytes: a canonical answer is ~20 of them, a chatty one 50-70
     labeler_noise: float = 0.15      # two labelers then agree on ~76% of pairs (InstructGPT: 73-77%)
     # reward
-    reward_epochs: float = 2.0
+    reward_epochs: float = 4.0       # correctness takes the reward model longer to learn than style
     reward_batch: int = 16
     reward_lr: float = 3e-4
     # ppo
@@ -71,8 +71,9 @@ class Budget:
     rollout_batch: int = 64
     mini_batch: int = 16
     ppo_epochs: int = 4
-    ppo_lr: float = 3e-5
+    ppo_lr: float = 1e-4
     beta: float = 0.05
+    length_penalty: float = 0.5      # guard: reward -= this x |length - SFT length| / SFT length (tokens)
     ppo_evals: int = 10              # held-out evaluations (proxy, gold, KL) over the run
     warn_kl: float = 8.0             # PPO warns past this KL to SFT (nats / response) ...
     warn_length_ratio: float = 2.0   # ... or when its mean length changes by more than this factor
@@ -234,7 +235,7 @@ def stage_ppo(ctx: Context) -> dict[str, Any]:
         eval_max_prompts=b.n_dev, eval_interval=max(1, b.ppo_steps // b.ppo_evals), max_steps=b.ppo_steps,
         rollout_batch_size=b.rollout_batch, mini_batch_size=b.mini_batch, ppo_epochs=b.ppo_epochs, lr=b.ppo_lr,
         beta=b.beta, max_new_tokens=b.max_new_tokens, ckpt_interval=max(1, b.ppo_steps // 4),
-        warn_kl=b.warn_kl, warn_length_ratio=b.warn_length_ratio))
+        warn_kl=b.warn_kl, warn_length_ratio=b.warn_length_ratio, length_penalty=b.length_penalty))
     # The labeler as PPO's gold judge: it scores the dev answers at each evaluation (the
     # over-optimisation curve, and which checkpoint becomes best.pt). PPO still trains on the
     # reward model alone: the judge never reaches a rollout.

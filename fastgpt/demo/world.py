@@ -17,14 +17,16 @@ Every stage gets its own view of the same world:
 * pre-training reads plain text: mostly questions followed by their answers, the
   rest bare facts ("3 plus 4 is 7."), so the skills are in the weights before any
   chat formatting is taught;
-* SFT reads demonstrations of uneven quality: half in the labeler's preferred
-  short style, the rest verbose, terse or repetitive, and a fifth wrong. The
-  wrong ones are not noise but each family's characteristic slip (the first
-  letter where the last was asked, the largest for the smallest, adding instead
-  of subtracting, ...), the kind of systematic mistake people writing
-  demonstrations make and people comparing answers catch. The SFT model learns
-  the slips along with the skills; the labeler's rankings, the reward model and
-  PPO have them to unlearn;
+* SFT reads demonstrations of uneven quality: most in the labeler's preferred
+  short style, the rest verbose, terse or repetitive, and some wrong. The wrong
+  ones are not noise but each family's characteristic slip (the first letter
+  where the last was asked, the largest for the smallest, one letter too many,
+  ...), the kind of systematic mistake people writing demonstrations make and
+  people comparing answers catch. In four families the demonstrators slip more
+  often than not (`Family.slip_rate`), so the SFT model's likeliest answer there
+  is the slip while the right one is still among its samples: what the
+  labeler's rankings, the reward model and PPO have to correct. In the other
+  four a tenth of the demonstrations slip;
 * the comparison, PPO, dev and evaluation stages get prompt sets that share no
   prompt string with each other or with SFT, so every reported number is on
   prompts the model was never trained to answer.
@@ -51,16 +53,19 @@ Args = dict[str, str]
 # phrase below may contain them.
 CLAIM_VERBS = ("is", "says", "has")
 
-# Demonstration styles and their share of the SFT set. The labeler's preferred
-# canonical style is half of it; "wrong" demos state the family's slip in one of
-# the other styles.
+# Demonstration styles and their share of a family's correct demonstrations (the
+# labeler's preferred canonical style is the largest). A family's wrong ones
+# (`Family.slip_rate` of them, style "wrong") state its slip in one of the first
+# three styles.
 STYLE_MIX: dict[str, float] = {
-    "canonical": 0.50,
-    "wrong": 0.20,
-    "verbose": 0.15,
-    "terse": 0.10,
-    "repetitive": 0.05,
+    "canonical": 0.60,
+    "verbose": 0.20,
+    "terse": 0.12,
+    "repetitive": 0.08,
 }
+
+# The slip rate of the families whose demonstrators slip more often than not.
+SLIP_OFTEN = 0.55
 
 PREAMBLES = (
     "Sure! Let me think.",
@@ -119,6 +124,10 @@ class Family:
     templates: tuple[str, ...] = ()
     fields: dict[str, str] = {}
     case_sensitive: bool = False
+    # Share of this family's demonstrations that state its slip. Where demonstrators slip more
+    # often than not, the SFT model's likeliest answer is the slip; the right one is still among
+    # its samples, and the labeler's comparisons catch the difference.
+    slip_rate: float = 0.1
 
     def __init__(self) -> None:
         self._patterns = [_template_regex(t, self.fields) for t in self.templates]
@@ -256,6 +265,7 @@ class Sub(DigitPair):
 
 class Bigger(DigitPair):
     name = "bigger"
+    slip_rate = SLIP_OFTEN
     templates = ("Which is bigger, {a} or {b}?", "Tell me which is bigger, {a} or {b}.",
                  "Say which is bigger, {a} or {b}.")
 
@@ -296,6 +306,7 @@ def _other_letter(word: str, avoid: str, prefer: str) -> str:
 
 class FirstLetter(WordFamily):
     name = "first_letter"
+    slip_rate = SLIP_OFTEN
     templates = ("What is the first letter of {w}?", "Tell me the first letter of {w}.",
                  "Name the first letter of {w}.")
 
@@ -326,6 +337,7 @@ class LastLetter(WordFamily):
 
 class Length(WordFamily):
     name = "length"
+    slip_rate = SLIP_OFTEN
     templates = ("How many letters has the word {w}?", "Count the letters the word {w} has.",
                  "Tell me how many letters the word {w} has.")
 
@@ -380,6 +392,7 @@ class Largest(ListFamily):
 class Smallest(ListFamily):
     name = "min"
     word = "smallest"
+    slip_rate = SLIP_OFTEN
     templates = ("What is the smallest of {xs}?", "Tell me the smallest of {xs}.", "Find the smallest of {xs}.")
 
     def result(self, args: Args) -> str | None:
@@ -506,6 +519,22 @@ def _allocate(sizes: list[int], caps: list[float], rng: random.Random) -> list[l
     return out
 
 
+def _styles(prompts: list[str], mix: dict[str, float], rng: random.Random) -> list[str]:
+    """The style of each prompt's demonstration: per family, its `slip_rate` wrong and the rest
+    split by `mix`, in exact counts."""
+    by_family: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_family.setdefault(parse_prompt(p)[0].name, []).append(i)  # type: ignore[index]
+    styles = [""] * len(prompts)
+    for name, idx in by_family.items():
+        n_wrong = round(FAMILY_BY_NAME[name].slip_rate * len(idx))
+        chosen = ["wrong"] * n_wrong + _style_list(len(idx) - n_wrong, mix, rng)
+        rng.shuffle(chosen)
+        for i, style in zip(idx, chosen):
+            styles[i] = style
+    return styles
+
+
 @dataclass
 class WorldData:
     """Everything the demo pipeline reads, before it is written to disk."""
@@ -550,7 +579,7 @@ def make_world(
         result = fam.result(args)
         eval_items.append({"prompt": p, "task": fam.name, "answer": fam.canonical(args, result), "result": result})
     sft = []
-    for p, style in zip(sft_prompts, _style_list(len(sft_prompts), mix, rng)):
+    for p, style in zip(sft_prompts, _styles(sft_prompts, mix, rng)):
         fam, _ = parse_prompt(p)  # type: ignore[misc]
         reply = fam.demonstration(p, style, rng)
         sft.append({
