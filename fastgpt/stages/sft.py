@@ -77,14 +77,12 @@ class SFTTask:
         dist = distributed_env()
         self.cfg, self.train, self.val, self.val_prompts = cfg, train, val, val_prompts
         self.tok, self.block_size, self.device = tok, block_size, device
-        self.lengths = [len(ids) for ids, _ in train]
+        self.lengths = [[len(ids)] for ids, _ in train]
         self.order = EpochOrder(len(train), cfg.seed, dist.rank, dist.world_size)
 
     def next_batch(self) -> PackedBatch:
-        T, rows = self.block_size, self.cfg.batch_size
-        window = self.order.window(self.lengths, rows * T)
-        batch, used = pack_groups([[self.train[i]] for i in window], rows, T, self.tok.pad_id)
-        self.order.advance(used)
+        items = self.order.take(self.lengths, self.cfg.batch_size, self.block_size)
+        batch, _ = pack_groups([[self.train[i]] for i in items], self.cfg.batch_size, self.block_size, self.tok.pad_id)
         return batch.to(self.device)
 
     def loss(self, model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, float]]:
