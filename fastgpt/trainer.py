@@ -256,9 +256,14 @@ class Trainer:
 
     def _check_resume(self, ckpt: dict[str, Any], path: Path) -> None:
         """Refuse, in one line, to resume a checkpoint trained with other data or settings than
-        ``self.cfg`` (only the config's RESUME_SAFE settings may change), or past max_steps."""
+        ``self.cfg`` (only the config's RESUME_SAFE settings may change, and its PER_PROCESS ones
+        when the number of processes changes in proportion), or past max_steps."""
         saved, now = ckpt.get("config", {}), asdict(self.cfg)
-        safe = getattr(type(self.cfg), "RESUME_SAFE", frozenset())
+        safe = set(getattr(type(self.cfg), "RESUME_SAFE", frozenset()))
+        # per-process sizes may change with the number of processes if the whole step stays the same
+        saved_world = ckpt["trainer"].get("world_size", 1)
+        safe |= {key for key in getattr(type(self.cfg), "PER_PROCESS", ()) if key in saved and
+                 saved[key] * saved_world == now[key] * self.dist.world_size}
         saved_data = ckpt.get("data")  # None: a checkpoint from before data digests; compare paths then
         by_digest = set(self.data) | set(saved_data or {}) if saved_data is not None else set()
         changes = []

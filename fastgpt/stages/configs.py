@@ -128,3 +128,4 @@ class PPOConfig(TrainConfig):
     ckpt_interval: Positive = 50
 
     RESUME_SAFE: ClassVar[frozenset[str]] = TrainConfig.RESUME_SAFE | {"eval_max_prompts", "max_bad_rollouts"}
+    PER_PROCESS: ClassVar[frozenset[str]] = TrainConfig.PER_PROCESS | {"rollout_batch_size"}

@@ -24,6 +24,7 @@ from ..chatdata import (
 )
 from ..config import ConfigError
 from ..data import IGNORE_INDEX, DataError, PackedBatch
+from ..distributed import unsharded_gpt
 from ..tokenizer import Message, Tokenizer, encode_chat, encode_prompt
 from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
 from .common import load_start_model, micro_batch_rows, packed_plan, set_dropout, shorten_context, split_holdout
@@ -97,7 +98,7 @@ class SFTTask:
         if self.val:
             out["val_loss"] = packed_loss(model, self.val, self.cfg.batch_size, self.block_size, self.tok.pad_id)
         if self.cfg.eval_format_prompts and self.val_prompts:
-            out["format_rate"] = format_rate(model, self.tok, self.val_prompts[:self.cfg.eval_format_prompts],
+            out["format_rate"] = format_rate(unsharded_gpt(model), self.tok, self.val_prompts[:self.cfg.eval_format_prompts],
                                              self.cfg.eval_max_new_tokens)
         return out
 
