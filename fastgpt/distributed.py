@@ -52,6 +52,8 @@ def init_process_group(info: DistInfo, device: torch.device, sharded: bool) -> N
     needs one) kept in memory, so no rendezvous address is needed."""
     if dist.is_initialized() or (info.world_size == 1 and not sharded):
         return
+    if device.type == "cuda":  # before any collective: NCCL binds each process to its current GPU
+        torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if info.world_size == 1:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
