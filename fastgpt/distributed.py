@@ -118,7 +118,9 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # gradients as views of DDP's buckets: no second fp32 copy of every gradient
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -143,16 +145,26 @@ def full_value(t: Any) -> Any:
 
 def unsharded_gpt(model: nn.Module) -> nn.Module:
     """``model`` itself, or for a model with sharded parameters a plain copy with the whole
-    weights on this process (one all-gather per parameter), for generation: the KV-cache engine
-    calls the model's parts directly, which sharded parameters cannot serve. Costs the model's
-    weights once more per process (in the sharded parameters' dtype) while the copy lives."""
+    weights on this process (gathered one parameter at a time), for generation: the KV-cache
+    engine calls the model's parts directly, which sharded parameters cannot serve. The copy
+    costs the model's weights once more per process while it lives: 2 bytes per parameter on
+    CUDA (bf16, as generation computes), 4 on a CPU."""
     from torch.distributed.tensor import DTensor
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         return model
-    state = {k: full_value(v) for k, v in model.state_dict().items()}
-    copy = type(model)(model.config)  # type: ignore[call-arg]
-    copy.load_state_dict(state)
-    return copy.to(next(iter(state.values())).device).train(model.training)
+    state = {}
+    for name, value in model.state_dict().items():
+        value = full_value(value).detach()
+        state[name] = value.to(torch.bfloat16) if value.is_cuda and value.is_floating_point() else value
+    with torch.device("meta"):  # no initialisation of weights that are about to be replaced
+        copy = type(model)(model.config)  # type: ignore[call-arg]
+    copy.load_state_dict(state, assign=True)
+    if getattr(model.config, "tie_embeddings", False):
+        copy.lm_head.weight = copy.wte.weight
+    for name, buffer in model.named_buffers():  # RoPE tables are not part of the state dict
+        owner, _, attr = name.rpartition(".")
+        setattr(copy.get_submodule(owner), attr, buffer)
+    return copy.train(model.training)
 
 
 # ----------------------------------------------------------------- sharded checkpoints
