@@ -123,11 +123,6 @@ def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
                                    gradient_as_bucket_view=True)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
-
-
 def no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     """Skip the gradient all-reduce of a micro-batch that is not the step's last (DDP). FSDP
     reduce-scatters every micro-batch: its gradients are sharded, so keeping them unreduced would

@@ -355,6 +355,7 @@ class Trainer:
         step = plan.step or (f"micro-batch {plural(cfg.batch_size, 'row')} x "
                              f"{mconf.block_size if mconf is not None else '?':,} tokens")
         lines.append(f"{step}, grad_accum {cfg.grad_accum}" + (f", {world} processes" if world > 1 else "")
+                     + (" sharded (fsdp)" if cfg.fsdp else "")
                      + f": {'up to ' if plan.packed else ''}{plan.tokens_per_step:,} tokens per step")
         epochs = cfg.max_steps / max(plan.steps_per_epoch, 1e-9)
         held = f"; {plural(plan.val_size, plan.val_unit)} held out" if plan.val_unit else ""

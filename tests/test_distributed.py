@@ -149,19 +149,24 @@ def test_sharded_checkpoint_resumes_on_another_number_of_processes(runs, stage, 
 @pytest.mark.timeout(300)
 def test_torchrun_runs_the_ppo_command(runs, tmp_path):
     """``torchrun --nproc_per_node 2 -m fastgpt ppo`` on the CPU, prompts from the built-in world
-    (written once by rank 0): one summary line, one checkpoint written by 2 processes."""
+    (written once by rank 0): one summary line, one checkpoint written by 2 processes. A tiny
+    early_stop_kl ends a rollout's updates once the policy moved: the processes must agree on it,
+    or the next rollout's collectives would wait forever."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ppo"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                            "-m", "fastgpt", "ppo", "--sft_checkpoint", str(runs / "sft-start"),
                            "--reward_checkpoint", str(runs / "rm"), "--out_dir", str(out), "--device", "cpu",
-                           "--max_steps", "2", "--rollout_batch_size", "2", "--mini_batch_size", "2",
-                           "--max_new_tokens", "4", "--eval_max_prompts", "2", "--progress", "false"],
+                           "--max_steps", "3", "--rollout_batch_size", "2", "--mini_batch_size", "2",
+                           "--max_new_tokens", "4", "--eval_max_prompts", "2", "--progress", "false",
+                           "--ppo_epochs", "4", "--early_stop_kl", "1e-12"],
                           capture_output=True, text=True, timeout=280, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    summaries = [line for line in proc.stdout.splitlines() if line.startswith("ppo: 2 steps in")]
+    summaries = [line for line in proc.stdout.splitlines() if line.startswith("ppo: 3 steps in")]
     assert len(summaries) == 1, proc.stdout
     ckpt = load_checkpoint(out)
-    assert ckpt["trainer"]["world_size"] == 2 and ckpt["trainer"]["step"] == 2
+    assert ckpt["trainer"]["world_size"] == 2 and ckpt["trainer"]["step"] == 3
+    # 4 steps a rollout without early stopping; the policy moved by step 2, which stopped the first
+    assert ckpt["task"][0]["rollouts_done"] == 2
     assert sorted(p.name for p in (out / "builtin").iterdir()) == ["eval_prompts-seed0.jsonl",
                                                                     "ppo_prompts-seed0.jsonl"]
