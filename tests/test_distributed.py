@@ -143,6 +143,8 @@ def test_sharded_checkpoint_resumes_on_another_number_of_processes(runs, stage, 
     shards = runs / f"{stage}-{direction}" / "checkpoint.shards"
     if direction == "one-to-two":  # only the latest step's shards are kept
         assert [p.name for p in shards.iterdir()] == [f"step-{STEPS:08d}"]
+    else:  # a plain checkpoint holds everything; the sharded one it resumed from is gone
+        assert "optimizer" in ckpt and not any(shards.iterdir())
 
 
 @pytest.mark.slow
