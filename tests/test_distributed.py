@@ -23,8 +23,8 @@ import torch.distributed as dist
 from distributed_worker import run_stage
 from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.config import ModelConfig
-from fastgpt.model import ScalarModel
-from helpers import TINY, TOK, tiny_checkpoint, write_jsonl
+from fastgpt.model import GPT, ScalarModel
+from helpers import TINY, TOK, write_jsonl
 
 STAGES = ("pretrain", "sft", "reward", "ppo")
 STEPS = 4
@@ -34,9 +34,12 @@ TESTS = Path(__file__).resolve().parent
 
 def stage_configs(root: Path, data: Path) -> dict[str, dict[str, Any]]:
     """Each stage's settings, the same under any number of processes (all on the CPU, fp32)."""
-    sft_ckpt = tiny_checkpoint(root / "sft-start", seed=0)
-    torch.manual_seed(1)
-    rm = ScalarModel(ModelConfig(**TINY))
+    # untied output layers: a scalar model never uses its lm_head, which DDP must be told
+    untied = ModelConfig(**TINY, tie_embeddings=False)
+    torch.manual_seed(0)
+    sft_ckpt = str(save_checkpoint(root / "sft-start", model=GPT(untied), model_kind="gpt", model_config=untied,
+                                   tokenizer=TOK, stage="sft").parent)
+    rm = ScalarModel(untied)
     save_checkpoint(root / "rm", model=rm, model_kind="scalar", model_config=rm.config, tokenizer=TOK,
                     stage="reward", extra={"reward_offset": 0.1, "reward_scale": 2.0})
     convos = write_jsonl(root / "convos.jsonl", ({"messages": [

@@ -111,9 +111,7 @@ def value_from_reward(rm: ScalarModel, offset: float, scale: float, zero_head: b
         else:
             value.head.weight.div_(scale)
             value.head.bias.sub_(offset).div_(scale)
-    for p in value.parameters():
-        p.requires_grad_(True)
-    return value.train()
+    return value.trainable().train()
 
 
 class RewardModelScorer:
