@@ -398,18 +398,20 @@ class Trainer:
         return total / cfg.grad_accum, sums, tokens
 
     def _optimizer_step(self) -> tuple[float, dict[str, float], int] | None:
-        """One optimizer step at the scheduled learning rate: (loss, metrics, tokens), or None when
-        the loss was not finite and the step was skipped (every rank agrees to skip)."""
+        """One optimizer step at the scheduled learning rate: (loss, metrics, tokens of every
+        process), or None when the loss was not finite and the step was skipped (every rank agrees
+        to skip)."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss, metrics, tokens = self._backward_step()
         loss_value = float(loss)
-        if self.dist.world_size > 1:
-            flag = torch.tensor([0.0 if math.isfinite(loss_value) else 1.0], device=self.device)
-            dist.all_reduce(flag)
-            finite = flag.item() == 0
+        if self.dist.world_size > 1:  # one all-reduce: does any rank skip, and every rank's tokens
+            totals = torch.tensor([0.0 if math.isfinite(loss_value) else 1.0, tokens], dtype=torch.float64,
+                                  device=self.device)
+            dist.all_reduce(totals)
+            finite, tokens = totals[0].item() == 0, int(totals[1].item())
         else:
             finite = math.isfinite(loss_value)
         if not finite:
@@ -430,8 +432,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.step += 1
-        self.tokens_seen += tokens * self.dist.world_size
-        return loss_value, metrics, tokens * self.dist.world_size
+        self.tokens_seen += tokens
+        return loss_value, metrics, tokens
 
     def _start(self) -> None:
         """Open the metric sinks (rank 0) and print what this run is about to train."""

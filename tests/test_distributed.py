@@ -114,10 +114,13 @@ def losses(out: Path) -> list[float]:
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
-    """The same loss at every step and the same final weights, up to fp32 rounding (which Adam
-    magnifies for parameters whose gradients are nearly zero: weights move ~lr = 1e-3 a step)."""
+    """The same loss at every step, the same tokens trained on and the same final weights, up to
+    fp32 rounding (which Adam magnifies for parameters whose gradients are nearly zero: weights
+    move ~lr = 1e-3 a step)."""
     assert losses(run) == pytest.approx(losses(reference), rel=1e-4, abs=1e-6)
-    mine, ref = load_checkpoint(run)["model"], load_checkpoint(reference)["model"]
+    mine_ckpt, ref_ckpt = load_checkpoint(run), load_checkpoint(reference)
+    assert mine_ckpt["trainer"]["tokens_seen"] == ref_ckpt["trainer"]["tokens_seen"]
+    mine, ref = mine_ckpt["model"], ref_ckpt["model"]
     assert mine.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(mine[k], ref[k], rtol=1e-3, atol=2e-4, msg=lambda m, k=k: f"{k}: {m}")
