@@ -1,7 +1,7 @@
 """Every stage under torchrun on the CPU (gloo, 2 processes): DDP and FSDP runs train on the same
 global batches as one process with twice the grad_accum (PPO: twice the rollout) and follow its
-loss curve to fp32 rounding; an FSDP checkpoint written by 2 processes resumes on 1 and one
-written by 1 resumes on 2, continuing that curve.
+loss curve to fp32 rounding, a DDP run resumed on 2 processes too; an FSDP checkpoint written by
+2 processes resumes on 1 and one written by 1 resumes on 2, continuing that curve.
 
 One torchrun launch runs all 2-process jobs (tests/distributed_worker.py); the 1-process runs
 happen in this process. Tiny models and 4 steps keep it to about a minute on 2 cores.
@@ -93,7 +93,10 @@ def runs(tmp_path_factory, tiny_data) -> Path:
                  {"stage": stage, "config": {**double, "out_dir": str(root / f"{stage}-fsdp"), "fsdp": True}},
                  {"stage": stage, "config": {**double, "out_dir": str(root / f"{stage}-two"), "max_steps": HALF,
                                              "fsdp": True}},
-                 {"stage": stage, "config": {**double, "out_dir": str(root / f"{stage}-one-to-two"), "fsdp": True}}]
+                 {"stage": stage, "config": {**double, "out_dir": str(root / f"{stage}-one-to-two"), "fsdp": True}},
+                 {"stage": stage, "config": {**double, "out_dir": str(root / f"{stage}-ddp-resumed"),
+                                             "max_steps": HALF}},
+                 {"stage": stage, "config": {**double, "out_dir": str(root / f"{stage}-ddp-resumed")}}]
     (root / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
@@ -129,13 +132,14 @@ def assert_same_run(run: Path, reference: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+@pytest.mark.parametrize("layout", ["ddp", "fsdp", "ddp-resumed"])
 def test_two_processes_follow_one_process(runs, stage, layout):
+    """DDP, FSDP, and DDP stopped half-way and resumed with the same number of processes."""
     assert_same_run(runs / f"{stage}-{layout}", runs / f"{stage}-single")
     ckpt = load_checkpoint(runs / f"{stage}-{layout}")
     assert ckpt["trainer"]["world_size"] == 2 and ckpt["trainer"]["step"] == STEPS
     assert ("sharded" in ckpt["trainer"]) == (layout == "fsdp")
-    assert ("optimizer" in ckpt) == (layout == "ddp")  # a sharded run's optimizer lives in its shards
+    assert ("optimizer" in ckpt) == (layout != "fsdp")  # a sharded run's optimizer lives in its shards
 
 
 @pytest.mark.slow
