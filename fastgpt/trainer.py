@@ -303,8 +303,8 @@ class Trainer:
             parallel.load_sharded(self.out_dir / t["sharded"], self.model, self.optimizer)
         else:
             if self.cfg.fsdp:
-                raise CheckpointError(f"{path}: written without fsdp; resume it without fsdp (then later "
-                                      f"checkpoints can be resumed with it)")
+                raise CheckpointError(f"{path}: written without fsdp, which a sharded run cannot resume; resume "
+                                      f"it with --fsdp false, or start over with --fresh (resume=false)")
             if t["world_size"] != self.dist.world_size:
                 raise CheckpointError(f"{path}: written by {plural(t['world_size'], 'process', 'processes')}, "
                                       f"resuming with {self.dist.world_size} (only fsdp checkpoints change size)")

@@ -380,7 +380,8 @@ class PPOTask:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         inner = getattr(model, "module", model)
-        return evaluate_policy(unsharded_gpt(inner.policy), self.ref, self.tok, self.eval_prompts, self.reward_fn, self.cfg)
+        return evaluate_policy(unsharded_gpt(inner.policy), self.ref, self.tok, self.eval_prompts, self.reward_fn,
+                               self.cfg)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.bit_generator.state, "order": list(self.order), "kl_ctl": self.kl_ctl.state_dict(),

@@ -98,8 +98,8 @@ class SFTTask:
         if self.val:
             out["val_loss"] = packed_loss(model, self.val, self.cfg.batch_size, self.block_size, self.tok.pad_id)
         if self.cfg.eval_format_prompts and self.val_prompts:
-            out["format_rate"] = format_rate(unsharded_gpt(model), self.tok, self.val_prompts[:self.cfg.eval_format_prompts],
-                                             self.cfg.eval_max_new_tokens)
+            prompts = self.val_prompts[:self.cfg.eval_format_prompts]
+            out["format_rate"] = format_rate(unsharded_gpt(model), self.tok, prompts, self.cfg.eval_max_new_tokens)
         return out
 
     def state_dict(self) -> dict[str, Any]:
