@@ -187,8 +187,8 @@ class TrainConfig:
         "out_dir", "device", "compile", "grad_checkpointing", "fsdp", "max_steps", "eval_interval", "log_interval",
         "ckpt_interval", "max_bad_steps", "resume", "progress", "tensorboard", "wandb"})
 
-    # Sizes of one process's share of a step: a sharded run resumed on another number of processes
-    # may change them so that value x processes stays the same (the same global batch).
+    # Sizes of one process's share of a step: a run resumed on another number of processes may
+    # change them so that value x processes stays the same (the same global batch).
     PER_PROCESS: ClassVar[frozenset[str]] = frozenset({"grad_accum"})
 
     def __post_init__(self) -> None:

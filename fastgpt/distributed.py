@@ -203,6 +203,20 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+def load_whole(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+               optimizer_state: dict[str, Any]) -> None:
+    """Load a plain checkpoint (the whole model, a plain optimizer state) into a sharded model and
+    its optimizer: every process reads it whole and keeps its shards. The plain state numbers
+    parameters in the optimizer's order, the same for the sharded model; they become names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    named = {"state": {order[i]: s for i, s in optimizer_state["state"].items()},
+             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in optimizer_state["param_groups"]]}
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=named,
+                   options=StateDictOptions(full_state_dict=True))
+
+
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's weights on rank 0's CPU, gathered one parameter at a time (every process
     takes part; the others get an empty dict)."""

@@ -299,23 +299,21 @@ class Trainer:
         t = ckpt["trainer"]
         check_architecture(self.model, ckpt["model"], str(path))
         self._check_resume(ckpt, path)
-        if t.get("sharded"):  # any number of processes, sharded or not, reads sharded state
+        # any number of processes, sharded or not, resumes either kind of checkpoint
+        if t.get("sharded"):
             parallel.load_sharded(self.out_dir / t["sharded"], self.model, self.optimizer)
         else:
-            if self.cfg.fsdp:
-                raise CheckpointError(f"{path}: written without fsdp, which a sharded run cannot resume; resume "
-                                      f"it with --fsdp false, or start over with --fresh (resume=false)")
-            if t["world_size"] != self.dist.world_size:
-                raise CheckpointError(f"{path}: written by {plural(t['world_size'], 'process', 'processes')}, "
-                                      f"resuming with {self.dist.world_size} (only fsdp checkpoints change size)")
-            load_state_strict(self.model, ckpt["model"], str(path))
             if "optimizer" not in ckpt:
                 raise CheckpointError(f"{path}: has no optimizer state to resume from")
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.cfg.fsdp:  # a plain checkpoint holds everything whole: the processes shard it
+                parallel.load_whole(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"])
+            else:
+                load_state_strict(self.model, ckpt["model"], str(path))
+                self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step, self.tokens_seen, self.bad_steps = t["step"], t["tokens_seen"], t["bad_steps"]
         self.seconds_before = float(ckpt.get("seconds", 0.0))
-        # every rank draws from the same data streams (their positions agree), so a sharded run
-        # resumed on another number of processes continues the data exactly; RNGs wrap around
+        # every rank draws from the same data streams (their positions agree), so a run resumed
+        # on another number of processes continues the data exactly; RNGs wrap around
         set_rng_state(ckpt["rng"][self.dist.rank % len(ckpt["rng"])])
         self.task.load_state_dict(ckpt["task"][self.dist.rank % len(ckpt["task"])])
         self.extra.update(ckpt.get("extra", {}))

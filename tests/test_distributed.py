@@ -1,7 +1,8 @@
 """Every stage under torchrun on the CPU (gloo, 2 processes): DDP and FSDP runs train on the same
 global batches as one process with twice the grad_accum (PPO: twice the rollout) and follow its
-loss curve to fp32 rounding, a DDP run resumed on 2 processes too; an FSDP checkpoint written by
-2 processes resumes on 1 and one written by 1 resumes on 2, continuing that curve.
+loss curve to fp32 rounding, a DDP run resumed on 2 processes too; checkpoints resume on another
+number of processes (sharded 2 -> 1 plain and 1 -> 2 sharded, plain 1 -> 2 sharded, DDP 2 -> 1),
+continuing that curve.
 
 One torchrun launch runs all 2-process jobs (tests/distributed_worker.py); the 1-process runs
 happen in this process. Tiny models and 4 steps keep it to about a minute on 2 cores.
@@ -89,6 +90,7 @@ def runs(tmp_path_factory, tiny_data) -> Path:
         in_this_process(stage, {**single, "out_dir": str(root / f"{stage}-single")})
         in_this_process(stage, {**single, "out_dir": str(root / f"{stage}-one"), "max_steps": HALF, "fsdp": True})
         shutil.copytree(root / f"{stage}-one", root / f"{stage}-one-to-two")
+        in_this_process(stage, {**single, "out_dir": str(root / f"{stage}-plain-to-fsdp"), "max_steps": HALF})
         jobs += [{"stage": stage, "config": {**double, "out_dir": str(root / f"{stage}-ddp")}},
                  {"stage": stage, "config": {**double, "out_dir": str(root / f"{stage}-fsdp"), "fsdp": True}},
                  {"stage": stage, "config": {**double, "out_dir": str(root / f"{stage}-two"), "max_steps": HALF,
@@ -96,16 +98,20 @@ def runs(tmp_path_factory, tiny_data) -> Path:
                  {"stage": stage, "config": {**double, "out_dir": str(root / f"{stage}-one-to-two"), "fsdp": True}},
                  {"stage": stage, "config": {**double, "out_dir": str(root / f"{stage}-ddp-resumed"),
                                              "max_steps": HALF}},
-                 {"stage": stage, "config": {**double, "out_dir": str(root / f"{stage}-ddp-resumed")}}]
+                 {"stage": stage, "config": {**double, "out_dir": str(root / f"{stage}-ddp-resumed")}},
+                 {"stage": stage, "config": {**double, "out_dir": str(root / f"{stage}-plain-to-fsdp"), "fsdp": True}},
+                 {"stage": stage, "config": {**double, "out_dir": str(root / f"{stage}-ddp-to-one"),
+                                             "max_steps": HALF}}]
     (root / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                            str(TESTS / "distributed_worker.py"), str(root / "jobs.json")],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for stage, base in configs.items():  # a 2-process sharded checkpoint, resumed by one plain process
+    for stage, base in configs.items():  # 2-process checkpoints, sharded and not, resumed by one plain process
         shutil.copytree(root / f"{stage}-two", root / f"{stage}-two-to-one")
         in_this_process(stage, {**base, **per_process(stage, 1), "out_dir": str(root / f"{stage}-two-to-one")})
+        in_this_process(stage, {**base, **per_process(stage, 1), "out_dir": str(root / f"{stage}-ddp-to-one")})
     return root
 
 
@@ -145,15 +151,17 @@ def test_two_processes_follow_one_process(runs, stage, layout):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("direction", ["one-to-two", "two-to-one"])
-def test_sharded_checkpoint_resumes_on_another_number_of_processes(runs, stage, direction):
+@pytest.mark.parametrize("direction", ["one-to-two", "two-to-one", "plain-to-fsdp", "ddp-to-one"])
+def test_checkpoint_resumes_on_another_number_of_processes(runs, stage, direction):
+    """A sharded checkpoint of 1 process resumed sharded on 2, one of 2 resumed by 1 plain process;
+    a plain checkpoint of 1 process resumed sharded on 2, one of 2 (DDP) resumed by 1."""
     assert_same_run(runs / f"{stage}-{direction}", runs / f"{stage}-single")
     ckpt = load_checkpoint(runs / f"{stage}-{direction}")
-    assert ckpt["trainer"]["world_size"] == (2 if direction == "one-to-two" else 1)
+    assert ckpt["trainer"]["world_size"] == (2 if direction in ("one-to-two", "plain-to-fsdp") else 1)
     shards = runs / f"{stage}-{direction}" / "checkpoint.shards"
-    if direction == "one-to-two":  # only the latest step's shards are kept
+    if direction in ("one-to-two", "plain-to-fsdp"):  # only the latest step's shards are kept
         assert [p.name for p in shards.iterdir()] == [f"step-{STEPS:08d}"]
-    else:  # a plain checkpoint holds everything; the sharded one it resumed from is gone
+    elif direction == "two-to-one":  # a plain checkpoint holds everything; the shards it resumed from are gone
         assert "optimizer" in ckpt and not any(shards.iterdir())
 
 
