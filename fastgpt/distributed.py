@@ -9,7 +9,8 @@ and the stages need to agree across processes:
   block, then the whole model: parameters, gradients and optimizer state sharded, bf16 compute
   with fp32 gradient reduction on CUDA);
 - the sharded checkpoint of an FSDP run (``torch.distributed.checkpoint``), which a run on any
-  other number of processes, sharded or not, can load;
+  other number of processes, sharded or not, can load, and a plain checkpoint loaded into a
+  sharded model;
 - :func:`unsharded_gpt`: a plain copy of a sharded language model for the KV-cache engine.
 
 Data is split by a rule the stages share: the global stream of micro-batches is the one a single
