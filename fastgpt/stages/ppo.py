@@ -45,7 +45,7 @@ from ..console import plural
 from ..chatdata import LoadReport, parse_prompt, parse_prompt_record, read_records
 from ..data import IGNORE_INDEX, DataError, PackedBatch, TokenLoader, pack_all
 from ..distributed import all_max, gather_objects, unsharded_gpt
-from ..engine import SamplingParams, generate
+from ..engine import Generation, SamplingParams, generate
 from ..errors import FastGPTError
 from ..losses import (AdaptiveKLController, FixedKLController, explained_variance, gae, kl_estimate,
                       masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
@@ -238,6 +238,27 @@ class PPOTask:
         mask = torch.arange(max(resp))[None] < torch.tensor(resp)[:, None]
         return batch.to(self.device), flat.to(self.device), mask.to(self.device)
 
+    def _generate(self, prompts: list[list[int]], seed: int) -> tuple[list[list[int]], list[Generation]]:
+        """This process's share of the whole rollout's ``prompts`` and its sampled answers, in
+        batches of ``generation_batch_size`` seeded by their place in the rollout."""
+        n = len(prompts) // self.world
+        first = self.rank * n
+        mine = prompts[first:first + n]
+        step = self.cfg.generation_batch_size or n
+        policy = unsharded_gpt(self.model.policy)
+        gens: list[Generation] = []
+        for start in range(0, n, step):
+            params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                    stop_ids=self.tok.stop_ids, seed=seed + first + start)
+            gens += generate(policy, mine[start:start + step], params, vocab_limit=self.tok.vocab_size)
+        return mine, gens
+
+    def _take_minibatch(self) -> list[int]:
+        """This process's minibatch of the next W in the whole rollout's queue."""
+        idx = self.queue[self.rank]
+        del self.queue[:self.world]
+        return idx
+
     def _gather_rollout(self, responses: list[list[int]], fwd: dict[str, torch.Tensor]
                         ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
         """Every process's responses and per-sequence tensors, in rank order (rows padded with
@@ -256,18 +277,7 @@ class PPOTask:
         cfg = self.cfg
         t0 = time.perf_counter()
         prompts = self._sample_prompts()
-        seed = int(self.rng.integers(2**31))
-        n = cfg.rollout_batch_size
-        first = self.rank * n
-        mine = prompts[first:first + n]
-        step = cfg.generation_batch_size or n
-        policy = unsharded_gpt(self.model.policy)
-        gens = []
-        for start in range(0, n, step):  # each batch's seed is its place in the whole rollout
-            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                    stop_ids=self.tok.stop_ids, seed=seed + first + start)
-            gens += generate(policy, mine[start:start + step], params, vocab_limit=self.tok.vocab_size)
-        del policy
+        mine, gens = self._generate(prompts, int(self.rng.integers(2**31)))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t_gen = time.perf_counter() - t0
@@ -334,8 +344,7 @@ class PPOTask:
             self._roll_out()
         ro = self.rollout
         assert ro is not None
-        idx = self.queue[self.rank]
-        del self.queue[:self.world]
+        idx = self._take_minibatch()
         batch, flat, mask = self._pack(idx, ro["seqs"], ro["prompt_lens"])
         R = mask.shape[1]
         take = lambda name: ro[name][idx, :R].to(self.device)  # noqa: E731
