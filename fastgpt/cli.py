@@ -8,6 +8,7 @@ Errors the user can fix are printed as one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -86,8 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fastgpt {name}: error: {e}", file=sys.stderr)
         return 2
     run = getattr(module, f"run_{function}")
+    # under torchrun every process runs the command; only rank 0 prints (errors still reach stderr)
+    quiet = int(os.environ.get("RANK", "0")) > 0
     try:
-        code = run(args)
+        with open(os.devnull, "w") if quiet else contextlib.nullcontext(sys.stdout) as out, \
+                contextlib.redirect_stdout(out):
+            code = run(args)
     except FastGPTError as e:
         print(f"fastgpt {name}: error: {e}", file=sys.stderr)
         return 2

@@ -19,8 +19,16 @@ NAN = float("nan")
 
 
 def _stage_config(cls: type, args: argparse.Namespace) -> Any:
+    """The stage's config from flags, with the built-in world's files for data left out; under
+    torchrun rank 0 writes those files before the other processes read them."""
     from ..demo.builtin import fill_builtin_data
-    return fill_builtin_data(config_from_args(cls, args))
+    from ..distributed import distributed_env, init_process_group, main_first
+    from ..trainer import resolve_device
+    cfg = config_from_args(cls, args)
+    info = distributed_env()
+    init_process_group(info, resolve_device(cfg.device, info), cfg.fsdp)
+    with main_first(info):
+        return fill_builtin_data(cfg)
 
 
 def _steps(summary: dict[str, Any]) -> str:

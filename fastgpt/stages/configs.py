@@ -84,8 +84,9 @@ class PPOConfig(TrainConfig):
     world_seed: int = 0               # seed of the built-in world (match the SFT/RM data)
     eval_max_prompts: NonNegative = 64  # held-out prompts scored for the summary, at most
     # rollout
-    rollout_batch_size: Positive = 64  # prompts answered per rollout
-    mini_batch_size: Positive = 16    # sequences per trainer step (x grad_accum)
+    rollout_batch_size: Positive = 64  # prompts answered per rollout (per process under torchrun)
+    generation_batch_size: NonNegative = 0  # prompts sampled at once, each batch with its own seed; 0 = all
+    mini_batch_size: Positive = 16    # sequences per trainer step (x grad_accum, per process)
     ppo_epochs: Positive = 4          # passes over each rollout's minibatches
     max_new_tokens: Positive = 64     # longest sampled response
     temperature: PositiveFloat = 1.0  # sampling temperature of rollouts (log-probs use the same)
@@ -127,3 +128,4 @@ class PPOConfig(TrainConfig):
     ckpt_interval: Positive = 50
 
     RESUME_SAFE: ClassVar[frozenset[str]] = TrainConfig.RESUME_SAFE | {"eval_max_prompts", "max_bad_rollouts"}
+    PER_PROCESS: ClassVar[frozenset[str]] = TrainConfig.PER_PROCESS | {"rollout_batch_size"}

@@ -12,6 +12,14 @@ minibatches; when it runs dry, ``next_batch`` rolls out a new batch first:
 4. GAE advantages (whitened) and returns, then ``ppo_epochs`` shuffled passes of
    ``mini_batch_size`` sequences, dropped early when the approximate KL passes ``early_stop_kl``.
 
+Under ``torchrun`` each of the W processes answers its own ``rollout_batch_size`` prompts of one
+shared draw and scores them; the rollouts are then gathered, so advantages are whitened and the
+KL controller steps over the whole rollout, and process r trains on minibatches r, r + W, ... of
+one shared shuffle. With a fixed ``generation_batch_size`` (each generation batch sampled with a
+seed of its own place in the rollout) W processes roll out and train exactly as one process with
+W times the rollout and grad_accum. Under ``fsdp`` generation uses a whole, unsharded copy of the
+policy on every process, gathered once per rollout (see :func:`fastgpt.distributed.unsharded_gpt`).
+
 The trainable module is :class:`PolicyValue` (checkpoint kind ``policy_value``; ``fastgpt chat``
 and ``load_model(kind="gpt")`` read its policy).  The reward can be any Python callable
 (``PPOTask(..., reward_fn=...)``), which is how the tests give PPO a known objective.
@@ -36,7 +44,8 @@ from ..config import ModelConfig
 from ..console import plural
 from ..chatdata import LoadReport, parse_prompt, parse_prompt_record, read_records
 from ..data import IGNORE_INDEX, DataError, PackedBatch, TokenLoader, pack_all
-from ..engine import SamplingParams, generate
+from ..distributed import all_max, gather_objects, unsharded_gpt
+from ..engine import Generation, SamplingParams, generate
 from ..errors import FastGPTError
 from ..losses import (AdaptiveKLController, FixedKLController, explained_variance, gae, kl_estimate,
                       masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
@@ -102,9 +111,7 @@ def value_from_reward(rm: ScalarModel, offset: float, scale: float, zero_head: b
         else:
             value.head.weight.div_(scale)
             value.head.bias.sub_(offset).div_(scale)
-    for p in value.parameters():
-        p.requires_grad_(True)
-    return value.train()
+    return value.trainable().train()
 
 
 class RewardModelScorer:
@@ -156,13 +163,20 @@ class PPOTask:
         if cfg.rollout_batch_size < cfg.mini_batch_size:
             raise PPOError(f"mini_batch_size={cfg.mini_batch_size} is larger than rollout_batch_size="
                            f"{cfg.rollout_batch_size}")
+        dist = distributed_env()
+        self.rank, self.world = dist.rank, dist.world_size
+        per_rollout = cfg.ppo_epochs * math.ceil(self.world * cfg.rollout_batch_size / cfg.mini_batch_size)
+        if per_rollout % self.world:
+            raise PPOError(f"{plural(per_rollout, 'minibatch', 'minibatches')} per rollout (ppo_epochs x "
+                           f"{self.world} x rollout_batch_size / mini_batch_size) do not share evenly among "
+                           f"{self.world} processes; make rollout_batch_size a multiple of mini_batch_size")
         self.cfg, self.model, self.ref, self.tok = cfg, model, ref, tokenizer
         self.prompts, self.eval_prompts = prompts, eval_prompts or []
         self.reward_fn = reward_fn
         self.device = torch.device(device)
         self.block = model.config.block_size
-        rank = distributed_env().rank
-        self.rng = np.random.default_rng([cfg.seed, rank])
+        # one stream for every process: the prompt order, sampling seeds and minibatch shuffles
+        self.rng = np.random.default_rng([cfg.seed, 0])
         self.order: list[int] = []
         self.kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.beta))
@@ -173,14 +187,15 @@ class PPOTask:
         self.ptx = None
         if cfg.ptx_data and cfg.ptx_coef > 0:
             self.ptx = TokenLoader(cfg.ptx_data, "train", self.block, cfg.ptx_batch_size,
-                                   model.config.vocab_size, cfg.seed, rank, self.device)
+                                   model.config.vocab_size, cfg.seed, self.rank, self.device, self.world)
         self._train_clock: float | None = None  # end of the last next_batch: times the update
         self._prev_tokens = 0
 
     # ------------------------------------------------------------------ rollout
     def _sample_prompts(self) -> list[list[int]]:
+        """The whole rollout's prompts (every process's, in rank order)."""
         out = []
-        while len(out) < self.cfg.rollout_batch_size:
+        while len(out) < self.cfg.rollout_batch_size * self.world:
             if not self.order:  # epochs over the prompt set in a fresh random order
                 self.order = self.rng.permutation(len(self.prompts)).tolist()
             out.append(self.prompts[self.order.pop()])
@@ -223,25 +238,59 @@ class PPOTask:
         mask = torch.arange(max(resp))[None] < torch.tensor(resp)[:, None]
         return batch.to(self.device), flat.to(self.device), mask.to(self.device)
 
+    def _generate(self, prompts: list[list[int]], seed: int) -> tuple[list[list[int]], list[Generation]]:
+        """This process's share of the whole rollout's ``prompts`` and its sampled answers, in
+        batches of ``generation_batch_size`` seeded by their place in the rollout."""
+        n = len(prompts) // self.world
+        first = self.rank * n
+        mine = prompts[first:first + n]
+        step = self.cfg.generation_batch_size or n
+        policy = unsharded_gpt(self.model.policy)
+        gens: list[Generation] = []
+        for start in range(0, n, step):
+            params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                    stop_ids=self.tok.stop_ids, seed=seed + first + start)
+            gens += generate(policy, mine[start:start + step], params, vocab_limit=self.tok.vocab_size)
+        return mine, gens
+
+    def _take_minibatch(self) -> list[int]:
+        """This process's minibatch of the next W in the whole rollout's queue."""
+        idx = self.queue[self.rank]
+        del self.queue[:self.world]
+        return idx
+
+    def _gather_rollout(self, responses: list[list[int]], fwd: dict[str, torch.Tensor]
+                        ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
+        """Every process's responses and per-sequence tensors, in rank order (rows padded with
+        zeros to the longest response)."""
+        if self.world == 1:
+            return responses, fwd
+        parts = gather_objects((responses, {k: v.cpu() for k, v in fwd.items()}))
+        width = max(t.shape[1] for _, f in parts for t in f.values() if t.dim() == 2)
+        out = {k: torch.cat([nn.functional.pad(f[k], (0, width - f[k].shape[1])) if f[k].dim() == 2 else f[k]
+                             for _, f in parts]).to(self.device) for k in fwd}
+        return [r for rs, _ in parts for r in rs], out
+
     def _roll_out(self) -> bool:
         """Generate, score and compute advantages for one rollout batch; False if its rewards were
         not finite (the batch is dropped)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         prompts = self._sample_prompts()
-        seed = int(self.rng.integers(2**31))
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                stop_ids=self.tok.stop_ids, seed=seed)
-        gens = generate(self.model.policy, prompts, params, vocab_limit=self.tok.vocab_size)
+        mine, gens = self._generate(prompts, int(self.rng.integers(2**31)))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t_gen = time.perf_counter() - t0
         responses = [g.tokens for g in gens]
-        finished = torch.tensor([g.finished for g in gens], device=self.device)
+        n_generated = sum(map(len, responses))  # by this process, for its generation speed
+        seqs = [p + r for p, r in zip(mine, responses)]
+        fwd = self._forward_all(seqs, [len(p) for p in mine])
+        fwd["scores"] = self.reward_fn(mine, responses).to(self.device, torch.float32).reshape(-1)
+        fwd["finished"] = torch.tensor([g.finished for g in gens], device=self.device)
+        responses, fwd = self._gather_rollout(responses, fwd)
         seqs = [p + r for p, r in zip(prompts, responses)]
         prompt_lens = [len(p) for p in prompts]
-        fwd = self._forward_all(seqs, prompt_lens)
-        scores = self.reward_fn(prompts, responses).to(self.device, torch.float32).reshape(-1)
+        scores, finished = fwd["scores"], fwd["finished"]
         if not bool(torch.isfinite(scores).all()):
             self.bad_rollouts += 1
             warnings.warn(f"ppo: rollout {self.rollouts_done} has non-finite rewards; skipped "
@@ -269,7 +318,6 @@ class PPOTask:
         beta = self.kl_ctl.value
         self.kl_ctl.update(seq_kl, len(seqs))
         t_all = time.perf_counter() - t0
-        n_new = int(lengths.sum())
         self.rollout = {
             "seqs": seqs, "prompt_lens": prompt_lens, "old_logp": fwd["logp"],  # stays on the device: read every minibatch
             "old_values": fwd["values"], "adv": adv, "returns": returns,
@@ -279,8 +327,9 @@ class PPOTask:
                       else float("nan"),
                       "response_len": float(lengths.float().mean()), "eos_frac": float(finished.float().mean()),
                       "explained_var": explained_variance(fwd["values"], returns, mask),
-                      "gen_tokens_per_s": n_new / max(t_gen, 1e-9), "rollout_s": t_all},
+                      "gen_tokens_per_s": n_generated / max(t_gen, 1e-9), "rollout_s": t_all},
         }
+        # the whole rollout's minibatches; each process takes its own of every W in turn
         self.queue = [perm[i:i + cfg.mini_batch_size].tolist() for _ in range(cfg.ppo_epochs)
                       for perm in [self.rng.permutation(len(seqs))]
                       for i in range(0, len(seqs), cfg.mini_batch_size)]
@@ -295,7 +344,7 @@ class PPOTask:
             self._roll_out()
         ro = self.rollout
         assert ro is not None
-        idx = self.queue.pop(0)
+        idx = self._take_minibatch()
         batch, flat, mask = self._pack(idx, ro["seqs"], ro["prompt_lens"])
         R = mask.shape[1]
         take = lambda name: ro[name][idx, :R].to(self.device)  # noqa: E731
@@ -323,7 +372,7 @@ class PPOTask:
         loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
         if lm_loss is not None:
             loss = loss + cfg.ptx_coef * lm_loss
-        if cfg.early_stop_kl > 0 and float(approx_kl) > cfg.early_stop_kl:
+        if cfg.early_stop_kl > 0 and all_max(float(approx_kl)) > cfg.early_stop_kl:
             self.queue.clear()  # the policy moved far enough from the rollout's: roll out afresh
         metrics = {"policy_loss": float(pg_loss.detach()), "value_loss": float(vf_loss.detach()), "entropy": float(entropy.detach()),
                    "clipfrac": float(clipfrac), "value_clipfrac": float(vf_clipfrac),
@@ -340,7 +389,8 @@ class PPOTask:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         inner = getattr(model, "module", model)
-        return evaluate_policy(inner.policy, self.ref, self.tok, self.eval_prompts, self.reward_fn, self.cfg)
+        return evaluate_policy(unsharded_gpt(inner.policy), self.ref, self.tok, self.eval_prompts, self.reward_fn,
+                               self.cfg)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.bit_generator.state, "order": list(self.order), "kl_ctl": self.kl_ctl.state_dict(),
@@ -480,7 +530,8 @@ def ppo_plan(cfg: PPOConfig, prompts: list[list[int]], eval_prompts: list[list[i
     """Epochs are passes over the training prompts: each rollout answers rollout_batch_size of
     them and trains ppo_epochs passes of its minibatches."""
     world = distributed_env().world_size
-    steps_per_rollout = cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.mini_batch_size) / cfg.grad_accum
+    steps_per_rollout = cfg.ppo_epochs * math.ceil(world * cfg.rollout_batch_size / cfg.mini_batch_size) / (
+        world * cfg.grad_accum)
     rollouts = math.ceil(cfg.max_steps / steps_per_rollout)
     seq = min(block, max(map(len, prompts)) + cfg.max_new_tokens)
     return DataPlan(len(prompts), "prompt", len(prompts) / (cfg.rollout_batch_size * world) * steps_per_rollout,

@@ -22,7 +22,8 @@ class PretrainTask:
         dist = distributed_env()
         T = cfg.model.block_size
         self.cfg, self.vocab_size, self.device = cfg, vocab_size, device
-        self.train = TokenLoader(cfg.data, "train", T, cfg.batch_size, vocab_size, cfg.seed, dist.rank, device)
+        self.train = TokenLoader(cfg.data, "train", T, cfg.batch_size, vocab_size, cfg.seed, dist.rank, device,
+                                 dist.world_size)
         self.val_args = (cfg.data, "val", T, cfg.batch_size, vocab_size)
         TokenLoader(*self.val_args, seed=0, device=device)  # fail now, not at the first eval
 

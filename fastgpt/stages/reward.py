@@ -127,14 +127,12 @@ class RewardTask:
         dist = distributed_env()
         self.cfg, self.train, self.val, self.pad_id = cfg, train, val, pad_id
         self.block_size, self.device = block_size, device
-        self.lengths = [sum(len(ids) for ids, _ in g.examples) for g in train]
+        self.lengths = [[len(ids) for ids, _ in g.examples] for g in train]
         self.order = EpochOrder(len(train), cfg.seed, dist.rank, dist.world_size)
 
     def next_batch(self) -> PackedBatch:
-        T, rows = self.block_size, self.cfg.batch_size
-        window = self.order.window(self.lengths, rows * T)
-        batch, used = pack_ranked([self.train[i] for i in window], rows, T, self.pad_id)
-        self.order.advance(used)
+        items = self.order.take(self.lengths, self.cfg.batch_size, self.block_size)
+        batch, _ = pack_ranked([self.train[i] for i in items], self.cfg.batch_size, self.block_size, self.pad_id)
         return batch.to(self.device)
 
     def loss(self, model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, float]]:
