@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rank": ("fastgpt.commands.data", "rank compared responses in the terminal"),
     "reward": ("fastgpt.commands.train", "stage 3a: train a reward model on rankings (or --score)"),
     "ppo": ("fastgpt.commands.train", "stage 3b: optimise the policy with PPO against the reward model"),
+    "dpo": ("fastgpt.commands.train", "stage 3 without a reward model: DPO / IPO on rankings or chosen/rejected pairs"),
+    "grpo": ("fastgpt.commands.train", "stage 3b without a value model: GRPO / RLOO, K samples per prompt"),
     "chat": ("fastgpt.commands.generate", "chat with any stage's checkpoint in the terminal"),
     "demo": ("fastgpt.commands.demo", "run every stage end to end on built-in data and report"),
 }

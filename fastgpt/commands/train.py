@@ -1,4 +1,4 @@
-"""The training stage commands: ``pretrain``, ``sft``, ``reward`` and ``ppo``.
+"""The training stage commands: ``pretrain``, ``sft``, ``reward``, ``ppo``, ``dpo`` and ``grpo``.
 
 Each builds its stage's config from flags (:mod:`.settings`), fills data the user left out
 with the built-in world (:func:`fastgpt.demo.builtin.fill_builtin_data`, the one place that
@@ -97,11 +97,44 @@ def add_ppo_arguments(parser: argparse.ArgumentParser) -> None:
 def run_ppo(args: argparse.Namespace) -> int:
     from ..stages.configs import PPOConfig
     from ..stages.ppo import ppo
-    summary = ppo(_stage_config(PPOConfig, args))
-    ev, sft = summary["eval"], summary["sft"]
-    nan = float("nan")
-    print(f"ppo: {summary['steps']} steps, {summary['rollouts']} rollouts in {summary['seconds']:.0f}s; "
-          f"held-out score (greedy) {ev.get('score_greedy', nan):+.3f} vs SFT {sft.get('score_greedy', nan):+.3f}, "
-          f"(sampled) {ev.get('score_sampled', nan):+.3f} vs SFT {sft.get('score_sampled', nan):+.3f}; "
-          f"KL to SFT {ev.get('kl_to_ref', nan):.3f} nats/response; checkpoint in {summary['out_dir']}")
+    print(_policy_summary("ppo", ppo(_stage_config(PPOConfig, args))))
+    return 0
+
+
+def _policy_summary(stage: str, summary: dict[str, Any]) -> str:
+    """The held-out line of an RL stage (PPO, GRPO): final policy vs the SFT start."""
+    ev, sft, nan = summary["eval"], summary["sft"], float("nan")
+    return (f"{stage}: {summary['steps']} steps, {summary['rollouts']} rollouts in {summary['seconds']:.0f}s; "
+            f"held-out score (greedy) {ev.get('score_greedy', nan):+.3f} vs SFT {sft.get('score_greedy', nan):+.3f}, "
+            f"(sampled) {ev.get('score_sampled', nan):+.3f} vs SFT {sft.get('score_sampled', nan):+.3f}; "
+            f"KL to SFT {ev.get('kl_to_ref', nan):.3f} nats/response; checkpoint in {summary['out_dir']}")
+
+
+# ----------------------------------------------------------------------------- dpo
+def add_dpo_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..stages.configs import DPOConfig
+    add_config_arguments(parser, DPOConfig)
+
+
+def run_dpo(args: argparse.Namespace) -> int:
+    from ..stages.configs import DPOConfig
+    from ..stages.dpo import dpo
+    summary = dpo(config_from_args(DPOConfig, args))
+    ev, d, nan = summary["eval"], summary["data"], float("nan")
+    print(f"dpo: {summary['steps']} steps on {d['train']} prompts ({d['val']} held out, {d['skipped']} skipped, "
+          f"{d['truncated']} responses truncated) in {summary['seconds']:.0f}s; held-out reward accuracy "
+          f"{ev.get('val_accuracy', nan):.3f}, margin {ev.get('val_margin', nan):.3f}; checkpoint in {summary['out_dir']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- grpo
+def add_grpo_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..stages.configs import GRPOConfig
+    add_config_arguments(parser, GRPOConfig)
+
+
+def run_grpo(args: argparse.Namespace) -> int:
+    from ..stages.configs import GRPOConfig
+    from ..stages.grpo import grpo
+    print(_policy_summary("grpo", grpo(_stage_config(GRPOConfig, args))))
     return 0

@@ -15,7 +15,18 @@ from ..config import ModelConfig, TrainConfig
 
 
 @dataclass
-class PretrainConfig(TrainConfig):
+class LoRAConfig:
+    """LoRA settings every training stage takes (:mod:`fastgpt.lora`): with ``lora_rank`` > 0 only
+    low-rank adapters train, and the reference of PPO, DPO and GRPO is the same weights with the
+    adapters off. Checkpoints hold the merged weights (they load as plain models)."""
+
+    lora_rank: int = 0                      # 0 = full fine-tuning; r >= 1: rank-r adapters only
+    lora_alpha: float = 16.0                # adapter output scale is lora_alpha / lora_rank
+    lora_targets: str = "qkv,proj,up,down"  # linear layers that get adapters (attention, MLP)
+
+
+@dataclass
+class PretrainConfig(LoRAConfig, TrainConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: str = ""              # dataset folder from `fastgpt prepare` (command line: the built-in corpus if empty)
     init_from: str = ""         # "" = random init; a fastgpt checkpoint; "hf:<folder>" = GPT-2 import
@@ -24,7 +35,7 @@ class PretrainConfig(TrainConfig):
 
 
 @dataclass
-class SFTConfig(TrainConfig):
+class SFTConfig(LoRAConfig, TrainConfig):
     # The architecture comes from init_from, so there is no nested ModelConfig to set here.
     out_dir: str = "runs/sft"
     init_from: str = ""            # required: a fastgpt checkpoint or "hf:<GPT-2 folder>"
@@ -43,7 +54,7 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
-class RewardConfig(TrainConfig):
+class RewardConfig(LoRAConfig, TrainConfig):
     # The architecture comes from init_from, so there is no nested ModelConfig to set here.
     out_dir: str = "runs/reward"
     init_from: str = ""            # required: the SFT checkpoint (any language-model checkpoint)
@@ -57,7 +68,7 @@ class RewardConfig(TrainConfig):
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(LoRAConfig, TrainConfig):
     out_dir: str = "runs/ppo"
     sft_checkpoint: str = ""          # policy init and frozen reference
     reward_checkpoint: str = ""       # frozen reward model (scalar checkpoint)
@@ -102,6 +113,67 @@ class PPOConfig(TrainConfig):
     lr: float = 1e-5
     warmup_steps: int = 0
     min_lr_ratio: float = 1.0         # constant learning rate
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-5
+    eval_interval: int = 0
+    log_interval: int = 1
+    ckpt_interval: int = 50
+
+
+@dataclass
+class DPOConfig(LoRAConfig, TrainConfig):
+    """Direct preference optimisation (Rafailov et al. 2023) and its relatives on the reward
+    stage's data: chosen/rejected pairs or K-wise rankings (all C(K, 2) pairs of a prompt)."""
+
+    out_dir: str = "runs/dpo"
+    init_from: str = ""            # required: the SFT checkpoint (the policy's start and its reference)
+    data: str = ""                 # rankings (fastgpt rank) or {"prompt", "chosen", "rejected"} pairs, JSONL
+    val_fraction: float = 0.1      # prompts held out for the pairwise reward accuracy
+    epochs: float = 1.0            # > 0 sets max_steps to this many passes over the data
+    max_bad_fraction: float = 0.1
+    loss: str = "sigmoid"          # "sigmoid" (DPO) | "ipo" (IPO: squared loss towards a margin of 1/(2 beta))
+    beta: float = 0.1              # strength of the implicit KL constraint to the reference
+    label_smoothing: float = 0.0   # conservative DPO: the share of pairs assumed mislabelled (sigmoid only)
+    precompute_ref: bool = True    # reference log-probs once before training (else every step, no grad)
+    lr: float = 1e-6               # the DPO paper's; LoRA runs usually take 10-100x more
+    warmup_steps: int = 10
+    min_lr_ratio: float = 1.0      # constant after warmup, as in the DPO paper
+    weight_decay: float = 0.0
+    eval_interval: int = 50
+
+
+@dataclass
+class GRPOConfig(LoRAConfig, TrainConfig):
+    """Group-relative policy optimisation (Shao et al. 2024) and RLOO (Ahmadian et al. 2024):
+    K samples per prompt, the group's other samples as the baseline, no value model."""
+
+    out_dir: str = "runs/grpo"
+    sft_checkpoint: str = ""          # required: the policy's start and its frozen KL reference
+    reward_checkpoint: str = ""       # the frozen reward model (Python API: or a reward function)
+    prompts: str = ""                 # JSONL of {"prompt"} or {"messages"} (command line: the built-in world's)
+    eval_prompts: str = ""            # held-out prompts for the summary (command line: the built-in world's)
+    world_seed: int = 0               # seed of the built-in world (match the SFT/RM data)
+    eval_max_prompts: int = 64
+    # rollout
+    group_size: int = 4               # K samples per prompt
+    rollout_batch_size: int = 64      # sequences per rollout (a multiple of group_size)
+    mini_batch_size: int = 16         # sequences per trainer step (x grad_accum)
+    ppo_epochs: int = 1               # passes over each rollout (1: the GRPO paper's mu = 1)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    # objective
+    advantage: str = "grpo"           # "grpo": (r - group mean) / group std; "rloo": r - mean of the other K-1
+    loss_level: str = "token"         # "token": mean over all tokens; "sequence": mean per response, then over responses
+    clip_range: float = 0.2
+    beta: float = 0.04                # weight of the KL(policy || reference) term in the loss; 0 = off
+    kl_estimator: str = "k3"          # "k1" | "k3" (the GRPO paper's: unbiased and >= 0)
+    missing_eos_penalty: float = -1.0  # score of a response that never emitted <|end|>; 0 = off
+    max_bad_rollouts: int = 3         # rollouts with non-finite rewards tolerated before stopping
+    # trainer defaults that suit on-policy RL (as PPO's)
+    max_steps: int = 200
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0
     weight_decay: float = 0.0
     adam_eps: float = 1e-5
     eval_interval: int = 0

@@ -43,9 +43,10 @@ from ..model import GPT, ScalarModel
 from ..tokenizer import Tokenizer, encode_prompt
 from ..trainer import (Trainer, TrainingError, autocast_context, distributed_env, resolve_device,
                        seed_everything)
-from .common import cast_parameters, freeze, require_same_tokenizer, set_dropout
+from .common import (Reference, add_lora, cast_parameters, freeze, reference_generator, reference_model,
+                     require_same_tokenizer, set_dropout)
 from .configs import PPOConfig
-from .reward import raw_scores
+from .reward import raw_scores, response_labels
 
 # reward_fn(prompts, responses) -> normalised score per sequence, (N,) float tensor.
 RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
@@ -144,13 +145,33 @@ def encode_prompts(texts: Sequence[Any], tok: Tokenizer, block_size: int, where:
     return kept
 
 
+# ------------------------------------------------------------------------------ packing
+def pack_responses(idx: list[int], seqs: list[list[int]], prompt_lens: list[int], block: int, pad_id: int,
+                   device: torch.device) -> tuple[PackedBatch, torch.Tensor, torch.Tensor]:
+    """Pack sequences ``idx`` (prompt + response), labels on the response tokens; returns the
+    batch, the flat position predicting each response token (in sequence order) and the
+    (len(idx), R) mask of those tokens, R the longest response."""
+    batch = pack_all([(seqs[i], response_labels(prompt_lens[i], seqs[i][prompt_lens[i]:])) for i in idx],
+                     block, pad_id)
+    resp = [len(seqs[i]) - prompt_lens[i] for i in idx]
+    flat = torch.cat([torch.arange(start + prompt_lens[i] - 1, start + prompt_lens[i] - 1 + r)
+                      for (start, _), i, r in zip(batch.spans, idx, resp)])
+    mask = torch.arange(max(resp))[None] < torch.tensor(resp)[:, None]
+    return batch.to(device), flat.to(device), mask.to(device)
+
+
+def unpack_responses(t: torch.Tensor, flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values of a packed batch (B, T) -> (n, R) response tokens, 0 on padding."""
+    return torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t.reshape(-1)[flat])
+
+
 # -------------------------------------------------------------------------------- task
 class PPOTask:
     """Rollouts, advantages and the PPO loss for the shared trainer (see the module docstring)."""
 
     progress_keys = ("score", "kl", "entropy", "clipfrac", "response_len")
 
-    def __init__(self, cfg: PPOConfig, model: PolicyValue, ref: GPT, tokenizer: Tokenizer,
+    def __init__(self, cfg: PPOConfig, model: PolicyValue, ref: Reference, tokenizer: Tokenizer,
                  prompts: list[list[int]], reward_fn: RewardFn, eval_prompts: list[list[int]] | None = None,
                  device: torch.device | str = "cpu") -> None:
         if cfg.value_model not in ("reward", "head"):
@@ -212,19 +233,7 @@ class PPOTask:
 
     def _pack(self, idx: list[int], seqs: list[list[int]], prompt_lens: list[int]
               ) -> tuple[PackedBatch, torch.Tensor, torch.Tensor]:
-        """Pack sequences ``idx``; returns the batch, the flat position predicting each response
-        token (in sequence order) and the (len(idx), R) mask of those tokens."""
-        ids, labels = [], []
-        for i in idx:
-            s, p = seqs[i], prompt_lens[i]
-            ids.append(s)
-            labels.append([IGNORE_INDEX] * (p - 1) + s[p:] + [IGNORE_INDEX])
-        batch = pack_all(list(zip(ids, labels)), self.block, self.tok.pad_id)
-        resp = [len(seqs[i]) - prompt_lens[i] for i in idx]
-        flat = torch.cat([torch.arange(start + prompt_lens[i] - 1, start + prompt_lens[i] - 1 + r)
-                          for (start, _), i, r in zip(batch.spans, idx, resp)])
-        mask = torch.arange(max(resp))[None] < torch.tensor(resp)[:, None]
-        return batch.to(self.device), flat.to(self.device), mask.to(self.device)
+        return pack_responses(idx, seqs, prompt_lens, self.block, self.tok.pad_id, self.device)
 
     def _roll_out(self) -> bool:
         """Generate, score and compute advantages for one rollout batch; False if its rewards were
@@ -316,9 +325,7 @@ class PPOTask:
                                          max_seqlen=batch.max_seqlen, temperature=cfg.temperature,
                                          lm_idx=lm_idx, lm_targets=lm_targets)
 
-        def padded(t: torch.Tensor) -> torch.Tensor:  # flat packed tokens -> (n, R) like the buffer
-            return torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t.reshape(-1)[b["flat"]])
-        lp, ent, values = padded(lp), padded(ent), padded(values.float())
+        lp, ent, values = (unpack_responses(t, b["flat"], mask) for t in (lp, ent, values.float()))
         pg_loss, clipfrac, approx_kl = ppo_policy_loss(lp, b["old_logp"], b["adv"], mask, cfg.clip_range)
         vf_loss, vf_clipfrac = ppo_value_loss(values, b["old_values"], b["returns"], mask, cfg.clip_range_value)
         entropy = masked_mean(ent, mask)
@@ -360,7 +367,7 @@ class PPOTask:
 
 # -------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_policy(policy: GPT, ref: GPT, tok: Tokenizer, prompts: list[list[int]], reward_fn: RewardFn,
+def evaluate_policy(policy: GPT, ref: Reference, tok: Tokenizer, prompts: list[list[int]], reward_fn: RewardFn,
                     cfg: PPOConfig) -> dict[str, float]:
     """Mean normalised score of greedy and of sampled responses on held-out prompts, and the
     sampled responses' KL to the reference (summed over tokens: nats per response)."""
@@ -381,7 +388,7 @@ def evaluate_policy(policy: GPT, ref: GPT, tok: Tokenizer, prompts: list[list[in
 
 
 @torch.no_grad()
-def sequence_kl(policy: GPT, ref: GPT, prompts: list[list[int]], responses: list[list[int]],
+def sequence_kl(policy: GPT, ref: Reference, prompts: list[list[int]], responses: list[list[int]],
                 temperature: float, dtype: str = "auto") -> float:
     """Mean over responses of sum_t log p(y_t) - log q(y_t): the k1 KL estimate per response."""
     device = policy.wte.weight.device
@@ -419,7 +426,7 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device, distributed_env())
     policy, tok, _ = load_model(cfg.sft_checkpoint, kind="gpt", device=device)
-    ref = freeze(copy.deepcopy(policy))
+    ref = reference_model(add_lora(policy, cfg, "ppo"))  # with LoRA: the policy, adapters off
     rm = None
     if cfg.reward_checkpoint:
         rm, offset, scale = load_reward(cfg.reward_checkpoint, tok, device)
@@ -431,11 +438,10 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
         if rm is None:
             raise PPOError("value_model='reward' needs reward_checkpoint (or use value_model='head')")
         value = value_from_reward(rm, offset, scale, cfg.value_head_zero).to(device)
+        add_lora(value.gpt, cfg, "ppo value model")  # its head stays trainable
         extra["value_config"] = asdict(value.config)
-    if device.type == "cuda":  # frozen models only run forward: bf16 halves their memory and time
-        cast_parameters(ref, torch.bfloat16)
-        if rm is not None:
-            cast_parameters(rm, torch.bfloat16)
+    if device.type == "cuda" and rm is not None:  # frozen: forward only, bf16 halves its memory and time
+        cast_parameters(rm, torch.bfloat16)
     # the rollout's log-probs are taken in eval mode: dropout in the update would bias the ratio
     set_dropout(policy, 0.0)
     if value is not None:
@@ -458,14 +464,22 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
     return trainer, task
 
 
+def starting_eval(trainer: Trainer, policy: GPT, task: Any) -> dict[str, float]:
+    """The held-out eval of the reference (the SFT policy) before training, kept in the
+    checkpoint's extra so a resumed run reports the same figures."""
+    sft_eval = trainer.extra.get("sft_eval", {})
+    if trainer.dist.is_main and not sft_eval:
+        with reference_generator(policy, task.ref) as sft_policy:
+            sft_eval = evaluate_policy(sft_policy, sft_policy, task.tok, task.eval_prompts, task.reward_fn, task.cfg)
+        trainer.extra["sft_eval"] = sft_eval
+    return sft_eval
+
+
 def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, Any]:
     """Run PPO per ``cfg``; the summary adds ``sft`` (the SFT policy's held-out eval) next to the
     trainer's ``eval`` (the final policy's)."""
     trainer, task = build_ppo(cfg, reward_fn)
-    sft_eval = trainer.extra.get("sft_eval", {})  # a resumed run has it already
-    if trainer.dist.is_main and not sft_eval:
-        sft_eval = evaluate_policy(task.ref, task.ref, task.tok, task.eval_prompts, task.reward_fn, cfg)
-        trainer.extra["sft_eval"] = sft_eval
+    sft_eval = starting_eval(trainer, task.model.policy, task)
     summary = trainer.fit()
     summary["sft"] = sft_eval
     summary["rollouts"] = task.rollouts_done
