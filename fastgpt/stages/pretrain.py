@@ -10,7 +10,7 @@ from ..config import ConfigError
 from ..data import TokenLoader, dataset_tokenizer
 from ..model import GPT
 from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
-from .common import load_language_model, padded_vocab
+from .common import add_lora, load_language_model, padded_vocab
 from .configs import PretrainConfig
 
 
@@ -61,8 +61,12 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             raise ConfigError(f"init_from={cfg.init_from}: model vocabulary {cfg.model.vocab_size} is smaller "
                              f"than the dataset's tokenizer ({tokenizer.vocab_size})")
     else:
+        if cfg.lora_rank:
+            raise ConfigError("lora_rank needs init_from: adapters on a randomly initialised model learn on top "
+                              "of noise (LoRA continues the pre-training of an existing model)")
         cfg.model.vocab_size = padded_vocab(tokenizer)
         model = GPT(cfg.model)
+    add_lora(model, cfg, "pretrain")
     task = PretrainTask(cfg, cfg.model.vocab_size, device)
     trainer = Trainer(cfg, model, task, stage="pretrain", tokenizer=tokenizer,
                       flops_per_token=model.flops_per_token(cfg.model.block_size))

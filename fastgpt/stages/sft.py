@@ -28,7 +28,7 @@ from ..data import IGNORE_INDEX, DataError, PackedBatch
 from ..model import GPT
 from ..tokenizer import Message, Tokenizer, encode_chat, encode_prompt, load_tokenizer
 from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
-from .common import load_language_model, padded_vocab, set_dropout
+from .common import add_lora, load_language_model, padded_vocab, set_dropout
 from .configs import SFTConfig
 
 
@@ -176,6 +176,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     model, tok = load_start_model(cfg.init_from, cfg.tokenizer)
     set_dropout(model, cfg.dropout)
+    add_lora(model, cfg, "sft")
     T = model.config.block_size
     examples, messages, report = load_conversations(cfg.data, tok, T, cfg.max_bad_fraction)
     train_ids, val_ids = split_holdout(len(examples), cfg.val_fraction, cfg.seed)
