@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("fastgpt.commands.train", "stage 3b without a value model: GRPO / RLOO, K samples per prompt"),
     "chat": ("fastgpt.commands.generate", "chat with any stage's checkpoint in the terminal"),
     "demo": ("fastgpt.commands.demo", "run every stage end to end on built-in data and report"),
+    "compare-methods": ("fastgpt.commands.demo", "the demo with PPO, DPO and GRPO over several seeds: one table"),
 }
 
 
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module_name, help_text = COMMANDS[name]
     parser = ArgumentParser(prog=f"fastgpt {name}", description=help_text)
     module = importlib.import_module(module_name)
-    getattr(module, f"add_{name}_arguments")(parser)
+    getattr(module, f"add_{name.replace('-', '_')}_arguments")(parser)
     args = parser.parse_args(argv[1:])
     try:
         importlib.import_module("fastgpt.kernels")
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # a bad environment setting read at import, e.g. FASTGPT_KERNELS
         print(f"fastgpt {name}: error: {e}", file=sys.stderr)
         return 2
-    run = getattr(module, f"run_{name}")
+    run = getattr(module, f"run_{name.replace('-', '_')}")
     try:
         code = run(args)
     except FastGPTError as e:
