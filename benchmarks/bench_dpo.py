@@ -141,10 +141,16 @@ def run_dpo_benchmarks(cfg: ModelConfig | None = None, n_pairs: int = 32, prompt
              "fastgpt-ref-on-the-fly": lambda: fastgpt_step(cfg, pairs, dev, precompute_ref=False),
              f"fastgpt-lora-r{lora_rank}": lambda: fastgpt_step(cfg, pairs, dev, lora_rank=lora_rank),
              "reference": lambda: reference_step(cfg, pairs, dev)}
+    return run_cases(cases, {"pairs": n_pairs, "prompt_len": prompt_len, "block": cfg.block_size,
+                             "vocab": cfg.vocab_size, "device": dev.type}, dev)
+
+
+def run_cases(cases: dict, common: dict, dev: torch.device) -> list[dict]:
+    """One row per case (``impl``, the ``common`` fields, what the case returns, or its error),
+    each with its speed-up over the ``reference`` row; GPU memory freed between cases."""
     rows = []
     for impl, fn in cases.items():
-        row = {"impl": impl, "pairs": n_pairs, "prompt_len": prompt_len, "block": cfg.block_size,
-               "vocab": cfg.vocab_size, "device": dev.type}
+        row = {"impl": impl, **common}
         try:
             row.update(fn())
         except Exception as exc:

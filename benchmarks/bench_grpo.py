@@ -37,6 +37,7 @@ from fastgpt.model import GPT
 from fastgpt.stages.grpo import GRPOConfig, build_grpo
 from fastgpt.tokenizer import ByteTokenizer
 
+from bench_dpo import run_cases
 from bench_ppo import TINY, _models, _prompts, _sync
 from conftest import peak_memory
 
@@ -132,22 +133,11 @@ def run_grpo_benchmarks(cfg: ModelConfig | None = None, batch: int = 64, k: int 
              f"fastgpt-lora-r{lora_rank}": lambda: fastgpt_iteration(cfg, batch, k, mini, prompt_len, new_tokens, dev,
                                                                      lora_rank=lora_rank),
              "reference": lambda: reference_iteration(cfg, batch, k, mini, prompt_len, new_tokens, dev)}
-    rows = []
-    for impl, fn in cases.items():
-        row = {"impl": impl, "batch": batch, "group_size": k, "mini_batch": mini, "new_tokens": new_tokens,
-               "device": dev.type}
-        try:
-            row.update(fn())
-            row["tokens_per_s"] = batch * (prompt_len + new_tokens) / row["seconds"]
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"[:200]
-        rows.append(row)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    ref = next((r for r in rows if r["impl"] == "reference" and "seconds" in r), None)
+    rows = run_cases(cases, {"batch": batch, "group_size": k, "mini_batch": mini, "new_tokens": new_tokens,
+                             "device": dev.type}, dev)
     for r in rows:
-        if ref and "seconds" in r:
-            r["speedup_vs_reference"] = ref["seconds"] / r["seconds"]
+        if "seconds" in r:
+            r["tokens_per_s"] = batch * (prompt_len + new_tokens) / r["seconds"]
     return rows
 
 

@@ -167,6 +167,7 @@ class GRPOConfig(LoRAConfig, TrainConfig):
     clip_range: float = 0.2
     beta: float = 0.04                # weight of the KL(policy || reference) term in the loss; 0 = off
     kl_estimator: str = "k3"          # "k1" | "k3" (the GRPO paper's: unbiased and >= 0)
+    reward_clip: float = 0.0          # clip scores to +-this before the group statistics; 0 = off
     missing_eos_penalty: float = -1.0  # score of a response that never emitted <|end|>; 0 = off
     max_bad_rollouts: int = 3         # rollouts with non-finite rewards tolerated before stopping
     # trainer defaults that suit on-policy RL (as PPO's)

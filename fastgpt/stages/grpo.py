@@ -33,7 +33,6 @@ with LoRA the reference is the policy with its adapters off.
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -45,12 +44,11 @@ from ..data import IGNORE_INDEX
 from ..engine import SamplingParams, generate
 from ..losses import ADVANTAGES, group_advantages, kl_estimate, masked_mean, ppo_policy_loss
 from ..tokenizer import Tokenizer
-from ..trainer import (Trainer, TrainingError, autocast_context, distributed_env, resolve_device,
-                       seed_everything)
+from ..trainer import Trainer, autocast_context, distributed_env, resolve_device, seed_everything
 from .common import Policy, Reference, add_lora, cast_parameters, freeze, reference_model, set_dropout
 from .configs import GRPOConfig
 from .ppo import (PPOError, RewardModelScorer, evaluate_policy, load_prompts, load_reward, pack_responses,
-                  starting_eval, unpack_responses)
+                  score_rollout, starting_eval, unpack_responses)
 
 __all__ = ["GRPOConfig", "GRPOTask", "build_grpo", "grpo"]
 
@@ -140,18 +138,10 @@ class GRPOTask:
         t_gen = time.perf_counter() - t0
         responses = [g.tokens for g in gens]
         finished = torch.tensor([g.finished for g in gens], device=self.device)
-        scores = self.reward_fn(prompts, responses).to(self.device, torch.float32).reshape(-1)
-        if not bool(torch.isfinite(scores).all()):
-            self.bad_rollouts += 1
-            warnings.warn(f"grpo: rollout {self.rollouts_done} has non-finite rewards; skipped "
-                          f"({self.bad_rollouts}/{cfg.max_bad_rollouts})", stacklevel=2)
-            if self.bad_rollouts > cfg.max_bad_rollouts:
-                raise TrainingError(f"grpo: {self.bad_rollouts} rollouts with non-finite rewards "
-                                    f"(max_bad_rollouts={cfg.max_bad_rollouts}); check the reward")
+        scored = score_rollout(self, "grpo", prompts, responses, finished)
+        if scored is None:
             return False
-        raw = scores.clone()
-        if cfg.missing_eos_penalty:
-            scores = torch.where(finished, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+        raw, scores = scored
         groups = scores.view(-1, K)
         adv = group_advantages(groups, cfg.advantage).reshape(-1)
         seqs = [p + r for p, r in zip(prompts, responses)]

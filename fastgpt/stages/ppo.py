@@ -145,6 +145,30 @@ def encode_prompts(texts: Sequence[Any], tok: Tokenizer, block_size: int, where:
     return kept
 
 
+# ------------------------------------------------------------------------------ rollouts
+def score_rollout(task: Any, stage: str, prompts: list[list[int]], responses: list[list[int]],
+                  finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(raw scores, the scores training uses: clipped to +-``reward_clip``, ``missing_eos_penalty``
+    for responses that never ended) of a rollout of ``task`` (PPO's or GRPO's); None when a score
+    is not finite: the rollout is dropped, and after ``max_bad_rollouts`` of those the run stops."""
+    cfg = task.cfg
+    scores = task.reward_fn(prompts, responses).to(task.device, torch.float32).reshape(-1)
+    if not bool(torch.isfinite(scores).all()):
+        task.bad_rollouts += 1
+        warnings.warn(f"{stage}: rollout {task.rollouts_done} has non-finite rewards; skipped "
+                      f"({task.bad_rollouts}/{cfg.max_bad_rollouts})", stacklevel=3)
+        if task.bad_rollouts > cfg.max_bad_rollouts:
+            raise TrainingError(f"{stage}: {task.bad_rollouts} rollouts with non-finite rewards "
+                                f"(max_bad_rollouts={cfg.max_bad_rollouts}); check the reward model")
+        return None
+    raw = scores.clone()
+    if cfg.reward_clip > 0:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    if cfg.missing_eos_penalty:
+        scores = torch.where(finished, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+    return raw, scores
+
+
 # ------------------------------------------------------------------------------ packing
 def pack_responses(idx: list[int], seqs: list[list[int]], prompt_lens: list[int], block: int, pad_id: int,
                    device: torch.device) -> tuple[PackedBatch, torch.Tensor, torch.Tensor]:
@@ -253,20 +277,10 @@ class PPOTask:
         seqs = [p + r for p, r in zip(prompts, responses)]
         prompt_lens = [len(p) for p in prompts]
         fwd = self._forward_all(seqs, prompt_lens)
-        scores = self.reward_fn(prompts, responses).to(self.device, torch.float32).reshape(-1)
-        if not bool(torch.isfinite(scores).all()):
-            self.bad_rollouts += 1
-            warnings.warn(f"ppo: rollout {self.rollouts_done} has non-finite rewards; skipped "
-                          f"({self.bad_rollouts}/{cfg.max_bad_rollouts})", stacklevel=2)
-            if self.bad_rollouts > cfg.max_bad_rollouts:
-                raise TrainingError(f"ppo: {self.bad_rollouts} rollouts with non-finite rewards "
-                                    f"(max_bad_rollouts={cfg.max_bad_rollouts}); check the reward model")
+        scored = score_rollout(self, "ppo", prompts, responses, finished)
+        if scored is None:
             return False
-        raw_scores = scores.clone()
-        if cfg.reward_clip > 0:
-            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        if cfg.missing_eos_penalty:
-            scores = torch.where(finished, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+        raw_scores, scores = scored
         lengths = torch.tensor([len(r) for r in responses], device=self.device)
         mask = torch.arange(fwd["logp"].shape[1], device=self.device)[None] < lengths[:, None]
         kl = kl_estimate(fwd["logp"], fwd["ref_logp"], cfg.kl_estimator) * mask
