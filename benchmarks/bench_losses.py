@@ -1,30 +1,27 @@
-"""Benchmarks: fused linear cross-entropy and fused linear log-probs.
+"""Benchmarks: fused linear cross-entropy and fused linear log-probs, fastgpt against its peers.
 
-Compared implementations (each skipped where unavailable):
-    fastgpt        the Triton kernels (fastgpt.kernels with the "triton" backend)
-    eager          the PyTorch reference (materialises the full N x V logits)
-    compiled       the reference under torch.compile
-    liger          Liger-Kernel's LigerFusedLinearCrossEntropyLoss (linear CE only)
-    torch_chunked  torch.nn.functional.linear_cross_entropy with LinearCrossEntropyOptions
-                   (linear CE only)
+Compared implementations (each skipped, with the reason, where unavailable):
+    fastgpt              the Triton kernels; logits chunks of 256 MiB (the default)
+    fastgpt_chunk1GiB    the same with 1 GiB / 2 GiB chunks: the A/B of the issue -- with
+    fastgpt_chunk2GiB    K = chunk rows the weight-gradient GEMM stops being memory-bound
+    eager                the PyTorch reference (materialises the full N x V logits in fp32)
+    compiled             the reference under torch.compile (cold compile: only if it fits the slice)
+    liger                Liger-Kernel's LigerFusedLinearCrossEntropyLoss (its default: bf16
+    liger_fp32acc        weight-gradient accumulation) and with accum_dtype=fp32 (as fastgpt)
+    torch_chunked        torch.nn.functional.linear_cross_entropy (torch >= 2.13)
 
-Reported per case: median milliseconds, peak MB (torch.cuda.max_memory_allocated during the
-call minus what was allocated before it: the op's own working memory) and effective TFLOP/s
-counting only the lm_head GEMMs -- 6*N*d*V for CE fwd+bwd, 8*N*d*V for log-probs fwd+bwd
-(forward GEMM recomputed in backward) and 2*N*d*V for the no-grad forward.
-
-The CUDA cases (bf16, N=16384, d=2048, V=128256; the eager reference needs ~8+ GB of logits)
-are skipped without a GPU; a tiny CPU case runs everywhere (under the Triton interpreter, so its
-times only show that the code runs).  ``run_loss_benchmarks()`` returns the rows for a script.
-
-    python -m pytest benchmarks/bench_losses.py --benchmark-only
+GPU shape: bf16, N = 16384 tokens, d = 2048, V = 128256 (every 10th target ignored).  Per row:
+median ms over >= 20 CUDA-event-timed runs (>= 5 for calls over 100 ms), peak MB above the
+inputs (CUDA allocator; the gradients are returned by autograd.grad and dropped, so no earlier
+call's gradients sit in the baseline), effective TFLOP/s counting only the lm-head GEMMs (the
+formula is in each row: 6*N*d*V for CE fwd+bwd, 8*N*d*V for log-probs fwd+bwd whose backward
+recomputes the logits, 2*N*d*V for the no-grad forward) and the first call's seconds.
+The rehearsal runs a tiny fp32 shape on the CPU (Triton interpreter).
 """
 from __future__ import annotations
 
 import os
-import statistics
-import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -33,19 +30,21 @@ if not torch.cuda.is_available():
     # Must precede the first triton import: the CPU case runs the kernels interpreted.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastgpt.kernels as K  # noqa: E402
 from fastgpt.kernels.reference import (  # noqa: E402
     linear_cross_entropy_reference,
     linear_logprobs_reference,
 )
+from measure import Plan, error_text, first_call_s, free_memory, peak_mb, time_ms  # noqa: E402
 
 GPU_SHAPE = dict(n=16384, d=2048, v=128256, dtype=torch.bfloat16, device="cuda")
 CPU_SHAPE = dict(n=24, d=32, v=100, dtype=torch.float32, device="cpu")
 OPS = ("linear_ce_fwd_bwd", "logprobs_fwd_bwd", "logprobs_fwd_nograd")
 FLOPS_PER_NDV = {"linear_ce_fwd_bwd": 6, "logprobs_fwd_bwd": 8, "logprobs_fwd_nograd": 2}
+CHUNK_MIB = {"fastgpt": None, "fastgpt_chunk1GiB": 1024, "fastgpt_chunk2GiB": 2048}
+COMPILE_ESTIMATE_S = 60  # a cold torch.compile of one reference, forward and backward
 
 
-def _inputs(n: int, d: int, v: int, dtype: torch.dtype, device: str, seed: int = 0):
+def inputs(n: int, d: int, v: int, dtype: torch.dtype, device: str, seed: int = 0):
     gen = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(n, d, device=device, generator=gen).to(dtype)
     weight = (torch.randn(v, d, device=device, generator=gen) * d**-0.5).to(dtype)
@@ -54,57 +53,75 @@ def _inputs(n: int, d: int, v: int, dtype: torch.dtype, device: str, seed: int =
     return hidden, weight, targets
 
 
-def _fastgpt_ce(h, w, t):
-    with K.backend("triton"):
-        return K.linear_cross_entropy(h, w, t)
+def chunk_rows(mib: int | None, v: int, dtype: torch.dtype) -> int | None:
+    """Rows per logits chunk of ``mib`` MiB (None: the kernels' default)."""
+    return None if mib is None else max(1, mib * 2**20 // (v * dtype.itemsize))
 
 
-def _fastgpt_lp(h, w, t):
-    with K.backend("triton"):
-        return K.linear_logprobs(h, w, t)
+def _fastgpt_ce(mib: int | None) -> Callable:
+    def run(h, w, t):
+        from fastgpt.kernels.triton_cross_entropy import linear_cross_entropy_triton
+        return linear_cross_entropy_triton(h, w, t, chunk_size=chunk_rows(mib, w.shape[0], w.dtype))
+    return run
+
+
+def _fastgpt_lp(mib: int | None) -> Callable:
+    def run(h, w, t):
+        from fastgpt.kernels.triton_logprobs import linear_logprobs_triton
+        return linear_logprobs_triton(h, w, t, chunk_size=chunk_rows(mib, w.shape[0], w.dtype))
+    return run
+
+
+def _liger(accum_dtype: torch.dtype | None) -> Callable:
+    def run(h, w, t):
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        return LigerFusedLinearCrossEntropyLoss(accum_dtype=accum_dtype)(w, h, t)
+    return run
+
+
+def _torch_chunked(h, w, t):
+    return torch.nn.functional.linear_cross_entropy(h, w, t, ignore_index=-100)
 
 
 _compiled: dict[str, Callable] = {}
 
 
-def _compiled_fn(name: str, fn: Callable) -> Callable:
+def _compiled_fn(name: str, fn: Callable, rehearse: bool) -> Callable:
+    """torch.compile of a reference (aot_eager in the rehearsal: no C++ toolchain, no minutes)."""
     if name not in _compiled:
-        _compiled[name] = torch.compile(fn)
+        _compiled[name] = torch.compile(fn, backend="aot_eager" if rehearse else "inductor")
     return _compiled[name]
 
 
-def _ce_impls(device: str) -> dict[str, Callable]:
-    """Callables (hidden, weight, targets) -> scalar loss, by implementation name."""
-    impls: dict[str, Callable] = {
-        "fastgpt": _fastgpt_ce,
-        "eager": linear_cross_entropy_reference,
-        "compiled": _compiled_fn("ce", linear_cross_entropy_reference),
-    }
-    if device == "cuda":
-        try:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-            liger = LigerFusedLinearCrossEntropyLoss()
-            impls["liger"] = lambda h, w, t: liger(w, h, t)
-        except ImportError:
-            pass
-    if hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(
-            torch.nn, "LinearCrossEntropyOptions"):
-        options = torch.nn.LinearCrossEntropyOptions()
-        impls["torch_chunked"] = lambda h, w, t: torch.nn.functional.linear_cross_entropy(
-            h, w, t, ignore_index=-100, options=options)
+def impls_for(op: str, rehearse: bool) -> dict[str, Callable]:
+    """Callables (hidden, weight, targets) -> loss or (logprobs, entropy), by name; "compiled"
+    last because it runs only if its cold compile fits what is left of the slice."""
+    if op == "linear_ce_fwd_bwd":
+        impls = {name: _fastgpt_ce(mib) for name, mib in CHUNK_MIB.items()}
+        impls.update(eager=linear_cross_entropy_reference, liger=_liger(None),
+                     liger_fp32acc=_liger(torch.float32), torch_chunked=_torch_chunked)
+        impls["compiled"] = _compiled_fn("ce", linear_cross_entropy_reference, rehearse)
+        return impls
+    impls = {name: _fastgpt_lp(mib) for name, mib in CHUNK_MIB.items()}
+    impls["eager"] = linear_logprobs_reference
+    impls["compiled"] = _compiled_fn("lp", linear_logprobs_reference, rehearse)
     return impls
 
 
-def _lp_impls() -> dict[str, Callable]:
-    return {
-        "fastgpt": _fastgpt_lp,
-        "eager": linear_logprobs_reference,
-        "compiled": _compiled_fn("lp", linear_logprobs_reference),
-    }
+def unavailable(impl: str) -> str | None:
+    if impl.startswith("liger"):
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            return "skipped: liger-kernel is not importable (carry its wheel: benchmarks/README.md)"
+    if impl == "torch_chunked" and not hasattr(torch.nn.functional, "linear_cross_entropy"):
+        return f"skipped: torch {torch.__version__} has no F.linear_cross_entropy (torch >= 2.13)"
+    return None
 
 
-def _step(op: str, fn: Callable, hidden, weight, targets) -> Callable[[], None]:
-    """One timed call: forward (+ backward) of ``op`` with implementation ``fn``."""
+def step(op: str, fn: Callable, hidden, weight, targets) -> Callable[[], None]:
+    """One timed call: forward (+ backward) of ``op`` with implementation ``fn``.  Gradients come
+    back from autograd.grad and are dropped, so none outlives the call."""
     if op == "logprobs_fwd_nograd":
         def run():
             with torch.no_grad():
@@ -114,96 +131,76 @@ def _step(op: str, fn: Callable, hidden, weight, targets) -> Callable[[], None]:
     w = weight.detach().requires_grad_()
     if op == "linear_ce_fwd_bwd":
         def run():
-            h.grad = w.grad = None
-            fn(h, w, targets).backward()
+            torch.autograd.grad(fn(h, w, targets), (h, w))
         return run
     g = torch.randn(2, hidden.shape[0], device=hidden.device)
 
     def run():
-        h.grad = w.grad = None
         lp, ent = fn(h, w, targets)
-        ((lp * g[0]).sum() + (ent * g[1]).sum()).backward()
+        torch.autograd.grad((lp * g[0]).sum() + (ent * g[1]).sum(), (h, w))
     return run
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def measure(run: Callable[[], None], device: str, timing: dict, flops: float) -> dict:
+    first = first_call_s(run, device)  # compilation, autotuning, allocator
+    peak = peak_mb(run, device)
+    t = time_ms(run, device, **timing)
+    return {"ms": t["ms"], "runs": t["runs"], "tflops": flops / (t["ms"] * 1e-3) / 1e12,
+            "peak_mb": peak, "first_call_s": first}
 
 
-def _measure(run: Callable[[], None], device: str, reps: int) -> tuple[float, float]:
-    """(median ms, peak MB above the memory in use before the call)."""
-    run()  # warm-up: compilation, autotuning, allocator
-    _sync(device)
-    peak_mb = float("nan")
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        run()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), peak_mb
-
-
-def _impls_for(op: str, device: str) -> dict[str, Callable]:
-    return _ce_impls(device) if op == "linear_ce_fwd_bwd" else _lp_impls()
-
-
-def run_loss_benchmarks(n: int = 16384, d: int = 2048, v: int = 128256,
-                        dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
-                        reps: int = 5, impls: tuple[str, ...] | None = None) -> list[dict]:
-    """Time every op x implementation; rows: op, impl, ms, peak_mb, tflops (or error)."""
-    hidden, weight, targets = _inputs(n, d, v, dtype, device)
-    rows = []
+def gpu_check_rows(plan: Plan) -> Iterator[dict]:
+    shape = CPU_SHAPE if plan.rehearse else GPU_SHAPE
+    n, d, v, device = shape["n"], shape["d"], shape["v"], shape["device"]
+    hidden, weight, targets = inputs(**shape)
     for op in OPS:
-        for name, fn in _impls_for(op, device).items():
-            if impls is not None and name not in impls:
+        for impl, fn in impls_for(op, plan.rehearse).items():
+            row = {"op": op, "impl": impl, "n": n, "d": d, "v": v,
+                   "dtype": str(shape["dtype"]).removeprefix("torch."),
+                   "flop_formula": f"{FLOPS_PER_NDV[op]}*N*d*V"}
+            if impl in CHUNK_MIB:
+                rows = chunk_rows(CHUNK_MIB[impl], v, shape["dtype"])
+                row["chunk_rows"] = rows or "default (256 MiB)"
+            reason = unavailable(impl)
+            if impl == "compiled" and not plan.rehearse and not plan.fits(COMPILE_ESTIMATE_S):
+                reason = f"skipped: a cold torch.compile (~{COMPILE_ESTIMATE_S} s) does not fit the slice"
+            if reason:
+                yield {**row, "status": reason}
                 continue
-            row = {"op": op, "impl": name, "n": n, "d": d, "v": v, "dtype": str(dtype)}
             try:
-                ms, peak = _measure(_step(op, fn, hidden, weight, targets), device, reps)
-                row.update(ms=ms, peak_mb=peak,
-                           tflops=FLOPS_PER_NDV[op] * n * d * v / (ms * 1e-3) / 1e12)
-            except Exception as exc:  # one failing baseline (e.g. OOM) must not stop the rest
-                row["error"] = f"{type(exc).__name__}: {exc}"[:200]
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-            rows.append(row)
-    return rows
+                row.update(measure(step(op, fn, hidden, weight, targets), device, plan.timing(),
+                                   FLOPS_PER_NDV[op] * n * d * v))
+            except Exception as exc:  # one failing peer (OOM, unsupported) must not stop the rest
+                row["error"] = error_text(exc)
+            if plan.rehearse:
+                row["note"] = "rehearsal: CPU fp32 (bf16 on the GPU), interpreter" + (
+                    "; compiled with aot_eager" if impl == "compiled" else "")
+            free_memory(device)
+            yield row
 
 
 # ------------------------------------------------------------------------ pytest-benchmark
 def _bench(benchmark, op: str, impl: str, shape: dict) -> None:
-    impls = _impls_for(op, shape["device"])
-    if impl not in impls:
-        pytest.skip(f"{impl} is not available here")
-    if impl == "compiled" and shape["device"] == "cpu":
-        pytest.skip("torch.compile on CPU needs a C++ toolchain and minutes; GPU only")
-    hidden, weight, targets = _inputs(**shape)
-    run = _step(op, impls[impl], hidden, weight, targets)
-    ms, peak = _measure(run, shape["device"], reps=1)
-    device = shape["device"]
+    rehearse = shape["device"] == "cpu"
+    impls = impls_for(op, rehearse)
+    if impl not in impls or unavailable(impl):
+        pytest.skip(unavailable(impl) or f"{impl} does not run {op}")
+    run = step(op, impls[impl], *inputs(**shape))
+    n, d, v = shape["n"], shape["d"], shape["v"]
+    stats = measure(run, shape["device"], Plan(rehearse, 0).timing(), FLOPS_PER_NDV[op] * n * d * v)
 
     def timed():
         run()
-        _sync(device)
+        if not rehearse:
+            torch.cuda.synchronize()
 
-    benchmark.pedantic(timed, rounds=3 if device == "cpu" else 10, iterations=1)
-    n, d, v = shape["n"], shape["d"], shape["v"]
-    benchmark.extra_info.update(peak_mb=peak,
-                                tflops=FLOPS_PER_NDV[op] * n * d * v / (ms * 1e-3) / 1e12)
+    benchmark.pedantic(timed, rounds=2 if rehearse else 10, iterations=1)
+    benchmark.extra_info.update(stats)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("impl", ["fastgpt", "eager", "compiled", "liger", "torch_chunked"])
+@pytest.mark.parametrize("impl", ["fastgpt", "eager", "liger", "torch_chunked"])
 @pytest.mark.parametrize("op", OPS)
 def test_bench_losses_gpu(benchmark, op, impl):
     benchmark.group = f"{op} bf16 N=16384 d=2048 V=128256"
@@ -215,9 +212,3 @@ def test_bench_losses_gpu(benchmark, op, impl):
 def test_bench_losses_cpu_tiny(benchmark, op, impl):
     benchmark.group = f"{op} fp32 tiny CPU"
     _bench(benchmark, op, impl, CPU_SHAPE)
-
-
-if __name__ == "__main__":
-    for r in run_loss_benchmarks(**({} if torch.cuda.is_available() else
-                                    dict(CPU_SHAPE, reps=1, impls=("fastgpt", "eager")))):
-        print(r)

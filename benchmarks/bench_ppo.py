@@ -2,26 +2,33 @@
 
 Both run the same algorithm on the same random-weight models at the same batch: generate
 ``batch`` responses, score them with a reward model, per-token KL penalty, GAE, then one
-optimizer step per minibatch of clipped policy + value loss.  They differ in how:
+optimizer step per minibatch of clipped policy + value loss, with the gradient norm clipped to
+1.0 on both sides (fastgpt: the trainer's ``grad_clip``; reference: ``clip_grad_norm_``).  They
+differ in how:
 
 * fastgpt: the KV-cache engine (packed prefill, finished rows cost nothing), packed varlen
   forwards and the fused log-prob kernel, its trainer step;
 * reference: no KV cache (the whole sequence is recomputed for every new token), padded batches,
-  full (B, T, V) logits + log_softmax, a hand-written AdamW step.
+  full (B, T, V) logits + log_softmax, torch's AdamW.
 
-Reported: seconds per iteration and its split (generation / scoring / training) in extra_info.
-The CUDA gpt2-small case is skipped without a GPU; a tiny CPU case runs everywhere.
-``run_ppo_benchmarks()`` returns the rows for a script.
+Reported: the median of >= 3 iterations (after a warm-up one) in seconds, its split (generation
+/ scoring / training, medians) and the generation share.  GPU: gpt2-small shape (vocabulary
+320, byte tokens), batch 64, minibatch 16, 32-token prompts, 64 new tokens.  The rehearsal runs
+a tiny model on the CPU with the reference kernels (the interpreter would take minutes here;
+the kernels PPO uses are rehearsed in the losses and generation sections).
 
+    python benchmarks/gpu_check.py --only ppo
     python -m pytest benchmarks/bench_ppo.py -s
 """
 from __future__ import annotations
 
 import copy
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -32,13 +39,10 @@ from fastgpt.losses import gae, kl_estimate, ppo_policy_loss, ppo_value_loss, wh
 from fastgpt.model import GPT, ScalarModel
 from fastgpt.stages.ppo import PPOConfig, build_ppo
 from fastgpt.tokenizer import ByteTokenizer
+from measure import Plan, error_text, free_memory, sync
 
 TINY = ModelConfig(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+GRAD_CLIP = 1.0
 
 
 def _models(cfg: ModelConfig, device: torch.device) -> tuple[GPT, ScalarModel]:
@@ -52,7 +56,8 @@ def _prompts(n: int, length: int) -> list[str]:
 
 # ---------------------------------------------------------------------------------- fastgpt
 def fastgpt_iteration(cfg: ModelConfig, batch: int, mini: int, prompt_len: int, new_tokens: int,
-                      device: torch.device) -> dict[str, float]:
+                      device: torch.device) -> Callable[[], dict[str, float]]:
+    """A callable running one PPO iteration through fastgpt's stage code, timed and split."""
     policy, rm = _models(cfg, device)
     tok = ByteTokenizer()
     with tempfile.TemporaryDirectory() as d:
@@ -64,26 +69,33 @@ def fastgpt_iteration(cfg: ModelConfig, batch: int, mini: int, prompt_len: int, 
         pcfg = PPOConfig(out_dir=str(root / "run"), sft_checkpoint=str(root / "sft"), reward_checkpoint=str(root / "rm"),
                          prompts=str(root / "p.jsonl"), eval_prompts=str(root / "p.jsonl"), device=device.type,
                          rollout_batch_size=batch, mini_batch_size=mini, ppo_epochs=1, max_new_tokens=new_tokens,
-                         missing_eos_penalty=0.0, progress=False, resume=False)
+                         missing_eos_penalty=0.0, progress=False, resume=False, grad_clip=GRAD_CLIP)
         trainer, task = build_ppo(pcfg)
-    task.next_batch()  # warm-up rollout and step (allocator, kernels)
-    task.queue.clear()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(batch // mini):  # the trainer's own step: one optimizer step per minibatch
-        trainer._backward_step()
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-    _sync(device)
-    total = time.perf_counter() - t0
-    rollout = task.rollout["stats"]["rollout_s"]
-    gen = task.rollout["stats"]["response_len"] * batch / task.rollout["stats"]["gen_tokens_per_s"]
-    return {"seconds": total, "generation_s": gen, "scoring_s": rollout - gen, "training_s": total - rollout}
+
+    def iteration() -> dict[str, float]:
+        task.queue.clear()  # the first minibatch rolls out afresh
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(batch // mini):  # the trainer's own step, clipping included
+            trainer._backward_step()
+            torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), pcfg.grad_clip)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        total = time.perf_counter() - t0
+        stats = task.rollout["stats"]
+        gen = stats["response_len"] * batch / stats["gen_tokens_per_s"]
+        return {"seconds": total, "generation_s": gen, "scoring_s": stats["rollout_s"] - gen,
+                "training_s": total - stats["rollout_s"], "response_len": stats["response_len"]}
+
+    return iteration
 
 
 # -------------------------------------------------------------------------------- reference
 def reference_iteration(cfg: ModelConfig, batch: int, mini: int, prompt_len: int, new_tokens: int,
-                        device: torch.device, beta: float = 0.05, lr: float = 1e-5) -> dict[str, float]:
+                        device: torch.device, beta: float = 0.05, lr: float = 1e-5
+                        ) -> Callable[[], dict[str, float]]:
+    """A callable running one plain-PyTorch PPO iteration, timed and split."""
     policy, rm = _models(cfg, device)
     ref, value = copy.deepcopy(policy).eval(), copy.deepcopy(rm)
     params = list(policy.parameters()) + list(value.parameters())
@@ -93,89 +105,100 @@ def reference_iteration(cfg: ModelConfig, batch: int, mini: int, prompt_len: int
                             for p in _prompts(batch, prompt_len)], device=device)
     P = prompts.shape[1]
     g = torch.Generator(device=device).manual_seed(0)
-    _sync(device)
-    t0 = time.perf_counter()
-    seq = prompts
-    with torch.no_grad():  # generation without a KV cache: recompute everything for each token
-        for _ in range(new_tokens):
-            logits, _ = policy(seq)
-            probs = torch.softmax(logits[:, -1].float(), -1)
-            seq = torch.cat([seq, torch.multinomial(probs, 1, generator=g)], 1)
-    _sync(device)
-    t_gen = time.perf_counter() - t0
 
     def logprobs(model: GPT, s: torch.Tensor) -> torch.Tensor:  # full logits + log_softmax
         logits, _ = model(s)
         lp = torch.log_softmax(logits[:, P - 1:-1].float(), -1)
         return lp.gather(-1, s[:, P:, None]).squeeze(-1)
 
-    with torch.no_grad():
-        old_logp, ref_logp = logprobs(policy, seq), logprobs(ref, seq)
-        old_values = value(seq)[:, P - 1:-1]
-        score = rm(seq)[:, -1]
-        mask = torch.ones_like(old_logp, dtype=torch.bool)
-        rewards = -beta * kl_estimate(old_logp, ref_logp)
-        rewards[:, -1] += score
-        adv, returns = gae(rewards, old_values, mask, 1.0, 0.95)
-        adv = whiten(adv, mask)
-    _sync(device)
-    t_score = time.perf_counter() - t0 - t_gen
-    for start in range(0, batch, mini):
-        sl = slice(start, start + mini)
-        s = seq[sl]
-        pg, _, _ = ppo_policy_loss(logprobs(policy, s), old_logp[sl], adv[sl], mask[sl], 0.2)
-        vf, _ = ppo_value_loss(value(s)[:, P - 1:-1], old_values[sl], returns[sl], mask[sl], 0.2)
-        (pg + 0.1 * vf).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    _sync(device)
-    total = time.perf_counter() - t0
-    return {"seconds": total, "generation_s": t_gen, "scoring_s": t_score, "training_s": total - t_gen - t_score}
+    def iteration() -> dict[str, float]:
+        sync(device)
+        t0 = time.perf_counter()
+        seq = prompts
+        with torch.no_grad():  # generation without a KV cache: recompute everything for each token
+            for _ in range(new_tokens):
+                logits, _ = policy(seq)
+                probs = torch.softmax(logits[:, -1].float(), -1)
+                seq = torch.cat([seq, torch.multinomial(probs, 1, generator=g)], 1)
+        sync(device)
+        t_gen = time.perf_counter() - t0
+        with torch.no_grad():
+            old_logp, ref_logp = logprobs(policy, seq), logprobs(ref, seq)
+            old_values = value(seq)[:, P - 1:-1]
+            score = rm(seq)[:, -1]
+            mask = torch.ones_like(old_logp, dtype=torch.bool)
+            rewards = -beta * kl_estimate(old_logp, ref_logp)
+            rewards[:, -1] += score
+            adv, returns = gae(rewards, old_values, mask, 1.0, 0.95)
+            adv = whiten(adv, mask)
+        sync(device)
+        t_score = time.perf_counter() - t0 - t_gen
+        for start in range(0, batch, mini):
+            sl = slice(start, start + mini)
+            s = seq[sl]
+            pg, _, _ = ppo_policy_loss(logprobs(policy, s), old_logp[sl], adv[sl], mask[sl], 0.2)
+            vf, _ = ppo_value_loss(value(s)[:, P - 1:-1], old_values[sl], returns[sl], mask[sl], 0.2)
+            (pg + 0.1 * vf).backward()
+            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync(device)
+        total = time.perf_counter() - t0
+        return {"seconds": total, "generation_s": t_gen, "scoring_s": t_score,
+                "training_s": total - t_gen - t_score, "response_len": float(new_tokens)}
+
+    return iteration
+
+
+BUILDERS = {"fastgpt": fastgpt_iteration, "reference": reference_iteration}
 
 
 def run_ppo_benchmarks(cfg: ModelConfig | None = None, batch: int = 64, mini: int = 16, prompt_len: int = 32,
-                       new_tokens: int = 64, device: str = "cuda",
-                       impls: tuple[str, ...] = ("fastgpt", "reference")) -> list[dict]:
-    """One PPO iteration per implementation; rows: impl, seconds and its split, tokens/s."""
+                       new_tokens: int = 64, device: str = "cuda", iterations: int = 3,
+                       impls: tuple[str, ...] = ("fastgpt", "reference")) -> Iterator[dict]:
+    """Per implementation: medians of ``iterations`` PPO iterations after a warm-up one."""
     cfg = cfg or ModelConfig(**{**PRESETS["gpt2-small"]["model"], "vocab_size": 320})
     dev = torch.device(device)
-    fns = {"fastgpt": fastgpt_iteration, "reference": reference_iteration}
-    rows = []
     for impl in impls:
-        row = {"impl": impl, "batch": batch, "mini_batch": mini, "new_tokens": new_tokens, "device": dev.type}
+        row = {"impl": impl, "batch": batch, "mini_batch": mini, "prompt_len": prompt_len,
+               "new_tokens": new_tokens, "grad_clip": GRAD_CLIP}
         try:
-            row.update(fns[impl](cfg, batch, mini, prompt_len, new_tokens, dev))
-            row["tokens_per_s"] = batch * (prompt_len + new_tokens) / row["seconds"]
+            iteration = BUILDERS[impl](cfg, batch, mini, prompt_len, new_tokens, dev)
+            row["first_iteration_s"] = iteration()["seconds"]  # warm-up: compilation, allocator
+            runs = [iteration() for _ in range(iterations)]
+            row.update({k: statistics.median(r[k] for r in runs) for k in runs[0]})
+            row.update(iterations=iterations, tokens_per_s=batch * (prompt_len + row["response_len"]) / row["seconds"],
+                       generation_share=row["generation_s"] / row["seconds"])
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"[:200]
-        rows.append(row)
-    return rows
+            row["error"] = error_text(exc)
+        free_memory(dev)
+        yield row
 
 
-def _bench(benchmark, rows: list[dict]) -> None:
-    for r in rows:
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-        assert "error" not in r, r["error"]
-    benchmark.extra_info.update({r["impl"]: {k: r[k] for k in ("seconds", "generation_s", "scoring_s", "training_s")}
-                                 for r in rows})
+def gpu_check_rows(plan: Plan) -> Iterator[dict]:
+    if not plan.rehearse:
+        yield from run_ppo_benchmarks()
+        return
+    for row in run_ppo_benchmarks(TINY, batch=8, mini=4, prompt_len=12, new_tokens=12, device="cpu",
+                                  iterations=1):
+        yield {**row, "note": "rehearsal: tiny fp32 model on the CPU, reference kernels"}
 
 
 def test_ppo_iteration_cpu_tiny(benchmark):
-    rows = run_ppo_benchmarks(TINY, batch=8, mini=4, prompt_len=12, new_tokens=12, device="cpu")
+    rows = list(run_ppo_benchmarks(TINY, batch=8, mini=4, prompt_len=12, new_tokens=12, device="cpu",
+                                   iterations=1))
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    _bench(benchmark, rows)
+    for r in rows:
+        assert "error" not in r, r["error"]
+        assert r["training_s"] > 0 and r["generation_s"] > 0
+    benchmark.extra_info.update({r["impl"]: r for r in rows})
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_ppo_iteration_gpt2_small_cuda(benchmark):
-    rows = run_ppo_benchmarks()
+    rows = list(run_ppo_benchmarks())
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    _bench(benchmark, rows)
-
-
-if __name__ == "__main__":
-    for r in (run_ppo_benchmarks() if torch.cuda.is_available()
-              else run_ppo_benchmarks(TINY, 8, 4, 12, 12, "cpu")):
-        print(r)
+    for r in rows:
+        assert "error" not in r, r["error"]
+    benchmark.extra_info.update({r["impl"]: r for r in rows})

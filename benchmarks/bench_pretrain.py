@@ -2,65 +2,83 @@
 model, as the trainer runs it.
 
 Cases
-    cpu  ``tiny`` preset (4 layers, d=128, byte vocabulary 320), batch 16 x T=256, fp32 -- the demo's
-         pre-training step on a laptop-class CPU;
-    gpu  ``gpt2-small`` (124M, vocabulary 50304) at T=1024, bf16 autocast, fused AdamW, eager and
-         ``torch.compile`` (skipped without CUDA).
+    gpu  ``gpt2-small`` (124M, vocabulary 50304) at B 16 x T 1024, bf16 autocast, fused AdamW,
+         eager and ``torch.compile`` (the compiled row runs only if its cold compile, estimated
+         at ``COMPILE_ESTIMATE_S``, fits what is left of the slice; its compile time is reported)
+    cpu  the ``tiny`` preset (4 layers, d=128, byte vocabulary 320), B 16 x T 256, fp32 -- the
+         demo's pre-training step on a laptop-class CPU (pytest only)
+    rehearsal  a 1-layer, d=32 model, B 2 x T 32, on the Triton kernels through the interpreter;
+         "compiled" uses the aot_eager backend and the reference kernels there (Dynamo cannot
+         trace the Triton interpreter)
 
-Reported per case (``benchmark.extra_info`` / the rows of :func:`run_pretrain_benchmarks`): ms per
-step, tokens/s, peak MB (CUDA), and MFU = tokens/s x FLOPs per token / peak, with FLOPs per token
-= 6N + 12 L H Q T (``GPT.flops_per_token``; N = every parameter but the learned position table)
-and the peak the dense bf16 tensor-core datasheet number of the GPU found
-(``fastgpt.trainer.PEAK_BF16_FLOPS``; H100 SXM: 989 TFLOP/s). MFU is not reported on CPU.
+Reported per case: median ms per step over >= 20 CUDA-event-timed steps after warm-up, tokens/s,
+peak MB above the model and optimizer state (CUDA allocator; gradients are freed by the step),
+MFU = tokens/s x FLOPs per token / peak with FLOPs per token = 6N + 12 L H Q T
+(``GPT.flops_per_token``) against both the GPU's datasheet dense bf16 peak
+(``fastgpt.trainer.PEAK_BF16_FLOPS``) and 989 TFLOP/s, and the first step's seconds (compile).
 
+    python benchmarks/gpu_check.py --only pretrain
     python -m pytest benchmarks/bench_pretrain.py --benchmark-only
-    python benchmarks/bench_pretrain.py            # prints the table
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import sys
-from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import peak_memory, time_fn  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import fastgpt.kernels as K  # noqa: E402
 from fastgpt.config import build_config  # noqa: E402
 from fastgpt.model import GPT  # noqa: E402
 from fastgpt.stages.pretrain import PretrainConfig  # noqa: E402
 from fastgpt.trainer import PEAK_BF16_FLOPS, make_optimizer, peak_flops  # noqa: E402
+from measure import Plan, error_text, first_call_s, free_memory, peak_mb, time_ms  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 H100_PEAK = PEAK_BF16_FLOPS["H100"]  # 989e12 dense bf16
 GPU_BATCH = int(os.environ.get("FASTGPT_BENCH_BATCH", "16"))
-CPU_CASE = dict(preset="tiny", vocab_size=320, batch=16, seqlen=256, device="cpu", bf16=False, compile=False)
+COMPILE_ESTIMATE_S = 60  # cold inductor compile of gpt2-small forward + backward (a guess: unmeasured)
+CPU_CASE = dict(preset="tiny", overrides={}, vocab_size=320, batch=16, seqlen=256, device="cpu",
+                bf16=False, compile=False)
+REHEARSAL_MODEL = {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2}
 
 
 def gpu_case(compile: bool) -> dict[str, Any]:
-    return dict(preset="gpt2-small", vocab_size=50304, batch=GPU_BATCH, seqlen=1024, device="cuda", bf16=True,
-                compile=compile)
+    return dict(preset="gpt2-small", overrides={}, vocab_size=50304, batch=GPU_BATCH, seqlen=1024,
+                device="cuda", bf16=True, compile=compile)
+
+
+def rehearsal_case(compile: bool) -> dict[str, Any]:
+    # Dynamo cannot trace the Triton interpreter: the compiled rehearsal runs the references.
+    return dict(preset="tiny", overrides=REHEARSAL_MODEL, vocab_size=320, batch=2, seqlen=32,
+                device="cpu", bf16=False, compile=compile, triton=not compile)
 
 
 def make_step(case: dict[str, Any]):
     """(step function, model, tokens per step) for a case, built as the trainer builds it."""
     torch.manual_seed(0)
-    cfg = build_config(PretrainConfig, case["preset"], overrides={"model.vocab_size": case["vocab_size"],
-                                                                   "model.block_size": case["seqlen"]})
+    cfg = build_config(PretrainConfig, case["preset"], overrides={
+        **case["overrides"], "model.vocab_size": case["vocab_size"], "model.block_size": case["seqlen"]})
     device = torch.device(case["device"])
     model = GPT(cfg.model).to(device).train()
     opt = make_optimizer(model, cfg, device)  # fused AdamW on CUDA
-    run = torch.compile(model) if case["compile"] else model
+    run = model
+    if case["compile"]:
+        run = torch.compile(model, backend="inductor" if device.type == "cuda" else "aot_eager")
     B, T = case["batch"], case["seqlen"]
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randint(0, case["vocab_size"], (B, T), device=device, generator=g)
     y = torch.randint(0, case["vocab_size"], (B, T), device=device, generator=g)
+    def kernels():  # the Triton kernels on any device (the interpreter on a CPU) when asked
+        return K.backend("triton") if case.get("triton") else contextlib.nullcontext()
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=case["bf16"]):
+        with kernels(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=case["bf16"]):
             _, loss = run(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -70,48 +88,56 @@ def make_step(case: dict[str, Any]):
     return step, model, B * T
 
 
-def measure(case: dict[str, Any], warmup: int | None = None, iters: int | None = None) -> dict[str, Any]:
+def case_name(case: dict[str, Any]) -> str:
+    return (f"{case['preset']}{'-reduced' if case['overrides'] else ''} B={case['batch']} "
+            f"T={case['seqlen']} {'bf16' if case['bf16'] else 'fp32'}"
+            f"{' compiled' if case['compile'] else ''}")
+
+
+def measure(case: dict[str, Any], timing: dict) -> dict[str, Any]:
     """Time a case; returns one table row."""
     device = torch.device(case["device"])
-    on_gpu = device.type == "cuda"
-    warmup = warmup if warmup is not None else (5 if case["compile"] else 3) if on_gpu else 1
-    iters = iters if iters is not None else 20 if on_gpu else 3
     step, model, tokens = make_step(case)
-    with peak_memory(device) as mem:
-        t = time_fn(step, device, warmup=warmup, iters=iters)
-    tps = tokens / t["median_s"]
+    first = first_call_s(step, device)  # torch.compile / Triton compile, allocator, optimizer state
+    t = time_ms(step, device, **timing)
+    peak = peak_mb(step, device)
+    tps = tokens / (t["ms"] * 1e-3)
     fpt = model.flops_per_token(case["seqlen"])
-    row = {"case": f"{case['preset']} B={case['batch']} T={case['seqlen']} "
-                   f"{'bf16' if case['bf16'] else 'fp32'}{' compiled' if case['compile'] else ''}",
-           "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
-           "threads": torch.get_num_threads(), "params": model.num_params(),
-           "ms_per_step": 1e3 * t["median_s"], "min_ms": 1e3 * t["min_s"], "tokens_per_s": tps,
-           "flops_per_token": fpt, "peak_mb": mem["peak_mb"]}
-    if on_gpu:
-        peak = peak_flops(device)
-        row["mfu"] = tps * fpt / peak if peak else None
-        row["peak_flops"] = peak
-        row["mfu_vs_h100_989T"] = tps * fpt / H100_PEAK
+    row = {"case": case_name(case), "params": model.num_params(), "ms_per_step": t["ms"],
+           "runs": t["runs"], "tokens_per_s": tps, "flops_per_token": fpt,
+           "flop_formula": "6N + 12*L*H*Q*T per token", "peak_mb": peak, "first_step_s": first,
+           "compile_s": max(0.0, first - t["ms"] * 1e-3) if case["compile"] else None}
+    if device.type == "cuda":
+        peak_rate = peak_flops(device)
+        row["mfu"] = tps * fpt / peak_rate if peak_rate else None
+        row["mfu_vs_989T"] = tps * fpt / H100_PEAK
     return row
 
 
-def run_pretrain_benchmarks(include_cpu: bool = True) -> list[dict[str, Any]]:
-    """Rows for the GPU script: gpt2-small eager and compiled on CUDA (if present), tiny on CPU."""
-    rows = []
-    if CUDA:
-        for compile in (False, True):
-            rows.append(measure(gpu_case(compile)))
-            torch.cuda.empty_cache()
-    if include_cpu:
-        rows.append(measure(dict(CPU_CASE)))
-    return rows
+def gpu_check_rows(plan: Plan) -> Iterator[dict]:
+    for compile in (False, True):
+        case = rehearsal_case(compile) if plan.rehearse else gpu_case(compile)
+        if compile and not plan.rehearse and not plan.fits(COMPILE_ESTIMATE_S):
+            yield {"case": case_name(case), "status": f"skipped: a cold torch.compile (~{COMPILE_ESTIMATE_S} s) "
+                                                     f"does not fit the {plan.left():.0f} s left"}
+            continue
+        try:
+            row = measure(case, plan.timing())
+        except Exception as exc:
+            row = {"case": case_name(case), "error": error_text(exc)}
+        if plan.rehearse:
+            row["note"] = "rehearsal: reduced tiny model, fp32 on the CPU, " + (
+                "torch.compile with aot_eager on the reference kernels" if compile
+                else "Triton kernels through the interpreter")
+        free_memory(case["device"])
+        yield row
 
 
 # ------------------------------------------------------------------------ pytest-benchmark
 def _bench(benchmark, case: dict[str, Any]) -> None:
-    row = measure(case, iters=1)  # warm-up (and compile) happen here, outside the timed rounds
-    step, model, tokens = make_step(case)
     device = torch.device(case["device"])
+    row = measure(case, Plan(rehearse=device.type == "cpu", deadline=0).timing())
+    step, _, tokens = make_step(case)
     step()
 
     def timed() -> None:
@@ -120,15 +146,7 @@ def _bench(benchmark, case: dict[str, Any]) -> None:
             torch.cuda.synchronize(device)
 
     benchmark.group = f"pretrain step {case['preset']}"
-    benchmark.pedantic(timed, rounds=3 if device.type == "cpu" else 10, iterations=1, warmup_rounds=1)
-    if benchmark.stats is None:  # --benchmark-disable: ran once as a smoke test, nothing to report
-        return
-    s = benchmark.stats.stats.median
-    row.update(ms_per_step=1e3 * s, tokens_per_s=tokens / s)
-    if device.type == "cuda":
-        peak = row.get("peak_flops")
-        row["mfu"] = tokens / s * row["flops_per_token"] / peak if peak else None
-        row["mfu_vs_h100_989T"] = tokens / s * row["flops_per_token"] / H100_PEAK
+    benchmark.pedantic(timed, rounds=2 if device.type == "cpu" else 10, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(row)
 
 
@@ -140,10 +158,3 @@ def test_bench_pretrain_gpu(benchmark, compile):
 
 def test_bench_pretrain_cpu_tiny(benchmark):
     _bench(benchmark, dict(CPU_CASE))
-
-
-if __name__ == "__main__":
-    for r in run_pretrain_benchmarks():
-        mfu = f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
-        print(f"{r['case']:<45} {r['device']:<24} {r['ms_per_step']:9.1f} ms/step  {r['tokens_per_s']:>10,.0f} tok/s"
-              f"{mfu}  peak {r['peak_mb']:.0f} MB")

@@ -6,35 +6,43 @@
                sequence, eager attention (softmax(QK^T)V with a causal mask), full (B, T, V) logits
                and F.cross_entropy / a K-wise loss on last-token scores
 
-A step is forward + backward (no optimizer: it is the same for both). Reported per case in
-``extra_info``: median ms, peak MB (CUDA: max_memory_allocated during the step), real (non-pad)
-tokens/s and the padded batch's share of real tokens.  The CUDA cases (GPT-2 small, bf16,
-sequences of 64..1024 tokens) skip without a GPU; a tiny CPU case runs everywhere.
-``run_sft_reward_benchmarks()`` returns the rows for a script.
+A step is forward + backward (no optimizer: it is the same for both). Reported per case: median
+ms over >= 20 CUDA-event-timed steps after warm-up, peak MB above the model (CUDA allocator;
+gradients are dropped by the step), real (non-pad) tokens/s and the padded batch's share of real
+tokens.  The CUDA cases (GPT-2 small, bf16, sequences of 64..1024 tokens) skip without a GPU; a
+tiny CPU case runs everywhere (in the gpu_check rehearsal, fastgpt's side runs the Triton kernels
+through the interpreter).
 
+    python benchmarks/gpu_check.py --only sft_reward
     python -m pytest benchmarks/bench_sft_reward.py --benchmark-only
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
-import statistics
-import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastgpt.config import ModelConfig
-from fastgpt.data import IGNORE_INDEX, pack_rows
-from fastgpt.losses import ranking_loss, ranking_pairs
-from fastgpt.model import GPT, ScalarModel
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastgpt.kernels as K  # noqa: E402
+from fastgpt.config import ModelConfig  # noqa: E402
+from fastgpt.data import IGNORE_INDEX, pack_rows  # noqa: E402
+from fastgpt.losses import ranking_loss, ranking_pairs  # noqa: E402
+from fastgpt.model import GPT, ScalarModel  # noqa: E402
+from measure import Plan, error_text, free_memory, peak_mb, time_ms  # noqa: E402
 
 CASES = {
     "cpu-tiny": dict(model=dict(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32),
                      n_seqs=16, min_len=8, device="cpu", dtype=None, k=4),
+    "rehearsal": dict(model=dict(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=32),
+                      n_seqs=4, min_len=4, device="cpu", dtype=None, k=2),
     "cuda-gpt2-small": dict(model=dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
                             n_seqs=32, min_len=64, device="cuda", dtype=torch.bfloat16, k=4),
 }
@@ -82,8 +90,10 @@ def reference_hidden(gpt: GPT, idx: torch.Tensor) -> torch.Tensor:
     return gpt.norm_f(x)
 
 
-def _steps(case: dict, stage: str, impl: str, seed: int = 0) -> tuple[Callable[[], None], int, float]:
-    """(step function, real tokens per step, real share of the padded batch)."""
+def _steps(case: dict, stage: str, impl: str, seed: int = 0, triton: bool = False
+           ) -> tuple[Callable[[], None], int, float]:
+    """(step function, real tokens per step, real share of the padded batch); ``triton`` runs
+    fastgpt's side on the Triton kernels whatever the device (the interpreter on a CPU)."""
     device = case["device"]
     torch.manual_seed(seed)
     cfg = ModelConfig(**case["model"])
@@ -133,8 +143,11 @@ def _steps(case: dict, stage: str, impl: str, seed: int = 0) -> tuple[Callable[[
                 scores = values[torch.arange(len(data), device=device), lengths - 1]
                 return ranking_loss(scores, better, worse, prompt, n_prompts)[0]
 
+    def kernels():
+        return K.backend("triton") if triton and impl == "fastgpt" else contextlib.nullcontext()
+
     def step() -> None:
-        with autocast:
+        with kernels(), autocast:
             loss = loss_fn()
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -142,33 +155,30 @@ def _steps(case: dict, stage: str, impl: str, seed: int = 0) -> tuple[Callable[[
     return step, n_real, padded_share
 
 
-def measure(case_name: str, stage: str, impl: str, iters: int = 5) -> dict:
+def measure(case_name: str, stage: str, impl: str, timing: dict, triton: bool = False) -> dict:
     """Median step time, peak memory and real tokens/s of one case."""
     case = CASES[case_name]
-    step, n_real, share = _steps(case, stage, impl)
-    cuda = case["device"] == "cuda"
-    step()  # warm-up
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    ms = statistics.median(times) * 1e3
-    return {"case": case_name, "stage": stage, "impl": impl, "ms": ms, "real_tokens_per_s": n_real / (ms / 1e3),
-            "real_tokens": n_real, "padded_real_share": share,
-            "peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None}
+    step, n_real, share = _steps(case, stage, impl, triton=triton)
+    step()  # warm-up: compilation, allocator
+    t = time_ms(step, case["device"], **timing)
+    return {"case": case_name, "stage": stage, "impl": impl, "ms": t["ms"], "runs": t["runs"],
+            "real_tokens_per_s": n_real / (t["ms"] * 1e-3), "real_tokens": n_real,
+            "padded_real_share": share, "peak_mb": peak_mb(step, case["device"])}
 
 
-def run_sft_reward_benchmarks(cases: tuple[str, ...] | None = None) -> list[dict]:
-    """Every (case, stage, impl) row that can run here."""
-    names = cases or tuple(n for n, c in CASES.items() if c["device"] != "cuda" or torch.cuda.is_available())
-    return [measure(n, stage, impl) for n in names for stage in ("sft", "reward") for impl in ("fastgpt", "reference")]
+def gpu_check_rows(plan: Plan) -> Iterator[dict]:
+    name = "rehearsal" if plan.rehearse else "cuda-gpt2-small"
+    for stage in ("sft", "reward"):
+        for impl in ("fastgpt", "reference"):
+            try:
+                row = measure(name, stage, impl, plan.timing(), triton=plan.rehearse)
+            except Exception as exc:
+                row = {"case": name, "stage": stage, "impl": impl, "error": error_text(exc)}
+            if plan.rehearse:
+                row["note"] = "rehearsal: tiny fp32 model on the CPU" + (
+                    ", Triton kernels through the interpreter" if impl == "fastgpt" else "")
+            free_memory(CASES[name]["device"])
+            yield row
 
 
 # --------------------------------------------------------------------------- pytest

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+from .console import plural
 from .data import DataError, PackedBatch, first_fit, pack_rows
 from .tokenizer import Message, TokenizerError, validate_messages
 
@@ -56,23 +57,23 @@ class LoadReport:
         if self.bad:
             parts.append(f"skipped {len(self.bad)} of {self.total} bad records (first: {self.bad[0]})")
         if self.ignored:
-            parts.append(f"ignored {self.ignored} all-tied rankings (no preference)")
+            parts.append(f"ignored {plural(self.ignored, 'all-tied ranking')} (no preference)")
         if self.truncated:
-            parts.append(f"truncated {self.truncated} records longer than the context"
+            parts.append(f"truncated {plural(self.truncated, 'record')} longer than the context"
                          + (f" ({context} tokens)" if context else ""))
         return f"{self.path}: " + "; ".join(parts) if parts else ""
 
-    def check(self, max_bad_fraction: float, what: str = "records") -> None:
-        """Fail when too many records were bad, or none were usable."""
+    def finish(self, stage: str, max_bad_fraction: float, what: str = "records", context: int | None = None) -> None:
+        """End of loading: fail with one line when too many records were bad or none is usable;
+        otherwise print the one summary line of skipped / truncated records (stderr), if any.
+        A failure is reported once, by the error alone."""
         if self.total and len(self.bad) / self.total > max_bad_fraction:
             raise DataError(f"{self.path}: {len(self.bad)} of {self.total} {what} are bad, more than "
                             f"max_bad_fraction={max_bad_fraction} (first: {self.bad[0]})")
         if self.kept - self.ignored <= 0:
-            reason = f" (first problem: {self.bad[0]})" if self.bad else ""
+            reason = (f" (first problem: {self.bad[0]})" if self.bad else
+                      f" ({self.ignored} all-tied, holding no preference)" if self.ignored else "")
             raise DataError(f"{self.path}: no usable {what}{reason}")
-
-    def warn(self, stage: str, context: int | None = None) -> None:
-        """Print the one summary line of skipped / truncated records (stderr), if any."""
         text = self.summary(context)
         if text:
             print(f"{stage}: warning: {text}", file=sys.stderr)

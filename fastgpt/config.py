@@ -1,9 +1,14 @@
 """Model configuration, named presets, and stage configs loaded from TOML files and flags.
 
-Every stage has one dataclass (``PretrainConfig``, ``SFTConfig``, ...) that extends
-:class:`TrainConfig` and nests a :class:`ModelConfig`.  Values are resolved in this order, later
-wins: dataclass defaults < named preset < TOML file < command-line flags.  Presets are data,
-not code paths.  An unknown key anywhere is an error that names the key and where it came from.
+Every stage has one dataclass (``PretrainConfig``, ``SFTConfig``, ... in
+``fastgpt.stages.configs``) that extends :class:`TrainConfig`; pre-training nests a
+:class:`ModelConfig`.  Values are resolved in this order, later wins: dataclass defaults < named
+preset < TOML file < command-line flags.  Presets are data, not code paths.  An unknown key
+anywhere is an error that names the key and where it came from.
+
+A field's type says what values it takes, and the check is made from the type wherever a config
+is built: ``Literal[...]`` lists the choices, ``Annotated[int, Range(1)]`` (:data:`Positive`,
+...) bounds a number. The comment on a field's line is its one-line description (``--help``).
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,37 +30,93 @@ class ConfigError(FastGPTError, ValueError):
     """A configuration value or key that is not what was expected (one-line message)."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: ``low <= value <= high`` (strict where open)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+Positive = Annotated[int, Range(1)]
+NonNegative = Annotated[int, Range(0)]
+PositiveFloat = Annotated[float, Range(0, low_open=True)]
+NonNegativeFloat = Annotated[float, Range(0)]
+Fraction = Annotated[float, Range(0, 1, high_open=True)]  # a share of something, below all of it
+Ratio = Annotated[float, Range(0, 1)]
+
+
+def split_type(typ: Any) -> tuple[Any, tuple[Any, ...], Range | None]:
+    """(base type, choices or (), range or None) of a field's annotation."""
+    rng = None
+    if get_origin(typ) is Annotated:
+        typ, *extras = get_args(typ)
+        rng = next((e for e in extras if isinstance(e, Range)), None)
+    if get_origin(typ) is Literal:
+        choices = get_args(typ)
+        return type(choices[0]), choices, rng
+    return typ, (), rng
+
+
+def check_value(value: Any, typ: Any, where: str) -> None:
+    """Fail with one line naming ``where`` if ``value`` is not among the type's choices or in
+    its range."""
+    _, choices, rng = split_type(typ)
+    if choices and value not in choices:
+        raise ConfigError(f"{where}={value!r}: expected one of {', '.join(map(str, choices))}")
+    if rng is not None and value is not None and value not in rng:
+        raise ConfigError(f"{where}={value!r}: expected a value {rng}")
+
+
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """Check every field of a config dataclass against its type's choices and range."""
+    hints = get_type_hints(type(obj), include_extras=True)
+    for f in fields(obj):
+        check_value(getattr(obj, f.name), hints[f.name], f"{prefix}{f.name}")
+
+
 @dataclass
 class ModelConfig:
     """Shape of a decoder-only GPT. Defaults are GPT-2 small's layout."""
 
-    vocab_size: int = 50304
-    block_size: int = 1024          # longest sequence the model is trained for
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int = 0              # 0 = n_head (multi-head); fewer = grouped-query attention
-    n_embd: int = 768
-    mlp_hidden: int = 0             # 0 = 4 * n_embd (gelu) or ~8/3 * n_embd rounded (swiglu)
-    norm: str = "layernorm"         # "layernorm" | "rmsnorm"
-    mlp: str = "gelu"               # "gelu" | "swiglu"
-    position: str = "learned"       # "learned" | "rope"
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
-    bias: bool = True
-    dropout: float = 0.0            # residual / embedding dropout
-    norm_eps: float = 1e-5
+    vocab_size: Positive = 50304          # embedding rows; pre-training from scratch sets it from the data's tokenizer
+    block_size: Positive = 1024           # longest sequence the model is trained for (its context)
+    n_layer: Positive = 12                # transformer blocks
+    n_head: Positive = 12                 # attention heads (query heads under grouped-query attention)
+    n_kv_head: NonNegative = 0            # key/value heads: 0 = n_head (multi-head); fewer = grouped-query
+    n_embd: Positive = 768                # width of the residual stream
+    mlp_hidden: NonNegative = 0           # MLP width: 0 = 4 * n_embd (gelu) or ~8/3 * n_embd (swiglu)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # normalisation layer
+    mlp: Literal["gelu", "swiglu"] = "gelu"  # MLP activation
+    position: Literal["learned", "rope"] = "learned"  # learned position embeddings or rotary (RoPE)
+    rope_theta: PositiveFloat = 10000.0   # RoPE base frequency
+    # RoPE frequency scaling for long contexts: "linear" divides positions by rope_factor; "llama3"
+    # (Llama 3.1+) divides low frequencies by it, keeps high ones, with a smooth band between
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"  # RoPE frequency scaling for long contexts
+    rope_factor: PositiveFloat = 1.0      # RoPE scaling factor
+    rope_low_freq_factor: PositiveFloat = 1.0  # llama3 scaling: the low-frequency edge of the smooth band
+    rope_high_freq_factor: PositiveFloat = 4.0  # llama3 scaling: the high-frequency edge of the smooth band
+    rope_original_context: Positive = 8192  # the context the model was pre-trained at before scaling
+    tie_embeddings: bool = True           # output layer shares the token embedding's weights
+    bias: bool = True                     # biases on every linear layer and LayerNorm
+    qkv_bias: bool = False                # biases on the q/k/v projection even when bias=false (Qwen2)
+    dropout: Fraction = 0.0               # residual / embedding dropout
+    norm_eps: PositiveFloat = 1e-5        # epsilon of the normalisation layers
 
     def __post_init__(self) -> None:
-        checks = {
-            "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
-            "position": ("learned", "rope"),
-        }
-        for name, allowed in checks.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"model.{name}={getattr(self, name)!r}: expected one of {allowed}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):  # before any % by them
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name}={getattr(self, name)}: expected a positive integer")
+        check_fields(self, "model.")
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
         if self.kv_heads <= 0 or self.n_head % self.kv_heads:
@@ -63,8 +124,9 @@ class ModelConfig:
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.position='rope' needs an even head size, got model.n_embd / model.n_head "
                               f"= {self.head_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout={self.dropout}: expected a value in [0, 1)")
+        if self.rope_scaling == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ConfigError(f"model.rope_low_freq_factor={self.rope_low_freq_factor} must be below "
+                              f"model.rope_high_freq_factor={self.rope_high_freq_factor}")
 
     @property
     def kv_heads(self) -> int:
@@ -83,32 +145,49 @@ class ModelConfig:
         return 4 * self.n_embd
 
 
+# Model settings that may differ from a start model's (init_from) without touching its weights.
+START_SETTINGS = ("block_size", "dropout")
+
+
 @dataclass
 class TrainConfig:
     """Fields of the one trainer loop, shared by every stage."""
 
-    out_dir: str = "runs/pretrain"
-    device: str = "auto"            # "auto" | "cpu" | "cuda" | "cuda:N"
-    dtype: str = "auto"             # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    out_dir: str = "runs/pretrain"  # run folder: checkpoint.pt, metrics.jsonl; an existing checkpoint is resumed
+    device: str = "auto"            # auto (CUDA if present), cpu, cuda or cuda:N
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False           # torch.compile the model
-    seed: int = 1337
-    max_steps: int = 1000           # optimizer steps
-    batch_size: int = 8             # rows (or examples) per micro-batch
-    grad_accum: int = 1
-    lr: float = 6e-4
-    min_lr_ratio: float = 0.1       # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0          # 0 disables
-    eval_interval: int = 200        # steps between evaluations (0: only at the end)
-    log_interval: int = 10
-    ckpt_interval: int = 500        # steps between checkpoints (the last step always saves)
-    max_bad_steps: int = 10         # non-finite losses tolerated (skipped) before the run stops
-    resume: bool = True             # continue from out_dir/checkpoint.pt when it exists
-    progress: bool = True           # progress bar
+    seed: int = 1337                # seed of initialisation, data order and sampling
+    max_steps: Positive = 1000      # optimizer steps in all (a resumed run continues to this step)
+    batch_size: Positive = 8        # rows (or examples) per micro-batch
+    grad_accum: Positive = 1        # micro-batches per optimizer step
+    lr: PositiveFloat = 6e-4        # peak learning rate, reached after warmup
+    min_lr_ratio: Ratio = 0.1       # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: NonNegative = 100  # steps of linear warmup from 0 to lr
+    weight_decay: NonNegativeFloat = 0.1  # AdamW weight decay on weight matrices (not norms or biases)
+    beta1: Fraction = 0.9           # AdamW first-moment decay
+    beta2: Fraction = 0.95          # AdamW second-moment decay
+    adam_eps: PositiveFloat = 1e-8  # AdamW epsilon
+    grad_clip: NonNegativeFloat = 1.0  # clip the gradient norm to this; 0 disables
+    grad_checkpointing: bool = False  # recompute each block in backward instead of keeping its activations
+    eval_interval: NonNegative = 200  # steps between evaluations (0: only at the end)
+    log_interval: Positive = 10     # steps between metrics.jsonl records
+    ckpt_interval: Positive = 500   # steps between checkpoints (the last step always saves)
+    max_bad_steps: NonNegative = 10  # non-finite losses tolerated (skipped) before the run stops
+    resume: bool = True             # continue from out_dir/checkpoint.pt when it exists (false: start over)
+    progress: bool = True           # show progress (a bar on a terminal, plain lines in a log)
+    tensorboard: bool = False       # also log metrics to TensorBoard in out_dir/tensorboard (needs tensorboard)
+    wandb: bool = False             # also log metrics to Weights & Biases (needs wandb; project $WANDB_PROJECT)
+
+    # Settings a resumed run may change: how long it runs, how it computes and what it shows,
+    # never what it learns from (max_steps extends or shortens the schedule). Every other setting
+    # must match the checkpoint's, or the trainer refuses to resume.
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({
+        "out_dir", "device", "compile", "grad_checkpointing", "max_steps", "eval_interval", "log_interval",
+        "ckpt_interval", "max_bad_steps", "resume", "progress", "tensorboard", "wandb"})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 # Presets are data: a "model" part (ModelConfig fields) and a "train" part (any stage's fields).
@@ -147,38 +226,39 @@ C = TypeVar("C")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
+    return get_type_hints(cls, include_extras=True)
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
-    """Convert a TOML or flag value to the dataclass field's type, or fail naming ``where``."""
-    origin = getattr(typ, "__args__", None)
-    if origin and type(None) in origin:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
-        typ = next(t for t in origin if t is not type(None))
+    """Convert a TOML or flag value to the dataclass field's type and check it against the type's
+    choices and range, or fail naming ``where``."""
+    base, _, _ = split_type(typ)
     try:
-        if typ is bool:
+        if base is bool:
             if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-                return False
+                converted: Any = value
+            elif isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                converted = True
+            elif isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                converted = False
+            else:
+                raise ValueError(value)
+        elif base in (int, float) and isinstance(value, bool):  # TOML `n_layer = true` is not a number
             raise ValueError(value)
-        if typ in (int, float) and isinstance(value, bool):  # TOML `n_layer = true` is not a number
-            raise ValueError(value)
-        if typ is int:
+        elif base is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
-            return int(value)
-        if typ is float:
-            return float(value)
-        if typ is str:
-            return str(value)
+            converted = int(value)
+        elif base is float:
+            converted = float(value)
+        elif base is str:
+            converted = str(value)
+        else:
+            converted = value
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}={value!r}: expected {getattr(typ, '__name__', typ)}") from None
-    return value
+        raise ConfigError(f"{where}={value!r}: expected {getattr(base, '__name__', base)}") from None
+    check_value(converted, typ, where)
+    return converted
 
 
 def _apply(obj: Any, values: dict[str, Any], source: str, prefix: str = "") -> None:
@@ -234,6 +314,20 @@ def build_config(cls: type[C], preset: str | None = None, toml_path: str | Path 
         except TypeError as e:
             raise ConfigError(f"model config: {e}") from None
     return cfg
+
+
+def given_keys(toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> set[str]:
+    """The dotted keys a TOML file and overrides set (what a user asked for, defaults aside)."""
+    keys = set(overrides or {})
+    if toml_path:
+        def walk(table: dict[str, Any], prefix: str) -> None:
+            for key, value in table.items():
+                if isinstance(value, dict):
+                    walk(value, f"{prefix}{key}.")
+                else:
+                    keys.add(f"{prefix}{key}")
+        walk(tomllib.loads(Path(toml_path).read_text()), "")
+    return keys
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from .errors import FastGPTError
 
+import glob
 import json
 import random
 import shutil
@@ -28,8 +29,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
+from .console import Progress
+from .files import atomic_write
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
 MAGIC = b"FGPTTOK1"
@@ -42,23 +43,41 @@ class DataError(FastGPTError, ValueError):
 
 
 # ------------------------------------------------------------------------ reading sources
-def iter_documents(paths: Sequence[str | Path], text_field: str = "text") -> Iterator[tuple[str, str]]:
-    """(source, text) for every document: a .txt file is one document, a .jsonl line is one
-    (its ``text_field``), a directory is every .txt / .jsonl file below it, sorted."""
+TEXT_EXTENSIONS = (".txt", ".jsonl")
+
+
+def input_files(paths: Sequence[str | Path], extensions: Sequence[str] = TEXT_EXTENSIONS) -> list[Path]:
+    """The files ``paths`` name: a file as it is (any name), a folder's files below it whose names
+    end in one of ``extensions`` (sorted), a glob pattern's files (``**`` for any depth)."""
+    files: list[Path] = []
     for raw in paths:
         p = Path(raw)
-        if not p.exists():
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(tuple(extensions)))
+            if not found:
+                raise DataError(f"{p}: directory holds no {', '.join(extensions)} files (choose others with --ext)")
+            files += found
+        elif p.exists():
+            files.append(p)
+        elif any(c in str(raw) for c in "*?["):
+            found = sorted(Path(m) for m in glob.glob(str(raw), recursive=True) if Path(m).is_file())
+            if not found:
+                raise DataError(f"{raw}: no files match")
+            files += found
+        else:
             raise DataError(f"{p}: no such file or directory")
-        files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl")) if p.is_dir() else [p]
-        if p.is_dir() and not files:
-            raise DataError(f"{p}: directory holds no .txt or .jsonl files")
-        for f in files:
-            if f.suffix == ".jsonl":
-                yield from read_jsonl_field(f, text_field)
-            elif f.suffix == ".txt":
-                yield str(f), f.read_text(encoding="utf-8", errors="replace")
-            else:
-                raise DataError(f"{f}: unsupported file type (expected .txt, .jsonl or a directory)")
+    return files
+
+
+def iter_documents(paths: Sequence[str | Path], text_field: str = "text",
+                   extensions: Sequence[str] = TEXT_EXTENSIONS) -> Iterator[tuple[str, str]]:
+    """(source, text) for every document of :func:`input_files`: a .jsonl line is one (its
+    ``text_field``), any other file is one document of UTF-8 text (bad bytes replaced)."""
+    for f in input_files(paths, extensions):
+        if f.suffix == ".jsonl":
+            yield from read_jsonl_field(f, text_field)
+        else:
+            yield str(f), f.read_text(encoding="utf-8", errors="replace")
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -87,11 +106,9 @@ def _dtype_for(vocab_size: int) -> np.dtype:
 
 def write_shard(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
     dtype = _dtype_for(vocab_size)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(HEADER.pack(MAGIC, 1, dtype.itemsize, len(tokens), vocab_size))
         f.write(np.asarray(tokens, dtype=dtype).tobytes())
-    tmp.replace(path)
 
 
 def open_shard(path: Path) -> tuple[np.memmap, int]:
@@ -112,7 +129,7 @@ def open_shard(path: Path) -> tuple[np.memmap, int]:
 
 def prepare(inputs: Sequence[str | Path], out_dir: str | Path, tokenizer: Tokenizer,
             val_fraction: float = 0.01, shard_tokens: int = 100_000_000, text_field: str = "text",
-            seed: int = 0, progress: bool = True) -> dict[str, Any]:
+            seed: int = 0, progress: bool = True, extensions: Sequence[str] = TEXT_EXTENSIONS) -> dict[str, Any]:
     """Tokenize documents into train/val shards under ``out_dir``; returns the written meta."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,8 +153,8 @@ def prepare(inputs: Sequence[str | Path], out_dir: str | Path, tokenizer: Tokeni
                 shards[split].append(name)
 
         # delay: a quick run (or a quick failure) leaves no bar behind, so an error stays one line
-        with tqdm(desc="prepare", unit="doc", disable=not progress, delay=1.0) as bar:
-            for _, text in iter_documents(inputs, text_field):
+        with Progress(None, "prepare", "document", enabled=progress, every=10_000, delay=1.0) as bar:
+            for _, text in iter_documents(inputs, text_field, extensions):
                 if not text.strip():
                     continue
                 split = "val" if rng.random() < val_fraction else "train"

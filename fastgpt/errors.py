@@ -3,3 +3,7 @@
 
 class FastGPTError(Exception):
     """Bad input or state that the user can fix; the message names the file, line or field."""
+
+
+class TokenizerError(FastGPTError, ValueError):
+    """Bad tokenizer input, file or chat template (one-line message)."""

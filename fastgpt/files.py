@@ -63,3 +63,16 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
             tmp.unlink()
             removed.append(tmp)
     return removed
+
+
+def content_digest(path: str | Path) -> str:
+    """A digest of what a data path holds: sha256 of a file's bytes, or of a dataset folder's
+    ``meta.json`` (which records its shards, token counts, sources and tokenizer)."""
+    import hashlib
+    path = Path(path)
+    target = path / "meta.json" if path.is_dir() else path
+    digest = hashlib.sha256()
+    with open(target, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from . import kernels
 from .config import ModelConfig
@@ -63,14 +64,34 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
-    angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # (max_len, D/2)
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Rotation frequency of each pair of a head's dimensions, (head_dim / 2,) fp32, with the
+    config's long-context scaling applied (the same frequencies Hugging Face models use)."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2).float() / D)
+    if cfg.rope_scaling == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        # Wavelengths longer than the pre-training context are stretched by rope_factor, shorter
+        # ones (the fine-grained positions) are kept, and a band in between is interpolated.
+        wavelen = 2 * math.pi / inv_freq
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old = cfg.rope_original_context
+        smooth = ((old / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+        return (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+    return inv_freq
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every (position, frequency) up to the context, each (block_size, D/2)."""
+    angles = torch.outer(torch.arange(cfg.block_size).float(), rope_frequencies(cfg))
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of each head; cos/sin broadcast as (..., T, 1, D/2)."""
+    """Rotate pairs (first half, second half) of each head; cos/sin broadcast as (..., T, 1, D/2).
+    Dimension i pairs with i + D/2 (Hugging Face's rotate_half layout, not interleaved pairs), so
+    imported Llama-family q/k weights are used as stored."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
@@ -113,7 +134,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.rope = cfg.position == "rope"
 
@@ -182,6 +203,9 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        # Activation checkpointing: keep only each block's input for backward and recompute the
+        # block then, trading one more forward for most of the activation memory.
+        self.grad_checkpointing = False
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
@@ -191,7 +215,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if cfg.position == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -253,8 +277,12 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[position_ids][:, :, None], self.rope_sin[position_ids][:, :, None])
         x = self.drop(x)
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rope, ctx)
+            if recompute:  # the saved RNG state replays dropout masks exactly in the recomputation
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, ctx, use_reentrant=False)
+            else:
+                x = block(x, rope, ctx)
         return self.norm_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,

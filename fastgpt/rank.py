@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from tqdm.auto import tqdm
-
 from .chatdata import MAX_RESPONSES, Comparison, LoadReport, parse_prompt, parse_prompt_record, read_comparisons, read_records
+from .console import Progress, plural, visible
 from .errors import FastGPTError
+from .files import atomic_write
 
 
 class RankError(FastGPTError, ValueError):
@@ -46,32 +45,24 @@ def compare(checkpoint: str, prompts_path: str, out_path: str, k: int = 4, tempe
         raise RankError(f"-k {k}: expected between 2 and {MAX_RESPONSES} responses per prompt")
     report = LoadReport(str(prompts_path))
     prompts = [p for _, p in read_records(prompts_path, parse_prompt_record, report)]
-    report.warn("compare")
-    report.check(max_bad_fraction, "prompts")
+    report.finish("compare", max_bad_fraction, "prompts")
     model, tok, _ = load_model(checkpoint, kind="gpt", device=resolve_device(device))
     room = model.config.block_size - min(max_new_tokens, model.config.block_size // 2)
     encoded = [encode_prompt(tok, parse_prompt(p))[-room:] for p in prompts]  # keep room to answer
     per_batch = max(1, batch_size // k)
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f, tqdm(total=len(prompts), desc="compare", unit="prompt") as bar:
-            for b, start in enumerate(range(0, len(prompts), per_batch)):
-                chunk = encoded[start:start + per_batch]
-                params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        stop_ids=(tok.end_id,), seed=seed + b)
-                gens = generate(model, [p for p in chunk for _ in range(k)], params, vocab_limit=tok.vocab_size)
-                for i, prompt in enumerate(prompts[start:start + per_batch]):
-                    mine = gens[i * k:(i + 1) * k]
-                    texts = [tok.decode(g.tokens[:-1] if g.finished else g.tokens) for g in mine]
-                    row = {"prompt": prompt, "responses": texts, "finished": [g.finished for g in mine]}
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                bar.update(len(chunk))
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(out) as f, Progress(len(prompts), "compare", "prompt") as bar:
+        for b, start in enumerate(range(0, len(prompts), per_batch)):
+            chunk = encoded[start:start + per_batch]
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                    stop_ids=tok.stop_ids, seed=seed + b)
+            gens = generate(model, [p for p in chunk for _ in range(k)], params, vocab_limit=tok.vocab_size)
+            for i, prompt in enumerate(prompts[start:start + per_batch]):
+                mine = gens[i * k:(i + 1) * k]
+                texts = [tok.decode(g.tokens[:-1] if g.finished else g.tokens) for g in mine]
+                row = {"prompt": prompt, "responses": texts, "finished": [g.finished for g in mine]}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            bar.update(len(chunk))
     return out
 
 
@@ -111,22 +102,24 @@ def _drop_last(path: Path) -> dict | None:
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not lines:
         return None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         f.write("".join(ln + "\n" for ln in lines[:-1]))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return json.loads(lines[-1])
 
 
 def _show(c: Comparison, i: int, n: int, done: int, say: Callable[[str], None]) -> None:
+    """One comparison as the person sees it. Model output is untrusted: characters a terminal
+    would act on or not show are printed as escapes (see fastgpt.console.visible)."""
     say(f"\n=== comparison {i + 1} of {n} ({done} ranked) ===")
-    for m in c.messages:
-        say(f"[{m['role']}] {m['content']}")
-    for j, (r, fin) in enumerate(zip(c.responses, c.finished), 1):
+    texts = [m["content"] for m in c.messages] + list(c.responses)
+    shown = [visible(t) for t in texts]
+    for m, text in zip(c.messages, shown):
+        say(f"[{m['role']}] {text}")
+    for j, (r, text, fin) in enumerate(zip(c.responses, shown[len(c.messages):], c.finished), 1):
         say(f"--- {j}{'' if fin else ' (did not finish)'} ---")
-        say(r if r.strip() else "(empty)")
+        say(text if text.strip() else f"(empty{'' if not r else ', only whitespace: ' + repr(r)})")
+    if shown != texts:
+        say("(\\x.. and \\u.... are control or invisible characters, \\ufffd bytes that were not valid UTF-8)")
 
 
 def rank_interactive(comparisons_path: str, rankings_path: str, ask: Callable[[str], str] = input,
@@ -165,7 +158,7 @@ def rank_interactive(comparisons_path: str, rankings_path: str, ask: Callable[[s
             except EOFError:
                 answer = "q"
             if answer == "q":
-                say(f"rank: saved {sum(flags)} rankings to {out}; run again to continue")
+                say(f"rank: saved {plural(sum(flags), 'ranking')} to {out}; run again to continue")
                 return session
             if answer == "s":
                 skipped.add(i)

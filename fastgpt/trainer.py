@@ -15,24 +15,27 @@ from __future__ import annotations
 from .errors import FastGPTError
 
 import contextlib
-import json
 import math
 import os
 import random
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_state_strict,
                          remove_stale_temporaries, save_checkpoint)
 from .config import TrainConfig
+from .console import Progress, plural
+from .files import content_digest
+from .metrics import MetricsLogger, open_loggers
+from .model import GPT
 from .tokenizer import Tokenizer
 
 # Dense bf16 tensor-core peaks (datasheet, FLOP/s) used for MFU; unknown devices report no MFU.
@@ -65,6 +68,26 @@ class Task(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class DataPlan:
+    """What a run trains on, as the stage sees it: shown before the first step, with warnings when
+    the numbers cannot mean much."""
+
+    size: int                        # training items (conversations, rankings, prompts, tokens)
+    unit: str                        # what an item is, singular ("conversation")
+    steps_per_epoch: float           # optimizer steps one pass over the training items takes
+    tokens_per_step: int             # tokens one optimizer step trains on (at most, when packed)
+    packed: bool = True              # tokens_per_step is a capacity of packed rows, not exact
+    val_size: int = 0                # held-out items behind the evaluation metrics
+    val_unit: str = ""
+    step: str = ""                   # what a micro-batch is, when not batch_size rows of the model's context
+    notes: list[str] = field(default_factory=list)  # stage-specific lines for the start block
+
+
+MANY_EPOCHS = 10     # more passes than this over the training data memorise it
+FEW_HELD_OUT = 20    # a held-out metric over fewer items than this is mostly noise
 
 
 @dataclass
@@ -164,13 +187,22 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
 
 
 class Trainer:
-    """Runs ``cfg.max_steps`` optimizer steps of ``task`` on ``model``; see the module docstring."""
+    """Runs ``cfg.max_steps`` optimizer steps of ``task`` on ``model``; see the module docstring.
+
+    ``data`` maps the config fields that name training data to their paths: a resume is refused
+    when what they hold changed since the checkpoint (see :meth:`_check_resume`). ``plan``
+    describes the data for the start-of-run block. ``loggers`` receive every metric record besides
+    ``metrics.jsonl`` (and TensorBoard / wandb when the config asks for them).
+    """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, task: Task, *, stage: str,
                  tokenizer: Tokenizer, model_kind: str = "gpt", extra: dict[str, Any] | None = None,
-                 flops_per_token: float | None = None) -> None:
+                 flops_per_token: float | None = None, data: dict[str, str] | None = None,
+                 plan: DataPlan | None = None, loggers: Sequence[MetricsLogger] = ()) -> None:
         self.cfg, self.task, self.stage, self.tokenizer = cfg, task, stage, tokenizer
         self.model_kind, self.extra = model_kind, dict(extra or {})
+        self.plan, self.extra_loggers = plan, list(loggers)
+        self.loggers: list[MetricsLogger] = []  # opened by fit
         self.dist = distributed_env()
         if self.dist.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
@@ -179,11 +211,17 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.amp_dtype = amp_dtype(self.device, cfg.dtype)
         self.model = model.to(self.device)
+        for module in self.model.modules():
+            if isinstance(module, GPT):
+                module.grad_checkpointing = cfg.grad_checkpointing
         self.flops_per_token = flops_per_token
         self.out_dir = Path(cfg.out_dir)
+        self.data = {name: {"path": str(path), "sha256": content_digest(path)}
+                     for name, path in (data or {}).items() if path}
         self.step = 0
         self.tokens_seen = 0
         self.bad_steps = 0
+        self.seconds_before = 0.0  # training time of earlier runs of this checkpoint
         self.history: list[dict[str, Any]] = []
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.resumed_from: int | None = None
@@ -212,8 +250,9 @@ class Trainer:
         dist.all_gather_object(out, obj)
         return out
 
-    def save(self) -> None:
-        """Every rank contributes its RNG and data position; rank 0 writes the file atomically."""
+    def save(self, seconds: float = 0.0) -> None:
+        """Every rank contributes its RNG and data position; rank 0 writes the file atomically.
+        ``seconds``: training time of this run so far."""
         rngs = self._gather(rng_state())
         tasks = self._gather(self.task.state_dict())
         if self.dist.is_main:
@@ -223,10 +262,41 @@ class Trainer:
                             optimizer=self.optimizer.state_dict(),
                             trainer={"step": self.step, "tokens_seen": self.tokens_seen,
                                      "bad_steps": self.bad_steps, "world_size": self.dist.world_size},
-                            rng=rngs, task=tasks, config=asdict(self.cfg), extra=self.extra,
-                            history=self.history)
+                            seconds=self.seconds_before + seconds, rng=rngs, task=tasks, config=asdict(self.cfg),
+                            data=self.data, extra=self.extra, history=self.history)
         if self.dist.world_size > 1:
             dist.barrier()
+
+    def _check_resume(self, ckpt: dict[str, Any], path: Path) -> None:
+        """Refuse, in one line, to resume a checkpoint trained with other data or settings than
+        ``self.cfg`` (only the config's RESUME_SAFE settings may change), or past max_steps."""
+        saved, now = ckpt.get("config", {}), asdict(self.cfg)
+        safe = getattr(type(self.cfg), "RESUME_SAFE", frozenset())
+        saved_data = ckpt.get("data")  # None: a checkpoint from before data digests; compare paths then
+        by_digest = set(self.data) | set(saved_data or {}) if saved_data is not None else set()
+        changes = []
+        for key, old in saved.items():
+            if key in safe or key in by_digest or key not in now or now[key] == old:
+                continue
+            if isinstance(old, dict):  # a nested config (model): name each differing field
+                changes += [f"{key}.{k} {v!r} -> {now[key].get(k)!r}" for k, v in old.items() if now[key].get(k) != v]
+            else:
+                changes.append(f"{key} {old!r} -> {now[key]!r}")
+        for key in sorted(by_digest):  # the same contents under another path are the same data
+            old, new = (saved_data or {}).get(key), self.data.get(key)
+            if old is None or new is None or new["sha256"] != old["sha256"]:
+                same_path = old and new and new["path"] == old["path"]
+                changes.append(f"{key} {old['path'] if old else ''!r} "
+                               + ("other contents" if same_path else f"-> {new['path'] if new else ''!r}"))
+        if changes:
+            shown = ", ".join(changes[:4]) + (f" and {len(changes) - 4} more" if len(changes) > 4 else "")
+            raise CheckpointError(
+                f"{path} was trained with other data or settings ({shown}); start over with --fresh "
+                f"(resume=false), use another --out_dir, or resume with the checkpoint's settings")
+        step = ckpt["trainer"]["step"]
+        if step > self.cfg.max_steps:
+            raise CheckpointError(f"{path} is at step {step}, past max_steps={self.cfg.max_steps}; raise max_steps "
+                                  f"to continue it, or start over with --fresh (resume=false)")
 
     def _resume(self) -> None:
         path = self.out_dir / CHECKPOINT_NAME
@@ -235,28 +305,68 @@ class Trainer:
             raise CheckpointError(f"{path}: is a {ckpt['stage']} checkpoint, cannot resume it as {self.stage} "
                                   f"(use another out_dir or resume=false)")
         load_state_strict(self.model, ckpt["model"], str(path))
+        self._check_resume(ckpt, path)
         if "optimizer" not in ckpt:
             raise CheckpointError(f"{path}: has no optimizer state to resume from")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         t = ckpt["trainer"]
         if t["world_size"] != self.dist.world_size:
-            raise CheckpointError(f"{path}: written by {t['world_size']} processes, resuming with "
+            raise CheckpointError(f"{path}: written by {plural(t['world_size'], 'process', 'processes')}, resuming with "
                                   f"{self.dist.world_size}")
         self.step, self.tokens_seen, self.bad_steps = t["step"], t["tokens_seen"], t["bad_steps"]
+        self.seconds_before = float(ckpt.get("seconds", 0.0))
         set_rng_state(ckpt["rng"][self.dist.rank])
         self.task.load_state_dict(ckpt["task"][self.dist.rank])
         self.extra.update(ckpt.get("extra", {}))
         self.history = list(ckpt.get("history", []))
         self.resumed_from = self.step
+        if self.dist.is_main:
+            if self.step < self.cfg.max_steps:
+                print(f"{self.stage}: resuming {self.out_dir} from step {self.step} of {self.cfg.max_steps}", flush=True)
+            else:
+                print(f"{self.stage}: {self.out_dir} is finished (step {self.step} of {self.cfg.max_steps}): nothing "
+                      f"to train; raise max_steps to continue it", flush=True)
 
     # ------------------------------------------------------------------- logging
     def _log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
         self.history.append(record)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        for logger in self.loggers:
+            logger.log(record)
+
+    def describe(self) -> tuple[list[str], list[str]]:
+        """(lines, warnings) of the start-of-run block: model, step size, device, data, epochs."""
+        cfg, plan = self.cfg, self.plan
+        params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        mconf = getattr(self.model, "config", None)
+        where = f"{self.device.type} {'fp32' if self.amp_dtype is None else 'bf16 autocast'}"
+        if self.device.type == "cpu":
+            where += f", {plural(torch.get_num_threads(), 'thread')}"
+        elif self.device.type == "cuda":
+            where += f" ({torch.cuda.get_device_name(self.device)})"
+        lines = [f"{params / 1e6:.2f}M parameters" + (f", vocabulary {mconf.vocab_size:,}, context {mconf.block_size:,}"
+                                                     if mconf is not None else "") + f"; {where}"]
+        warnings: list[str] = []
+        if plan is None:
+            return lines, warnings
+        world = self.dist.world_size
+        step = plan.step or (f"micro-batch {plural(cfg.batch_size, 'row')} x "
+                             f"{mconf.block_size if mconf is not None else '?':,} tokens")
+        lines.append(f"{step}, grad_accum {cfg.grad_accum}" + (f", {world} processes" if world > 1 else "")
+                     + f": {'up to ' if plan.packed else ''}{plan.tokens_per_step:,} tokens per step")
+        epochs = cfg.max_steps / max(plan.steps_per_epoch, 1e-9)
+        held = f"; {plural(plan.val_size, plan.val_unit)} held out" if plan.val_unit else ""
+        lines.append(f"data: {plural(plan.size, plan.unit)}{held}; max_steps {cfg.max_steps:,} = {epochs:.3g} "
+                     f"epoch{'' if epochs == 1 else 's'} ({plan.steps_per_epoch:.3g} steps each)")
+        lines += plan.notes
+        if epochs > MANY_EPOCHS:
+            warnings.append(f"{epochs:.0f} epochs over {plural(plan.size, plan.unit)}: the model will memorise them "
+                            f"rather than generalise; use more data or fewer steps")
+        if plan.val_unit and 0 < plan.val_size < FEW_HELD_OUT:
+            warnings.append(f"only {plural(plan.val_size, plan.val_unit)} held out: held-out metrics over so few are "
+                            f"mostly noise")
+        return lines, warnings
 
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
@@ -286,82 +396,113 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
         return total / cfg.grad_accum, sums, tokens
 
+    def _optimizer_step(self) -> tuple[float, dict[str, float], int] | None:
+        """One optimizer step at the scheduled learning rate: (loss, metrics, tokens), or None when
+        the loss was not finite and the step was skipped (every rank agrees to skip)."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, metrics, tokens = self._backward_step()
+        loss_value = float(loss)
+        if self.dist.world_size > 1:
+            flag = torch.tensor([0.0 if math.isfinite(loss_value) else 1.0], device=self.device)
+            dist.all_reduce(flag)
+            finite = flag.item() == 0
+        else:
+            finite = math.isfinite(loss_value)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self._log({"step": self.step, "event": "skipped non-finite loss", "bad_steps": self.bad_steps})
+            if self.bad_steps > cfg.max_bad_steps:
+                raise TrainingError(
+                    f"{self.stage}: {self.bad_steps} non-finite losses (max_bad_steps={cfg.max_bad_steps}); "
+                    f"stopped at step {self.step}, last good checkpoint kept in {self.out_dir}")
+            return None
+        metrics = {"loss": loss_value, "lr": lr, **metrics}
+        if cfg.grad_clip > 0:
+            metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.step += 1
+        self.tokens_seen += tokens * self.dist.world_size
+        return loss_value, metrics, tokens * self.dist.world_size
+
+    def _start(self) -> None:
+        """Open the metric sinks (rank 0) and print what this run is about to train."""
+        if not self.dist.is_main:
+            return
+        self.loggers = open_loggers(self.out_dir, self.history, stage=self.stage, config=asdict(self.cfg),
+                                    tensorboard=self.cfg.tensorboard, wandb=self.cfg.wandb) + self.extra_loggers
+        lines, warnings = self.describe()
+        for line in lines:
+            print(f"{self.stage}: {line}", flush=True)
+        for line in warnings:
+            print(f"{self.stage}: warning: {line}", file=sys.stderr, flush=True)
+
     def fit(self) -> dict[str, Any]:
-        """Train to cfg.max_steps (from the resumed step, if any) and return a summary."""
+        """Train to cfg.max_steps (from the resumed step, if any) and return a summary: ``steps``
+        and ``seconds_total`` count everything the checkpoint holds, ``steps_this_run`` and
+        ``seconds`` this call only."""
         cfg = self.cfg
         self.model.train()
+        self._start()
+        first_step, first_tokens = self.step, self.tokens_seen
         peak = peak_flops(self.device)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.stage, unit="step",
-                   disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True, leave=True)
+        bar = Progress(cfg.max_steps, self.stage, "step", initial=self.step,
+                       enabled=cfg.progress and self.dist.is_main, every=max(cfg.log_interval, cfg.max_steps // 20))
         window: dict[str, float] = {}
         counts: dict[str, int] = {}  # a metric may be missing on some steps: average what was reported
-        window_steps, window_tokens, window_time = 0, 0, 0.0
+        window_tokens, window_time = 0, 0.0
         bar_keys = ("loss", "tokens_per_s", "mfu", *getattr(self.task, "progress_keys", ()))
+        shown: dict[str, str] = {}
         last_eval: dict[str, float] = {}
         start = time.perf_counter()
-        while self.step < cfg.max_steps:
-            lr = lr_at(self.step, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
-            loss, metrics, tokens = self._backward_step()
-            loss_value = float(loss)
-            if self.dist.world_size > 1:  # every rank must agree to skip
-                flag = torch.tensor([0.0 if math.isfinite(loss_value) else 1.0], device=self.device)
-                dist.all_reduce(flag)
-                finite = flag.item() == 0
-            else:
-                finite = math.isfinite(loss_value)
-            if not finite:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.bad_steps += 1
-                self._log({"step": self.step, "event": "skipped non-finite loss", "bad_steps": self.bad_steps})
-                if self.bad_steps > cfg.max_bad_steps:
-                    bar.close()
-                    raise TrainingError(
-                        f"{self.stage}: {self.bad_steps} non-finite losses (max_bad_steps={cfg.max_bad_steps}); "
-                        f"stopped at step {self.step}, last good checkpoint kept in {self.out_dir}")
-                continue
-            grad_norm = None
-            if cfg.grad_clip > 0:
-                grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            dt = time.perf_counter() - t0
-            self.step += 1
-            self.tokens_seen += tokens * self.dist.world_size
-            window_steps += 1
-            window_tokens += tokens * self.dist.world_size
-            window_time += dt
-            step_metrics = {"loss": loss_value, **metrics}
-            if grad_norm is not None:
-                step_metrics["grad_norm"] = grad_norm
-            for k, v in step_metrics.items():
-                if math.isfinite(v):
-                    window[k] = window.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
-
-            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                record = {"step": self.step, "lr": lr, **{k: v / counts[k] for k, v in window.items()}}
-                record["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
-                if peak and self.flops_per_token:
-                    record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (peak * self.dist.world_size)
-                self._log(record)
-                bar.set_postfix({k: f"{record[k]:.4g}" for k in bar_keys if k in record}
-                                | {k: f"{v:.3g}" for k, v in last_eval.items() if k.startswith("val")})
-                window, counts, window_steps, window_tokens, window_time = {}, {}, 0, 0, 0.0
-            if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
-                last_eval = self.evaluate()
+        try:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                done = self._optimizer_step()
+                if done is None:
+                    continue
+                _, step_metrics, tokens = done
+                window_tokens += tokens
+                window_time += time.perf_counter() - t0
+                for k, v in step_metrics.items():
+                    if math.isfinite(v):
+                        window[k] = window.get(k, 0.0) + v
+                        counts[k] = counts.get(k, 0) + 1
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                    record = {"step": self.step, "lr": step_metrics["lr"],
+                              **{k: v / counts[k] for k, v in window.items() if k != "lr"}}
+                    record["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
+                    if peak and self.flops_per_token:
+                        record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (peak * self.dist.world_size)
+                    self._log(record)
+                    shown = {k: f"{record[k]:.4g}" for k in bar_keys if k in record}
+                    bar.set_postfix(shown | {k: f"{v:.4g}" for k, v in last_eval.items() if k.startswith("val")})
+                    window, counts, window_tokens, window_time = {}, {}, 0, 0.0
+                if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
+                    last_eval = self.evaluate()
+                    self._log({"step": self.step, **{f"eval/{k}": v for k, v in last_eval.items()}})
+                if self.step % cfg.ckpt_interval == 0 and self.step < cfg.max_steps:
+                    self.save(time.perf_counter() - start)
+                bar.update(1)
+            last_eval = self.evaluate()
+            # the progress display's last word is the evaluation the checkpoint holds
+            bar.set_postfix(shown | {k: f"{v:.4g}" for k, v in last_eval.items() if k.startswith("val")})
+            if self.step > first_step:  # a finished run that trained nothing keeps its checkpoint as it is
                 self._log({"step": self.step, **{f"eval/{k}": v for k, v in last_eval.items()}})
-            if self.step % cfg.ckpt_interval == 0 and self.step < cfg.max_steps:
-                self.save()
-            bar.update(1)
-        bar.close()
-        last_eval = self.evaluate()
-        self._log({"step": self.step, **{f"eval/{k}": v for k, v in last_eval.items()}})
-        self.save()
-        return {"stage": self.stage, "steps": self.step, "tokens": self.tokens_seen,
-                "seconds": time.perf_counter() - start, "bad_steps": self.bad_steps,
+                self.save(time.perf_counter() - start)
+        finally:
+            bar.close()
+            for logger in self.loggers:
+                logger.close()
+        seconds = time.perf_counter() - start
+        self.seconds_before += seconds  # a save after fit (the reward model's normalisation) keeps the total
+        return {"stage": self.stage, "steps": self.step, "steps_this_run": self.step - first_step,
+                "tokens": self.tokens_seen, "tokens_this_run": self.tokens_seen - first_tokens,
+                "seconds": seconds, "seconds_total": self.seconds_before, "bad_steps": self.bad_steps,
                 "resumed_from": self.resumed_from, "eval": last_eval, "out_dir": str(self.out_dir)}

@@ -42,7 +42,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      cache_batch_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of a few new queries against a KV cache. See :func:`reference.decode_attention_reference`."""
     if use_triton(q):
-        from .triton_attention import decode_attention_triton
+        from .triton_decode import decode_attention_triton
         return decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale,
                                        cache_batch_idx)
     return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, softmax_scale,

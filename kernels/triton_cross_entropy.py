@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import run
 from .reference import check_logits_args, check_loss_args, flatten_linear_inputs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -198,7 +199,7 @@ def _launch_ce(logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, 
     write_grad = grad is not None
     if grad is None:
         grad = loss  # never written (WRITE_GRAD=False): any valid pointer
-    _ce_kernel[(n,)](
+    run(_ce_kernel, (n,),
         logits, logits.stride(0), logits.stride(1), targets,
         grad, grad.stride(0) if write_grad else 0, loss, lse,
         scale, scale.stride(0) if scale.dim() else 0,

@@ -35,6 +35,7 @@ from .triton_cross_entropy import (
     chunk_rows,
     chunks,
 )
+from .launch import run
 from .reference import flatten_linear_inputs
 
 
@@ -104,7 +105,7 @@ def _forward(hidden, weight, targets, temperature, ignore_index, rows):
     block = _block_v(V)
     for sl in chunks(n, rows):
         logits = hidden[sl] @ weight.t()
-        _logprobs_fwd_kernel[(sl.stop - sl.start,)](
+        run(_logprobs_fwd_kernel, (sl.stop - sl.start,),
             logits, logits.stride(0), logits.stride(1), targets[sl],
             logprobs[sl], entropy[sl], lse[sl], spz[sl],
             V, 1.0 / temperature, ignore_index, BLOCK_V=block, num_warps=_num_warps(block))
@@ -131,7 +132,7 @@ class _LinearLogprobs(torch.autograd.Function):
         for sl in chunks(hidden.shape[0], rows):
             logits = hidden[sl] @ weight.t()
             gl, ge = g_lp[sl], g_ent[sl]
-            _logprobs_bwd_kernel[(sl.stop - sl.start,)](
+            run(_logprobs_bwd_kernel, (sl.stop - sl.start,),
                 logits, logits.stride(0), targets[sl], lse[sl], spz[sl],
                 gl, gl.stride(0), ge, ge.stride(0),
                 weight.shape[0], 1.0 / temperature, ignore_index,

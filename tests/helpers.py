@@ -37,3 +37,31 @@ def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     """``fastgpt ARGS`` in a fresh process (what a user types), output captured."""
     return subprocess.run([sys.executable, "-m", "fastgpt.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def rerun_tells_the_truth(capsys: Any, command: str, out_dir: Any, base: list[str], changed: dict[str, str],
+                          steps: int = 2) -> None:
+    """A stage command re-run into its own out_dir (issue 14): other data or settings are refused
+    in one line naming them and the ways out, leaving the checkpoint as it was; a longer
+    max_steps resumes with 'resuming <out_dir> from step N of M' and a summary that counts this
+    run apart from the total."""
+    from pathlib import Path
+
+    from fastgpt.cli import main
+    args = [command, *map(str, base), "--out_dir", str(out_dir), "--progress", "false", "--device", "cpu"]
+    assert main([*args, "--max_steps", str(steps)]) == 0
+    capsys.readouterr()
+    ckpt = Path(out_dir) / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    flags = [x for k, v in changed.items() for x in (f"--{k}", v)]
+    assert main([*args, "--max_steps", str(steps), *flags]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"fastgpt {command}: error" in lines[0], err
+    for name in ("--fresh", "--out_dir", *changed):
+        assert name in lines[0], (name, lines[0])
+    assert ckpt.read_bytes() == before
+    assert main([*args, "--max_steps", str(steps + 1)]) == 0
+    out = capsys.readouterr().out
+    assert f"{command}: resuming {out_dir} from step {steps} of {steps + 1}" in out
+    assert f"{command}: 1 step in " in out and f"this run ({steps + 1} in all, " in out, out

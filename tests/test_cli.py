@@ -84,10 +84,142 @@ def test_help():
     for cmd in ("prepare", "pretrain", "sample", "sft", "reward", "ppo"):
         assert cmd in proc.stdout
     proc = fastgpt("pretrain", "--help", check=True)
-    for flag in ("--preset", "--config", "--lr", "--model.n_layer", "--data", "--max_steps"):
+    for flag in ("--preset", "--config", "--fresh", "--lr", "--model.n_layer", "--data", "--max_steps"):
         assert flag in proc.stdout
     assert fastgpt("prepare", "--help", check=True).stdout.count("--out") >= 1
     assert "usage: fastgpt" in fastgpt().stdout  # no command: the help
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """{--flag: its help text} from argparse's help output (one entry per flag line)."""
+    entries, flag = {}, None
+    for line in text.splitlines():
+        if line.startswith("  --"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line.split("  ", 2)[-1].strip() if "   " in line.strip() else ""
+        elif flag and line.startswith(" " * 10):
+            entries[flag] = (entries[flag] + " " + line.strip()).strip()
+        else:
+            flag = None
+    return entries
+
+
+@pytest.mark.parametrize("command", ["pretrain", "sft", "reward", "ppo"])
+def test_every_setting_has_a_description_choices_and_its_default(command, cli):
+    from fastgpt.commands.settings import config_fields
+    from fastgpt.stages import configs
+    cls = {"pretrain": configs.PretrainConfig, "sft": configs.SFTConfig, "reward": configs.RewardConfig,
+           "ppo": configs.PPOConfig}[command]
+    proc = cli(command, "--help")
+    assert proc.returncode == 0
+    entries = help_entries(proc.stdout)
+    for name, _, description in config_fields(cls):
+        text = entries[f"--{name}"]
+        assert description and text.startswith(description.split()[0]) and "(default: " in text, (name, text)
+    if command == "ppo":
+        assert "{reward,head}" in proc.stdout and "{k1,k3}" in proc.stdout
+    if command == "pretrain":
+        for choices in ("{layernorm,rmsnorm}", "{gelu,swiglu}", "{learned,rope}", "{auto,bf16,fp32}"):
+            assert choices in proc.stdout
+
+
+def test_pretrain_help_shows_the_preset_in_use(cli):
+    tiny = help_entries(cli("pretrain", "--help").stdout)
+    assert "(default: 4;" in tiny["--model.n_layer"] and "(default: 256;" in tiny["--model.block_size"]
+    assert "(default: 600;" in tiny["--max_steps"]
+    small = help_entries(cli("pretrain", "--preset", "small", "--help").stdout)
+    assert "(default: 6;" in small["--model.n_layer"] and "(default: 1500;" in small["--max_steps"]
+    big = cli("pretrain", "--preset", "gpt2-small", "--help").stdout
+    assert "defaults from preset gpt2-small" in big and "(default: 1024;" in help_entries(big)["--model.block_size"]
+
+
+def test_sampling_flags_show_their_defaults(cli):
+    chat, sample = help_entries(cli("chat", "--help").stdout), help_entries(cli("sample", "--help").stdout)
+    assert "(default: 0.7)" in chat["--temperature"] and "(default: 0.8)" in sample["--temperature"]
+    for flag in ("--top-k", "--top-p", "--repetition-penalty", "--max-new-tokens", "--seed", "--device"):
+        assert "(default: " in chat[flag] and "(default: " in sample[flag], flag
+
+
+HELP_PROBE = """
+import sys
+from fastgpt.cli import COMMANDS, main
+leaked = []
+for name in COMMANDS:
+    try:
+        main([name, "--help"])
+    except SystemExit:
+        pass
+    leaked += [f"{name}:{m}" for m in ("torch", "numpy", "tokenizers", "matplotlib") if m in sys.modules]
+print("LEAKED", leaked)
+"""
+
+
+def test_help_is_instant_for_every_command():
+    """No command imports torch (or other heavy packages) before its arguments are parsed."""
+    proc = subprocess.run([sys.executable, "-c", HELP_PROBE], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert "LEAKED []" in proc.stdout, proc.stdout[-500:]
+
+
+OMP_PROBE = """
+import os, sys
+seen = {}
+def hook(event, args):
+    if event == "import" and args[0] == "torch" and "torch" not in seen:
+        seen["torch"] = os.environ.get("OMP_WAIT_POLICY")
+sys.addaudithook(hook)
+from fastgpt.cli import main
+main(["sample", sys.argv[1], "--device", "cpu"])
+print("AT_TORCH_IMPORT", seen.get("torch"), "THREADS", __import__("torch").get_num_threads())
+"""
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_passive_openmp_wait_policy_is_set_before_torch_loads(tmp_path, preset, expected):
+    """A busy machine: spinning OpenMP threads are slow there, so the CLI makes them wait passively
+    (before torch loads) unless the user chose a policy; OMP_NUM_THREADS is left to the user."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **({"OMP_WAIT_POLICY": preset} if preset else {}))
+    proc = subprocess.run([sys.executable, "-c", OMP_PROBE, str(tmp_path / "none")], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert f"AT_TORCH_IMPORT {expected} THREADS 1" in proc.stdout, (proc.stdout, proc.stderr)
+
+
+def test_sample_chat_needs_a_prompt(workspace, cli):
+    assert_one_line_error(cli("sample", workspace / "run", "--chat", "--device", "cpu"), "--chat needs --prompt")
+
+
+@pytest.mark.parametrize("flag, value", [("--max_steps", "-5"), ("--max_steps", "0"), ("--batch_size", "-1"), ("--grad_accum", "0"),
+                                         ("--lr", "0"), ("--eval_batches", "0"), ("--model.dropout", "1.5")])
+def test_non_positive_counts_are_refused(workspace, tmp_path, cli, flag, value):
+    proc = cli("pretrain", "--data", workspace / "data", "--out_dir", tmp_path / "r", *SMALL, flag, value)
+    assert_one_line_error(proc, flag.lstrip("-"), value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_prepare_takes_any_text_files(tmp_path, cli):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("print('hello')\n" * 20)
+    (src / "b.md").write_text("# title\n\nsome text\n" * 20)
+    (src / "c.txt").write_text("not taken\n")
+    proc = cli("prepare", src, "--ext", ".py,md", "--out", tmp_path / "d", "--val-fraction", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 train / 0 val documents" in proc.stdout
+    assert_one_line_error(cli("prepare", tmp_path / "nothing" / "*.rs", "--out", tmp_path / "e"), "no files match")
+
+
+def test_everything_written_gets_umask_permissions(corpus_jsonl, tmp_path):
+    from fastgpt.data import prepare
+    from fastgpt.tokenizer import ByteTokenizer
+    old = os.umask(0o022)
+    try:
+        prepare([corpus_jsonl], tmp_path / "d", ByteTokenizer(), val_fraction=0.1, progress=False)
+    finally:
+        os.umask(old)
+    written = [p for p in (tmp_path / "d").iterdir() if p.is_file()]
+    assert len(written) >= 3 and all(p.stat().st_mode & 0o777 == 0o644 for p in written)
 
 
 def test_smoke_prepare_pretrain_sample(workspace):
@@ -185,3 +317,17 @@ def test_truncated_checkpoint(run_copy, workspace, cli):
     assert_one_line_error(proc, "checkpoint.pt", "truncated")
     assert snapshot(run_copy) == before
     assert_one_line_error(cli("sample", run_copy.parent / "nothing", "--device", "cpu"), "not found")
+
+
+def test_pretrain_rerun_is_refused_resumed_or_started_fresh(workspace, tmp_path, capsys):
+    import json
+
+    from helpers import rerun_tells_the_truth
+    base = ["--data", workspace / "data", *SMALL]
+    rerun_tells_the_truth(capsys, "pretrain", tmp_path / "run", base, {"lr": "1e-3", "model.dropout": "0.1"})
+    from fastgpt.cli import main
+    assert main(["pretrain", *map(str, base), "--out_dir", str(tmp_path / "run"), "--max_steps", "2", "--lr", "1e-3",
+                 "--fresh"]) == 0
+    assert "resuming" not in capsys.readouterr().out
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2  # the old run's records went with it

@@ -131,11 +131,26 @@ def test_missing_and_empty_inputs(tmp_path, byte_tok):
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(DataError, match="emptydir: directory holds no"):
         prepare([tmp_path / "emptydir"], tmp_path / "d", byte_tok, progress=False)
-    other = tmp_path / "x.csv"
-    other.write_text("a,b")
-    with pytest.raises(DataError, match=r"x\.csv: unsupported"):
-        prepare([other], tmp_path / "d", byte_tok, progress=False)
+    with pytest.raises(DataError, match=r"\*\.csv: no files match"):
+        prepare([tmp_path / "*.csv"], tmp_path / "d", byte_tok, progress=False)
     assert not (tmp_path / "d" / "meta.json").exists()
+
+
+def test_any_text_files_by_name_extension_or_glob(tmp_path, byte_tok):
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    (src / "a.py").write_text("def f():\n    return 1\n")
+    (src / "pkg" / "b.py").write_text("x = 2\n")
+    (src / "notes.md").write_text("# notes\n")
+    (src / "skip.txt").write_text("not with --ext .py,.md\n")
+    (src / "data.csv").write_text("a,b\n")
+    assert [Path(s).name for s, _ in iter_documents([src], extensions=(".py", ".md"))] == ["a.py", "notes.md", "b.py"]
+    globbed = [Path(s).name for s, _ in iter_documents([str(src / "**" / "*.py")])]
+    assert globbed == ["a.py", "b.py"]
+    meta = prepare([src / "data.csv"], tmp_path / "d", byte_tok, val_fraction=0.0, progress=False)  # any file by name
+    assert meta["documents"]["train"] == 1 and meta["tokens"]["train"] == len("a,b\n") + 1
+    with pytest.raises(DataError, match="holds no .rs files .choose others with --ext"):
+        prepare([src], tmp_path / "e", byte_tok, progress=False, extensions=(".rs",))
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path, byte_tok):

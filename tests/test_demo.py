@@ -103,9 +103,33 @@ def test_a_lost_stage_is_redone_and_later_ones_kept(demo_run, capsys):
     assert capsys.readouterr().out.count("skipped") == len(STAGES) - 1
 
 
-def test_other_settings_in_the_same_folder_are_refused(demo_run):
+def test_other_settings_in_the_same_folder_are_refused(demo_run, capsys):
     out, _ = demo_run
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--seed", "2"]) == 2
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--device", "cpu", "--seed", "2"]) == 2  # a full run after --quick
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "seed 1 -> 2" in err[0] and "scale 0.05 -> 1.0" in err[0] and "--fresh" in err[0]
+
+
+def test_a_quick_report_says_it_is_a_smoke_run(demo_run):
+    out, _ = demo_run
+    md = (out / "report.md").read_text().splitlines()
+    assert md[2].startswith("**SMOKE RUN (scale 0.05") and "says anything about quality" in md[2]
+    fig = json.loads((out / "report.json").read_text())
+    assert format_table(fig).startswith("SMOKE RUN")
+    full = {**fig, "run": {**fig["run"], "scale": 1.0}}
+    assert "SMOKE" not in format_table(full)
+
+
+def test_ppo_plot_points_are_rollouts_and_the_reward_curve_is_smoothed(demo_run):
+    from fastgpt.demo.report import per_rollout, read_metrics, smoothed
+    out, _ = demo_run
+    records = read_metrics(out / "ppo" / "run")
+    xs, ys = per_rollout(records, "score")
+    steps = [r for r in records if "score" in r]
+    assert xs == list(range(1, len(xs) + 1)) and len(xs) < len(steps)  # one point per rollout, not per step
+    assert ys[0] == steps[0]["score"]
+    assert smoothed([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
 
 
 def test_scaled_budget_shrinks_every_stage():

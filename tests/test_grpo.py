@@ -9,7 +9,7 @@ from fastgpt.checkpoint import load_model
 from fastgpt.cli import main
 from fastgpt.losses import group_advantages, kl_estimate, masked_mean, ppo_policy_loss
 from fastgpt.stages.grpo import GRPOConfig, grpo
-from fastgpt.stages.ppo import PPOError
+from fastgpt.config import ConfigError
 from tests.test_ppo import ckpts, starts_with_a  # noqa: F401  (module fixture: SFT + RM checkpoints)
 
 
@@ -100,10 +100,10 @@ def test_grpo_with_lora_holds_one_copy_and_learns(ckpts, tmp_path):  # noqa: F81
 
 
 def test_bad_settings_are_one_line_errors(ckpts, tmp_path, capsys):  # noqa: F811
-    with pytest.raises(PPOError, match="multiple of group_size"):
+    with pytest.raises(ConfigError, match="multiple of group_size"):
         grpo(_cfg(ckpts, tmp_path / "a", rollout_batch_size=30), reward_fn=starts_with_a)
-    with pytest.raises(PPOError, match="at least 2 samples"):
-        grpo(_cfg(ckpts, tmp_path / "b", group_size=1), reward_fn=starts_with_a)
+    with pytest.raises(ConfigError, match="group_size=1: expected a value >= 2"):
+        _cfg(ckpts, tmp_path / "b", group_size=1)
     code = main(["grpo", "--sft_checkpoint", str(ckpts["sft"]), "--out_dir", str(tmp_path / "c"), "--device", "cpu"])
     assert code == 2 and "reward_checkpoint is required" in capsys.readouterr().err
 
@@ -115,4 +115,4 @@ def test_cli_runs_with_the_reward_model(ckpts, tmp_path, capsys):  # noqa: F811
                  "--rollout_batch_size", "8", "--mini_batch_size", "8", "--max_new_tokens", "4",
                  "--advantage", "rloo"])
     out = capsys.readouterr().out
-    assert code == 0 and "grpo: 1 steps, 1 rollouts" in out and "vs SFT" in out
+    assert code == 0 and "grpo: 1 step in " in out and "1 rollout;" in out and "vs SFT" in out

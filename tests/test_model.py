@@ -223,3 +223,33 @@ def test_doc_ids_give_the_same_boundaries_as_cu_seqlens(tiny_cfg):
     a, _ = model(idx, doc_ids=doc_ids)
     b, _ = model(idx, cu_seqlens=cu)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "modern"])
+def test_grad_checkpointing_gives_identical_gradients(tiny_cfg, variant):
+    """Recomputing each block in backward (with dropout: the saved RNG state replays its masks)
+    gives bit-identical loss and gradients on packed rows."""
+    cfg = dataclasses.replace(tiny_cfg, **VARIANTS[variant], dropout=0.1)
+    idx = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    cu = cu_seqlens_from_lengths([10, 14, 24]).to(torch.int32)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = GPT(cfg).train()
+        model.grad_checkpointing = checkpointing
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        _, loss = model(idx, idx, cu_seqlens=cu)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, a), (loss_b, b) = grads
+    assert torch.equal(loss_a, loss_b)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_trainer_switches_grad_checkpointing(tiny_cfg):
+    from fastgpt.config import TrainConfig
+    from fastgpt.trainer import Trainer
+    model = ScalarModel(tiny_cfg)
+    Trainer(TrainConfig(grad_checkpointing=True, device="cpu", resume=False, out_dir="unused"), model, task=None,
+            stage="t", tokenizer=None)
+    assert model.gpt.grad_checkpointing

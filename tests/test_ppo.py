@@ -194,3 +194,55 @@ def test_chat_in_a_pseudo_terminal(ckpts, tmp_path, which):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_rerun_with_other_prompts_is_refused_and_resume_is_announced(ckpts, tmp_path, capsys):
+    from helpers import rerun_tells_the_truth, write_jsonl
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": p} for p in PROMPTS[:3]])
+    base = ["--sft_checkpoint", ckpts["sft"], "--reward_checkpoint", ckpts["rm"], "--prompts", ckpts["prompts"],
+            "--eval_prompts", ckpts["prompts"], "--rollout_batch_size", "8", "--mini_batch_size", "4",
+            "--ppo_epochs", "1", "--max_new_tokens", "4", "--eval_max_prompts", "2"]
+    rerun_tells_the_truth(capsys, "ppo", tmp_path / "run", base, {"prompts": other, "beta": "0.2"})
+
+
+def test_without_eval_prompts_a_slice_of_the_users_prompts_is_held_out(ckpts, tmp_path, capsys):
+    """Never a 'held-out score' on prompts unrelated to the user's: a seeded slice of --prompts is
+    held out (not trained on) and scored; with none held out, the summary says so."""
+    from fastgpt.demo.builtin import fill_builtin_data
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{p} ({i})"}) + "\n" for i in range(5) for p in PROMPTS))
+    cfg = fill_builtin_data(_cfg(ckpts, tmp_path / "run", prompts=str(prompts), eval_prompts="", eval_fraction=0.2,
+                                 eval_max_prompts=4))
+    assert cfg.eval_prompts == ""  # the built-in world's prompts never stand in for the user's
+    trainer, task = build_ppo(cfg)
+    assert len(task.eval_prompts) == 4 and len(task.prompts) == 26  # 20% of 30 is 6: 4 scored, 2 back to training
+    assert not {tuple(p) for p in task.eval_prompts} & {tuple(p) for p in task.prompts}
+    code = main(["ppo", "--sft_checkpoint", str(ckpts["sft"]), "--reward_checkpoint", str(ckpts["rm"]), "--prompts",
+                 str(prompts), "--out_dir", str(tmp_path / "cli"), "--device", "cpu", "--progress", "false",
+                 "--max_steps", "1", "--rollout_batch_size", "8", "--mini_batch_size", "8", "--max_new_tokens", "4",
+                 "--eval_max_prompts", "3"])
+    out = capsys.readouterr().out
+    assert code == 0 and "held-out score on 3 prompts kept out of prompts (eval_fraction=0.1" in out
+    assert "ppo: 1 step in " in out and "1 rollout;" in out and "held-out score on 3 prompts (greedy)" in out
+    code = main(["ppo", "--sft_checkpoint", str(ckpts["sft"]), "--reward_checkpoint", str(ckpts["rm"]), "--prompts",
+                 str(prompts), "--out_dir", str(tmp_path / "none"), "--device", "cpu", "--progress", "false",
+                 "--max_steps", "1", "--rollout_batch_size", "8", "--mini_batch_size", "8", "--max_new_tokens", "4",
+                 "--eval_fraction", "0"])
+    out = capsys.readouterr().out
+    assert code == 0 and "no held-out prompts, so no held-out score" in out and "vs SFT" not in out
+    # data that was not there before is other data too
+    code = main(["ppo", "--sft_checkpoint", str(ckpts["sft"]), "--reward_checkpoint", str(ckpts["rm"]), "--prompts",
+                 str(prompts), "--out_dir", str(tmp_path / "none"), "--device", "cpu", "--progress", "false",
+                 "--max_steps", "2", "--rollout_batch_size", "8", "--mini_batch_size", "8", "--max_new_tokens", "4",
+                 "--eval_fraction", "0", "--eval_prompts", str(ckpts["prompts"])])
+    assert code == 2 and "eval_prompts '' -> " in capsys.readouterr().err
+
+
+def test_builtin_world_fills_prompts_and_its_own_eval_prompts(tmp_path):
+    from fastgpt.demo.builtin import fill_builtin_data
+    from fastgpt.demo.world import make_world
+    cfg = fill_builtin_data(PPOConfig(out_dir=str(tmp_path / "run"), world_seed=3))
+    world = make_world(3, n_pretrain=0)
+    read = lambda path: [json.loads(line)["prompt"] for line in open(path)]  # noqa: E731
+    assert read(cfg.prompts) == world.ppo_prompts and read(cfg.eval_prompts) == [i["prompt"] for i in world.eval_items]
+    assert "seed3" in cfg.prompts

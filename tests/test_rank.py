@@ -145,3 +145,40 @@ def test_rank_undo_across_restart_and_bad_comparisons(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [COMPARISONS[0], {"prompt": "x", "responses": ["only one"]}])
     r = cli("rank", bad, "--out", str(tmp_path / "r2.jsonl"))
     assert r.returncode == 2 and "bad.jsonl:2:" in r.stderr and "need between 2 and 9" in r.stderr
+
+
+def test_untrusted_text_is_shown_escaped_and_ctrl_c_says_what_is_saved(tmp_path):
+    """Control characters (a vertical tab, a terminal escape, a bidi override) and U+FFFD from
+    broken UTF-8 are printed as visible escapes; Ctrl-C tells the truth: every ranking is saved."""
+    comps = write_jsonl(tmp_path / "c.jsonl", [
+        {"prompt": "A?", "responses": ["x\x0by", "caf\ufffd", "\x1b[2Jgone", "ok \u202eevil"]},
+        {"prompt": "B?", "responses": ["b1", "b2"]}])
+    out = str(tmp_path / "r.jsonl")
+    child = spawn(comps, out)
+    for shown in ("x\\x0by", "caf\\ufffd", "\\x1b[2Jgone", "ok \\u202eevil", "bytes that were not valid UTF-8"):
+        child.expect_exact(shown)
+    child.expect_exact(ASK)
+    assert "\x0b" not in child.before and "\x1b[2J" not in child.before
+    answer(child, "1 2 3 4")
+    child.sendintr()
+    child.expect_exact("interrupted; every ranking given so far is saved: run the same command to continue")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130 and [r["prompt"] for r in read_jsonl(out)] == ["A?"]
+
+
+def test_compare_and_undo_write_files_with_umask_permissions(tmp_path):
+    import os
+    ckpt = tiny_checkpoint(tmp_path / "sft")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    old = os.umask(0o022)
+    try:
+        out = compare(ckpt, prompts, str(tmp_path / "c.jsonl"), k=2, max_new_tokens=2)
+        rankings = write_jsonl(tmp_path / "r.jsonl", [{**COMPARISONS[1], "ranking": [0, 1]}] * 2)
+        os.chmod(rankings, 0o644)
+        from fastgpt.rank import _drop_last
+        _drop_last(tmp_path / "r.jsonl")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644 and (tmp_path / "r.jsonl").stat().st_mode & 0o777 == 0o644
+    assert len(read_jsonl(tmp_path / "r.jsonl")) == 1

@@ -19,7 +19,7 @@ from fastgpt.stages.reward import (
     score, train_reward,
 )
 from fastgpt.tokenizer import encode_prompt
-from helpers import TINY, TOK, cli, tiny_checkpoint, write_jsonl
+from helpers import TINY, TOK, cli, rerun_tells_the_truth, tiny_checkpoint, write_jsonl
 
 
 RECORDS = [
@@ -178,3 +178,25 @@ def test_reward_model_learns_obvious_preference(tmp_path):
     assert summary["data"]["val"] == 15
     assert summary["eval"]["val_accuracy"] > 0.85, summary["eval"]
     assert summary["eval"]["val_margin"] > 0
+
+
+def test_rerun_with_other_settings_is_refused_and_resume_is_announced(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "sft")
+    data = write_jsonl(tmp_path / "r.jsonl", RECORDS * 5)
+    base = ["--init_from", ckpt, "--data", data, "--batch_size", "4", "--epochs", "0"]
+    rerun_tells_the_truth(capsys, "reward", tmp_path / "rm", base, {"val_fraction": "0.3", "seed": "3"})
+
+
+def test_a_small_rankings_file_trains_min_steps(tmp_path, capsys):
+    """One epoch of a few rankings is a handful of steps: the default trains min_steps instead,
+    and says so; the many epochs that makes are warned about."""
+    ckpt = tiny_checkpoint(tmp_path / "sft")
+    data = write_jsonl(tmp_path / "r.jsonl", RECORDS * 3)
+    cfg = RewardConfig(init_from=ckpt, data=data, out_dir=str(tmp_path / "rm"), batch_size=4, progress=False,
+                       min_steps=6, eval_interval=0)
+    summary = train_reward(cfg)
+    out, err = capsys.readouterr()
+    assert summary["steps"] == 6
+    assert "1 epoch of 11 ranked prompts would be only 2 steps: training min_steps=6 instead" in out
+    assert "max_steps 6 = 3 epochs (2 steps each)" in out
+    assert "reward: warning: only 1 ranked prompt held out" in err

@@ -13,7 +13,7 @@ from fastgpt.data import IGNORE_INDEX, DataError
 from fastgpt.model import GPT
 from fastgpt.stages.sft import SFTConfig, SFTTask, encode_sft_example, load_conversations, sft
 from fastgpt.tokenizer import encode_chat
-from helpers import TINY, TOK, cli, tiny_checkpoint, write_jsonl
+from helpers import TINY, TOK, cli, rerun_tells_the_truth, tiny_checkpoint, write_jsonl
 
 
 def convo(i: int) -> dict:
@@ -106,7 +106,7 @@ def test_cli_bad_data_is_one_line_exit_2(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [convo(0), "{oops", {"messages": []}])
     r = cli("sft", "--init_from", ckpt, "--data", path, "--out_dir", str(tmp_path / "o"), "--progress", "false")
     assert r.returncode == 2
-    err = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    err = r.stderr.strip().splitlines()  # the error alone: no warning that repeats it first
     assert len(err) == 1 and "bad.jsonl" in err[0] and "max_bad_fraction" in err[0] and "Traceback" not in r.stderr
     r = cli("sft", "--data", path, "--out_dir", str(tmp_path / "o"))
     assert r.returncode == 2 and "init_from is required" in r.stderr
@@ -155,9 +155,9 @@ def test_cli_sft_smoke(tmp_path):
 
 
 def test_sft_from_hf_folder_grows_vocab(tmp_path):
-    from fastgpt.hf import save_hf_gpt2
+    from fastgpt.hf import save_hf
     torch.manual_seed(0)
-    save_hf_gpt2(GPT(ModelConfig(**{**TINY, "vocab_size": 256})), tmp_path / "hf")
+    save_hf(GPT(ModelConfig(**{**TINY, "vocab_size": 256})), tmp_path / "hf")
     data = write_jsonl(tmp_path / "d.jsonl", [convo(i) for i in range(8)])
     cfg = SFTConfig(init_from=f"hf:{tmp_path / 'hf'}", tokenizer="byte", data=data, out_dir=str(tmp_path / "o"),
                     max_steps=1, batch_size=2, progress=False, eval_format_prompts=0)
@@ -187,3 +187,13 @@ def test_sft_resumes_from_its_checkpoint(tmp_path):
     assert state["pos"] > 0
     summary = sft(SFTConfig(max_steps=3, **kw))
     assert summary["resumed_from"] == 2 and summary["steps"] == 3
+
+
+def test_rerun_with_other_data_is_refused_and_resume_is_announced(tmp_path, capsys):
+    """The issue's repro: the same out_dir with 5 of the conversations and another lr."""
+    ckpt = tiny_checkpoint(tmp_path / "pre")
+    demos = write_jsonl(tmp_path / "demos.jsonl", [convo(i) for i in range(20)])
+    five = write_jsonl(tmp_path / "d5.jsonl", [convo(i) for i in range(5)])
+    base = ["--init_from", ckpt, "--data", demos, "--batch_size", "2", "--eval_format_prompts", "0"]
+    rerun_tells_the_truth(capsys, "sft", tmp_path / "R", base, {"data": five, "lr": "1e-3"})
+    assert load_checkpoint(tmp_path / "R")["config"]["data"] == demos

@@ -381,3 +381,145 @@ def test_ddp_gloo_two_processes(tmp_path, tiny_data):
     assert ck["task"][0] != ck["task"][1]  # each rank has its own data position
     assert ck["trainer"]["tokens_seen"] == 3 * 2 * 2 * 32  # both ranks' tokens
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "rank0.pt", "rank1.pt"]
+
+
+# ------------------------------------------------------------------ resume: the truth
+def test_resume_with_other_data_or_settings_is_refused(tmp_path, tiny_data, corpus_jsonl, capsys):
+    """Only settings that cannot change what the run learns from may differ on resume; the saved
+    checkpoint (and its config) is never touched by a refused run."""
+    import shutil
+    from fastgpt.data import prepare
+    run = tmp_path / "run"
+    pretrain(pre_cfg(run, tiny_data, max_steps=2))
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointError) as e:
+        pretrain(pre_cfg(run, tiny_data, max_steps=4, lr=1e-3, seed=6))
+    msg = str(e.value)
+    assert "\n" not in msg and "lr 0.003 -> 0.001" in msg and "seed 5 -> 6" in msg
+    assert "--fresh" in msg and "--out_dir" in msg and "checkpoint's settings" in msg
+    other = tmp_path / "other"
+    prepare([corpus_jsonl], other, ByteTokenizer(), val_fraction=0.3, seed=1, progress=False)
+    with pytest.raises(CheckpointError, match=r"data .*tiny.* -> .*other"):
+        pretrain(pre_cfg(run, other, max_steps=4))
+    same = tmp_path / "same"  # the same dataset under another path is the same data
+    shutil.copytree(tiny_data, same)
+    edited = tmp_path / "edited"  # the same path with other contents is not
+    shutil.copytree(tiny_data, edited)
+    pretrain(pre_cfg(tmp_path / "run2", edited, max_steps=2))
+    prepare([corpus_jsonl], edited, ByteTokenizer(), val_fraction=0.3, seed=1, progress=False)
+    with pytest.raises(CheckpointError, match="edited' other contents"):
+        pretrain(pre_cfg(tmp_path / "run2", edited, max_steps=4))
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert load_checkpoint(run)["config"]["lr"] == 3e-3
+    # safe changes resume: a longer schedule and other intervals, from another path to the same data
+    capsys.readouterr()
+    summary = pretrain(pre_cfg(run, same, max_steps=4, eval_interval=2, log_interval=1, progress=True))
+    assert summary["resumed_from"] == 2 and summary["steps"] == 4 and summary["steps_this_run"] == 2
+    assert f"pretrain: resuming {run} from step 2 of 4" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="at step 4, past max_steps=3"):
+        pretrain(pre_cfg(run, tiny_data, max_steps=3))
+    # --fresh (resume=false) starts over with any settings
+    assert pretrain(pre_cfg(run, tiny_data, max_steps=2, lr=1e-3, resume=False))["resumed_from"] is None
+    assert load_checkpoint(run)["config"]["lr"] == 1e-3
+
+
+def test_a_finished_run_trains_nothing_and_keeps_its_checkpoint(tmp_path, tiny_data, capsys):
+    run = tmp_path / "run"
+    first = pretrain(pre_cfg(run, tiny_data, max_steps=3))
+    before = (run / "checkpoint.pt").read_bytes()
+    metrics = (run / "metrics.jsonl").read_text()
+    again = pretrain(pre_cfg(run, tiny_data, max_steps=3))
+    assert again["steps_this_run"] == 0 and again["steps"] == 3 and again["resumed_from"] == 3
+    assert again["eval"] == first["eval"] and again["seconds_total"] > again["seconds"]
+    assert (run / "checkpoint.pt").read_bytes() == before and (run / "metrics.jsonl").read_text() == metrics
+    assert "is finished (step 3 of 3): nothing to train" in capsys.readouterr().out
+
+
+def test_metrics_after_resume_hold_each_step_once(tmp_path, tiny_data, monkeypatch):
+    """A run killed after step 6 (checkpoint at 4) and resumed logs steps 5-6 once, not twice."""
+    import json
+    original = pretrain_mod.PretrainTask.next_batch
+    calls = {"n": 0}
+
+    def interrupting(self):
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise KeyboardInterrupt
+        return original(self)
+
+    kw = dict(log_interval=1, eval_interval=0)
+    monkeypatch.setattr(pretrain_mod.PretrainTask, "next_batch", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(pre_cfg(tmp_path / "cut", tiny_data, **kw))
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # 5 and 6 are past the checkpoint
+    monkeypatch.setattr(pretrain_mod.PretrainTask, "next_batch", original)
+    pretrain(pre_cfg(tmp_path / "cut", tiny_data, **kw))
+    records = [json.loads(ln) for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
+    assert records == load_checkpoint(tmp_path / "cut")["history"]
+
+
+def test_start_block_and_warnings(tmp_path, tiny_data, capsys):
+    pretrain(pre_cfg(tmp_path / "r", tiny_data, max_steps=4))
+    out, err = capsys.readouterr()
+    lines = [ln for ln in out.splitlines() if ln.startswith("pretrain: ")]
+    assert "parameters, vocabulary 320, context 32; cpu fp32, 1 thread" in lines[0]
+    assert lines[1] == "pretrain: micro-batch 4 rows x 32 tokens, grad_accum 1: 128 tokens per step"
+    meta = __import__("fastgpt.data", fromlist=["load_meta"]).load_meta(tiny_data)
+    train_tokens = meta["tokens"]["train"]
+    assert f"data: {train_tokens:,} tokens; {meta['tokens']['val'] // 32} 32-token validation windows" in lines[2]
+    assert f"max_steps 4 = {4 * 128 / train_tokens:.3g} epochs" in lines[2]
+    assert f"warning: only {meta['tokens']['val'] // 32} 32-token validation windows held out" in err
+    assert "epochs over" not in err
+    pretrain(pre_cfg(tmp_path / "long", tiny_data, max_steps=300, batch_size=8, eval_interval=0,
+                     ckpt_interval=300, log_interval=100))
+    err = capsys.readouterr().err
+    epochs = 300 * 256 / train_tokens
+    assert f"pretrain: warning: {epochs:.0f} epochs over {train_tokens:,} tokens" in err
+
+
+def test_plain_progress_lines_end_with_the_saved_evaluation(tmp_path, tiny_data, capsys):
+    """Off a terminal (as under pytest) progress is plain lines, no carriage returns, and the last
+    line's val_loss is the one the checkpoint holds."""
+    import json
+    summary = pretrain(pre_cfg(tmp_path / "r", tiny_data, max_steps=8, eval_interval=3, progress=True))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("pretrain: ") and "steps (" in ln]
+    assert lines[-1].startswith("pretrain: 8/8 steps (100%)")
+    saved = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert f"val_loss {saved['eval/val_loss']:.4g}" in lines[-1]
+    assert summary["eval"]["val_loss"] == saved["eval/val_loss"]
+
+
+def test_metrics_logger_hook_and_optional_sinks(tmp_path, tiny_data, monkeypatch):
+    """metrics.jsonl always; extra loggers get the same records; TensorBoard is imported only
+    when asked for, and a missing package is one clear error before any step."""
+    import sys
+    from fastgpt.errors import FastGPTError
+
+    class Collect:
+        def __init__(self):
+            self.records, self.closed = [], False
+
+        def log(self, record):
+            self.records.append(record)
+
+        def close(self):
+            self.closed = True
+
+    from fastgpt.data import dataset_tokenizer
+    from fastgpt.stages.pretrain import PretrainTask
+    cfg = pre_cfg(tmp_path / "r", tiny_data, max_steps=4)
+    cfg.model.vocab_size = 320
+    sink = Collect()
+    Trainer(cfg, GPT(cfg.model), PretrainTask(cfg, 320, torch.device("cpu")), stage="pretrain",
+            tokenizer=dataset_tokenizer(tiny_data), loggers=[sink]).fit()
+    import json
+    assert sink.closed and sink.records == [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").open()]
+    assert "torch.utils.tensorboard" not in sys.modules and "wandb" not in sys.modules
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(FastGPTError, match="tensorboard=true needs the tensorboard package"):
+        pretrain(pre_cfg(tmp_path / "tb", tiny_data, max_steps=2, tensorboard=True))
+    assert not (tmp_path / "tb" / "checkpoint.pt").exists()

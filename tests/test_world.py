@@ -313,3 +313,18 @@ def test_two_labelers_agree_like_instructgpt_labelers():
                         total += 1
                         agree += (ranks[0][i] < ranks[0][j]) == (ranks[1][i] < ranks[1][j])
     assert 0.72 <= agree / total <= 0.80
+
+
+def test_builtin_data_fills_only_what_is_missing_one_folder_per_world(tmp_path):
+    """The commands' default data: the built-in corpus and demonstrations, named by size and seed
+    so that another world never reuses a folder; data a user gave is left alone."""
+    from fastgpt.data import load_meta
+    from fastgpt.demo.builtin import fill_builtin_data
+    from fastgpt.stages.configs import PretrainConfig, RewardConfig, SFTConfig
+    a = fill_builtin_data(PretrainConfig(out_dir=str(tmp_path), builtin_documents=40, seed=2))
+    b = fill_builtin_data(PretrainConfig(out_dir=str(tmp_path), builtin_documents=60, seed=2))
+    assert a.data != b.data and load_meta(a.data)["documents"]["train"] + load_meta(a.data)["documents"]["val"] == 40
+    assert fill_builtin_data(PretrainConfig(out_dir=str(tmp_path), data="mine")).data == "mine"
+    sft = fill_builtin_data(SFTConfig(out_dir=str(tmp_path), seed=4))
+    assert sft.data.endswith("sft-seed4.jsonl") and len(open(sft.data).readlines()) == len(make_world(4, n_pretrain=0).sft)
+    assert fill_builtin_data(RewardConfig(out_dir=str(tmp_path))).data == ""  # rankings have no built-in default

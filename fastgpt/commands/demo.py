@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import Sequence
 import shutil
 from pathlib import Path
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+def add_demo_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> None:
     from ..demo.pipeline import BUDGETS
     parser.add_argument("--preset", choices=sorted(BUDGETS), default="tiny",
                         help="model size and stage budgets (tiny: under 10 minutes on 2 CPU cores)")
@@ -36,7 +37,7 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_compare_methods_arguments(parser: argparse.ArgumentParser) -> None:
+def add_compare_methods_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> None:
     from ..demo.pipeline import BUDGETS
     parser.add_argument("--methods", default="ppo,dpo,grpo", help="a comma-separated subset of ppo,dpo,grpo")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")

@@ -25,26 +25,28 @@ def _write_once(path: Path, rows: Iterable[dict[str, Any]]) -> str:
 
 
 def builtin_dataset(out_dir: str | Path, documents: int, seed: int = 0) -> Path:
-    """fastgpt's own pre-training corpus (the world's plain statements), tokenized byte-level."""
+    """fastgpt's own pre-training corpus (the world's plain statements), tokenized byte-level into
+    ``<out_dir>/builtin/corpus-<documents>-seed<seed>`` unless it is there already."""
     from ..data import prepare
     from ..tokenizer import ByteTokenizer
     from .world import pretrain_texts
-    data_dir = Path(out_dir) / "data"
-    if (data_dir / "meta.json").exists():
-        return data_dir
-    corpus = Path(out_dir) / "corpus" / "pretrain.jsonl"
-    corpus.unlink(missing_ok=True)
+    folder = Path(out_dir) / "builtin" / f"corpus-{documents}-seed{seed}"
+    if (folder / "meta.json").exists():
+        return folder
+    corpus = folder / "corpus.jsonl"
+    corpus.unlink(missing_ok=True)  # a half-prepared folder from an interrupted run
     _write_once(corpus, ({"text": t} for t in pretrain_texts(documents, seed=seed)))
-    prepare([corpus], data_dir, ByteTokenizer(), val_fraction=0.02, seed=seed)
-    return data_dir
+    prepare([corpus], folder, ByteTokenizer(), val_fraction=0.02, seed=seed)
+    return folder
 
 
 def fill_builtin_data(cfg: Any) -> Any:
     """Point the empty data fields of a stage config at the built-in world; returns ``cfg``.
 
     pretrain: ``data`` -> the built-in corpus (``builtin_documents`` documents, seed ``seed``);
-    sft: ``data`` -> the world's demonstrations (seed ``seed``); ppo and grpo: ``prompts`` and
-    ``eval_prompts`` -> the world's PPO and held-out prompts (seed ``world_seed``). The reward
+    sft: ``data`` -> the world's demonstrations (seed ``seed``); ppo and grpo without ``prompts``:
+    the world's PPO prompts, and its held-out evaluation prompts unless ``eval_prompts`` is given
+    (a user's own prompts get a held-out slice of themselves instead, in the stage). The reward
     and DPO stages have no built-in data: rankings come from a person or the demo's labeler.
     """
     from ..stages.configs import GRPOConfig, PPOConfig, PretrainConfig, SFTConfig
@@ -54,12 +56,11 @@ def fill_builtin_data(cfg: Any) -> Any:
     elif isinstance(cfg, SFTConfig) and not cfg.data:
         from .world import make_world
         cfg.data = _write_once(folder / f"sft-seed{cfg.seed}.jsonl", make_world(cfg.seed, n_pretrain=0).sft)
-    elif isinstance(cfg, (PPOConfig, GRPOConfig)) and not (cfg.prompts and cfg.eval_prompts):
+    elif isinstance(cfg, (PPOConfig, GRPOConfig)) and not cfg.prompts:
         from .world import make_world
         world = make_world(cfg.world_seed, n_pretrain=0)
-        if not cfg.prompts:
-            cfg.prompts = _write_once(folder / f"ppo_prompts-seed{cfg.world_seed}.jsonl",
-                                      ({"prompt": p} for p in world.ppo_prompts))
+        cfg.prompts = _write_once(folder / f"ppo_prompts-seed{cfg.world_seed}.jsonl",
+                                  ({"prompt": p} for p in world.ppo_prompts))
         if not cfg.eval_prompts:
             cfg.eval_prompts = _write_once(folder / f"eval_prompts-seed{cfg.world_seed}.jsonl",
                                            ({"prompt": it["prompt"]} for it in world.eval_items))

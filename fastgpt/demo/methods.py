@@ -79,7 +79,7 @@ def stage_dpo(ctx: Any) -> dict[str, Any]:
     cfg = build_config(DPOConfig, overrides=_train_overrides(
         ctx, "dpo", init_from=ctx.summary("sft")["out_dir"], data=ctx.summary("rank")["rankings"],
         epochs=b.dpo_epochs, batch_size=b.reward_batch, lr=b.dpo_lr, beta=b.dpo_beta, warmup_steps=5,
-        val_fraction=0.15, eval_interval=0, log_interval=2, ckpt_interval=1000))
+        val_fraction=0.15, min_steps=0, eval_interval=0, log_interval=2, ckpt_interval=1000))
     return dpo(cfg)
 
 
@@ -123,7 +123,7 @@ def stage_methods(ctx: Any, methods: tuple[str, ...]) -> dict[str, Any]:
         texts, finished = [t for t, _ in answers], [f for _, f in answers]
         judged = labeler.evaluate(items, texts, finished)
         win = labeler.win_rate(prompts, texts, finished, [t for t, _ in sft_answers], [f for _, f in sft_answers])
-        params = SamplingParams(max_new_tokens=b.max_new_tokens, temperature=1.0, stop_ids=(tok.end_id,),
+        params = SamplingParams(max_new_tokens=b.max_new_tokens, temperature=1.0, stop_ids=tok.stop_ids,
                                 seed=ctx.seed + 7)
         responses = [g.tokens for g in generate(model, kl_ids, params, vocab_limit=tok.vocab_size,
                                                 batch_size=b.eval_batch)]

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import build_config
+from ..console import plural
 from ..errors import FastGPTError
+from ..files import atomic_write
 
 STAGES = ("world", "prepare", "pretrain", "sft", "compare", "rank", "reward", "ppo", "dpo", "grpo", "evaluate",
           "methods", "report")
@@ -108,6 +110,7 @@ class Context:
     budget: Budget
     device: str
     seed: int
+    scale: float = 1.0
     methods: tuple[str, ...] = ("ppo",)
 
     def dir(self, stage: str) -> Path:
@@ -202,7 +205,8 @@ def stage_rank(ctx: Context) -> dict[str, Any]:
     # (the tool refuses an all-tied order): it holds no preference. The labeler's file gets the same.
     kept = [line for line in every.read_text(encoding="utf-8").splitlines()
             if line.strip() and len(json.loads(line)["ranking"]) > 1]
-    out.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    with atomic_write(out) as f:
+        f.write("".join(line + "\n" for line in kept))
     return {"rankings": str(out), "ranked": len(kept), "skipped_all_tied": n - len(kept),
             "noise": ctx.budget.labeler_noise}
 
@@ -214,6 +218,7 @@ def stage_reward(ctx: Context) -> dict[str, Any]:
         ctx, "reward", init_from=ctx.summary("sft")["out_dir"], data=ctx.summary("rank")["rankings"],
         epochs=b.reward_epochs, batch_size=b.reward_batch, lr=b.reward_lr, warmup_steps=5, eval_interval=20,
         val_fraction=0.15,  # ~90 held-out prompts: a steadier accuracy than the default 10% gives
+        min_steps=0,  # the budget's epochs decide, also in a shrunk (--quick) run
         log_interval=2, ckpt_interval=1000))
     return train_reward(cfg)
 
@@ -274,12 +279,12 @@ def device_name(device: str) -> str:
     d = resolve_device(device)
     if d.type == "cuda":
         return torch.cuda.get_device_name(d)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({platform.processor() or platform.machine()}, {plural(torch.get_num_threads(), 'thread')})"
 
 
 def run_info(ctx: Context) -> dict[str, Any]:
     import torch
-    return {"preset": ctx.preset, "seed": ctx.seed, "device": device_name(ctx.device), "out": str(ctx.out),
+    return {"preset": ctx.preset, "seed": ctx.seed, "scale": ctx.scale, "device": device_name(ctx.device), "out": str(ctx.out),
             "budget": dataclasses.asdict(ctx.budget), "torch": torch.__version__}
 
 
@@ -304,9 +309,8 @@ def run_stage(ctx: Context, name: str, index: int, total: int, redo: bool = Fals
         summary = STAGE_FNS[name](ctx)
     record = {"stage": name, "seconds": time.perf_counter() - start, "device": device_name(ctx.device),
               "peak_mb": memory["peak_mb"], "summary": _jsonable(summary)}
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(marker)  # written last and atomically: a stage is done only when all of it is
+    with atomic_write(marker) as f:  # written last and atomically: a stage is done only when all of it is
+        f.write(json.dumps(record, indent=2))
     sys.stderr.flush()
     print(f"{head}: done in {record['seconds']:.0f}s{_headline(name, record['summary'])}", flush=True)
     return record, True
@@ -326,9 +330,9 @@ def _headline(name: str, s: dict[str, Any]) -> str:
     if name == "dpo" and "val_accuracy" in ev:
         return f" (held-out implicit-reward accuracy {ev['val_accuracy']:.3f})"
     if name == "compare":
-        return f" ({s['prompts']} prompts x {s['k']}, {s['finished_fraction']:.0%} finished)"
+        return f" ({plural(s['prompts'], 'prompt')} x {s['k']}, {s['finished_fraction']:.0%} finished)"
     if name == "rank":
-        return f" ({s['ranked']} rankings, {s['skipped_all_tied']} all-tied skipped)"
+        return f" ({plural(s['ranked'], 'ranking')}, {s['skipped_all_tied']} all-tied skipped)"
     return ""
 
 
@@ -338,14 +342,17 @@ def run_pipeline(out: str | Path = "runs/demo", preset: str = "tiny", device: st
     beyond PPO (dpo, grpo) add their stages and the methods table (a finished run can add them)."""
     if preset not in BUDGETS:
         raise FastGPTError(f"unknown demo preset {preset!r} (expected one of {sorted(BUDGETS)})")
-    ctx = Context(Path(out), preset, BUDGETS[preset].scaled(scale), device, seed, tuple(methods))
-    ctx.out.mkdir(parents=True, exist_ok=True)
+    ctx = Context(Path(out), preset, BUDGETS[preset].scaled(scale), device, seed, scale, tuple(methods))
     settings = {"preset": preset, "seed": seed, "scale": scale}
     saved = ctx.out / "settings.json"
-    if saved.exists() and json.loads(saved.read_text()) != settings:
-        raise FastGPTError(f"{ctx.out} holds a demo run with other settings ({saved.read_text().strip()}); "
-                         f"use another --out or --fresh")
-    saved.write_text(json.dumps(settings))
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        changes = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
+        if changes:
+            raise FastGPTError(f"{ctx.out} holds a demo run with other settings ({changes}); start over with "
+                               f"--fresh, or use another --out")
+    with atomic_write(saved) as f:
+        f.write(json.dumps(settings))
     start = time.perf_counter()
     stages = [s for s in STAGES if s not in OPTIONAL or s in methods or (s == "methods" and set(methods) - {"ppo"})]
     ran = False

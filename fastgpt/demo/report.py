@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..console import plural
+
 MODEL_NAMES = {"pretrain": "base (pre-trained)", "sft": "SFT", "ppo": "PPO"}
+ACCURACY_BAR = 0.75  # the reward model's held-out pairwise accuracy the demo aims for
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -62,28 +66,57 @@ def figures(out: Path, records: dict[str, dict[str, Any]], run: dict[str, Any]) 
     fig["bars"] = {
         "sft_format_gain": models["sft"]["format_compliance"] - models["pretrain"]["format_compliance"],
         "sft_beats_base_on_format": models["sft"]["format_compliance"] >= models["pretrain"]["format_compliance"] + 0.5,
-        "reward_accuracy_at_least_75": reward_acc >= 0.75,
+        "reward_accuracy_at_least_75": reward_acc >= ACCURACY_BAR,
         "ppo_win_rate_at_least_60": decided > 0 and win["wins"] / decided >= 0.60,
         "under_10_minutes": fig["total_seconds"] < 600,
     }
     return fig
 
 
-def _plot(path: Path, panels: list[tuple[str, list[tuple[str, list[int], list[float]]]]]) -> Path | None:
-    """One row of line-plot panels: (title, [(label, xs, ys), ...]); None if nothing to draw."""
-    panels = [(t, [c for c in curves if c[1]]) for t, curves in panels]
-    panels = [(t, c) for t, c in panels if c]
+def per_rollout(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(rollout numbers, values) of a PPO metric that is constant within a rollout: one point per
+    rollout, not one per optimizer step (which would draw each rollout as a flat stair)."""
+    points: dict[int, float] = {}
+    for r in records:
+        if "rollout" in r and isinstance(r.get(key), (int, float)):
+            points.setdefault(int(round(r["rollout"])), r[key])
+    return sorted(points), [points[k] for k in sorted(points)]
+
+
+def smoothed(ys: list[float], window: int) -> list[float]:
+    """Trailing moving average over ``window`` points (fewer at the start)."""
+    out, total = [], 0.0
+    for i, y in enumerate(ys):
+        total += y - (ys[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+@dataclass
+class Panel:
+    title: str
+    curves: list[tuple[str, list[int], list[float], dict[str, Any]]]  # label, xs, ys, matplotlib style
+    xlabel: str = "step"
+    bars: list[tuple[float, str]] = field(default_factory=list)  # horizontal reference lines: (y, label)
+
+
+def _plot(path: Path, panels: list[Panel]) -> Path | None:
+    """One row of line-plot panels; None if nothing to draw."""
+    panels = [p for p in panels if any(c[1] for c in p.curves)]
     if not panels:
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
-    for ax, (title, curves) in zip(axes[0], panels):
-        for label, xs, ys in curves:
-            ax.plot(xs, ys, marker="o" if len(xs) < 15 else None, markersize=3, label=label)
-        ax.set_title(title)
-        ax.set_xlabel("step")
+    for ax, panel in zip(axes[0], panels):
+        for label, xs, ys, style in panel.curves:
+            if xs:
+                ax.plot(xs, ys, label=label, **{"marker": "o" if len(xs) < 15 else None, "markersize": 3, **style})
+        for y, label in panel.bars:
+            ax.axhline(y, color="grey", linestyle="--", linewidth=1, label=label)
+        ax.set_title(panel.title)
+        ax.set_xlabel(panel.xlabel)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -96,18 +129,27 @@ def make_plots(out: Path) -> dict[str, Path]:
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     m = {stage: read_metrics(out / stage / "run") for stage in ("pretrain", "sft", "reward", "ppo")}
+    plain: dict[str, Any] = {}
+    acc_steps, acc = series(m["reward"], "accuracy")
     made = {
         "loss": _plot(plots / "loss.png", [
-            ("pre-training loss", [("train", *series(m["pretrain"], "loss")), ("val", *series(m["pretrain"], "eval/val_loss"))]),
-            ("SFT loss", [("train", *series(m["sft"], "loss")), ("val", *series(m["sft"], "eval/val_loss"))]),
+            Panel("pre-training loss", [("train", *series(m["pretrain"], "loss"), plain),
+                                        ("val", *series(m["pretrain"], "eval/val_loss"), plain)]),
+            Panel("SFT loss", [("train", *series(m["sft"], "loss"), plain),
+                               ("val", *series(m["sft"], "eval/val_loss"), plain)]),
         ]),
         "reward": _plot(plots / "reward.png", [
-            ("reward model pairwise accuracy", [("train", *series(m["reward"], "accuracy")),
-                                                ("held-out", *series(m["reward"], "eval/val_accuracy"))]),
+            Panel("reward model pairwise accuracy", [
+                ("train (per batch)", acc_steps, acc, {"alpha": 0.3, "marker": None}),
+                ("train (smoothed)", acc_steps, smoothed(acc, max(1, len(acc) // 10)), {"marker": None}),
+                ("held-out", *series(m["reward"], "eval/val_accuracy"), {"marker": "o"})],
+                bars=[(ACCURACY_BAR, f"bar ({ACCURACY_BAR:.0%})")]),
         ]),
         "ppo": _plot(plots / "ppo.png", [
-            ("PPO reward (normalised RM score)", [("rollout mean", *series(m["ppo"], "score"))]),
-            ("PPO KL to SFT (nats / response)", [("rollout mean", *series(m["ppo"], "kl"))]),
+            Panel("PPO reward (normalised RM score)", [("rollout mean", *per_rollout(m["ppo"], "score"), plain)],
+                  xlabel="rollout"),
+            Panel("PPO KL to SFT (nats / response)", [("rollout mean", *per_rollout(m["ppo"], "kl"), plain)],
+                  xlabel="rollout"),
         ]),
     }
     return {k: v for k, v in made.items() if v is not None}
@@ -149,6 +191,16 @@ def sample_table(out: Path, n: int = 8) -> list[str]:
     return lines
 
 
+def smoke_note(run: dict[str, Any]) -> str:
+    """A warning for a shrunk run (``--quick`` / ``--scale`` below 1), whose figures mean nothing."""
+    scale = run.get("scale", 1.0)
+    if scale >= 1.0:
+        return ""
+    return (f"SMOKE RUN (scale {scale:g}, e.g. --quick): every stage ran a few steps on a sliver of the data, so "
+            f"none of these figures or bars says anything about quality; `fastgpt demo` (with --fresh in this "
+            f"folder) gives the real ones.")
+
+
 def format_table(fig: dict[str, Any]) -> str:
     """The per-model table (plain text, for the terminal)."""
     rows = [("model", "accuracy", "labeler score", "format", "mean length")]
@@ -156,7 +208,8 @@ def format_table(fig: dict[str, Any]) -> str:
         rows.append((MODEL_NAMES.get(name, name), f"{m['accuracy']:.1%}", f"{m['labeler_score']:+.2f}",
                      f"{m['format_compliance']:.1%}", f"{m['mean_length']:.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines = ([smoke_note(fig["run"])] if smoke_note(fig["run"]) else []) + [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     w = fig["win_rates"].get("ppo_vs_sft", {})
     rw, ppo = fig["reward"], fig["ppo"]
     lines += [
@@ -185,7 +238,9 @@ def write_report(out: str | Path, records: dict[str, dict[str, Any]], run: dict[
     plots = make_plots(out)
     (out / "report.json").write_text(json.dumps(fig, indent=2, default=str))
     rw, ppo, n = fig["reward"], fig["ppo"], records["evaluate"]["summary"]["n_prompts"]
+    note = smoke_note(run)
     md = [f"# fastgpt demo report (preset {run['preset']}, seed {run['seed']})", "",
+          *([f"**{note}**", ""] if note else []),
           f"Held-out evaluation on {n} prompts no stage trained on; greedy answers through the chat template, "
           "judged by the simulated labeler.", "", *_markdown_models(fig), ""]
     md.append("| comparison (labeler, noiseless) | wins | losses | ties | win rate of decided |")
@@ -199,7 +254,7 @@ def write_report(out: str | Path, records: dict[str, dict[str, Any]], run: dict[
            f"train on (the labeler flips ~{1 - rw['val_accuracy_ceiling']:.0%} of pairs, so a perfect model scores "
            f"about {rw['val_accuracy_ceiling']:.0%}); agreement with the labeler's noiseless preference on SFT samples "
            f"for the evaluation prompts: {rw['labeler_agreement']:.1%} of {rw['labeler_agreement_pairs']} pairs.",
-           f"- PPO: {ppo['steps']} steps over {ppo['rollouts']} rollouts; held-out reward-model score (greedy) "
+           f"- PPO: {plural(ppo['steps'], 'step')} over {plural(ppo['rollouts'], 'rollout')}; held-out reward-model score (greedy) "
            f"{ppo['rm_score_sft']:+.2f} (SFT) -> {ppo['rm_score_ppo']:+.2f} (PPO); KL to SFT "
            f"{ppo['kl_to_sft']:.2f} nats per sampled response.", "",
            "## Bars", ""]

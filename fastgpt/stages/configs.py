@@ -10,8 +10,10 @@ command line fills it with the built-in world first (``fastgpt.demo.builtin``), 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated, ClassVar, Literal
 
-from ..config import ModelConfig, TrainConfig
+from ..config import (Fraction, ModelConfig, NonNegative, NonNegativeFloat, Positive, PositiveFloat, Range, Ratio,
+                      TrainConfig)
 
 
 @dataclass
@@ -20,104 +22,122 @@ class LoRAConfig:
     low-rank adapters train, and the reference of PPO, DPO and GRPO is the same weights with the
     adapters off. Checkpoints hold the merged weights (they load as plain models)."""
 
-    lora_rank: int = 0                      # 0 = full fine-tuning; r >= 1: rank-r adapters only
-    lora_alpha: float = 16.0                # adapter output scale is lora_alpha / lora_rank
-    lora_targets: str = "qkv,proj,up,down"  # linear layers that get adapters (attention, MLP)
+    lora_rank: NonNegative = 0              # 0 = full fine-tuning; r >= 1: rank-r adapters only
+    lora_alpha: PositiveFloat = 16.0        # adapter output scale is lora_alpha / lora_rank
+    lora_targets: str = "qkv,proj,up,down"  # comma-separated layers that get adapters, of qkv,proj,up,down (not the lm_head)
 
 
 @dataclass
 class PretrainConfig(LoRAConfig, TrainConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: str = ""              # dataset folder from `fastgpt prepare` (command line: the built-in corpus if empty)
-    init_from: str = ""         # "" = random init; a fastgpt checkpoint; "hf:<folder>" = GPT-2 import
-    eval_batches: int = 20      # validation batches per evaluation (same windows every time)
-    builtin_documents: int = 30000  # size of the built-in corpus the command line generates when data = ""
+    # a fastgpt checkpoint or "hf:<folder>" (a Hugging Face model) brings its own model settings, of
+    # which model.block_size (up to its context) and model.dropout may change
+    init_from: str = ""         # "" = a new model; or a fastgpt checkpoint or hf:<folder> to start from
+    batch_size: NonNegative = 0  # rows per micro-batch; 0 = the largest `fastgpt plan` fits (at most 16)
+    eval_batches: Positive = 20  # validation batches per evaluation (the same windows every time)
+    builtin_documents: Positive = 30000  # size of the built-in corpus the command line generates when data = ""
+
+    RESUME_SAFE: ClassVar[frozenset[str]] = TrainConfig.RESUME_SAFE | {"eval_batches"}
 
 
 @dataclass
 class SFTConfig(LoRAConfig, TrainConfig):
     # The architecture comes from init_from, so there is no nested ModelConfig to set here.
     out_dir: str = "runs/sft"
-    init_from: str = ""            # required: a fastgpt checkpoint or "hf:<GPT-2 folder>"
-    tokenizer: str = ""            # for hf: init only ("" = the folder's tokenizer.json)
+    init_from: str = ""            # required: a fastgpt checkpoint or "hf:<Hugging Face model folder>"
+    tokenizer: str = ""            # for an hf: start only: a tokenizer ("" = the folder's, with its chat template)
+    block_size: NonNegative = 0    # context (rows) to train at, up to the model's; 0 = the model's
+    batch_size: NonNegative = 0    # rows per micro-batch; 0 = the largest `fastgpt plan` fits (at most 16)
     data: str = ""                 # conversations JSONL (command line: the built-in demonstrations if empty)
-    val_fraction: float = 0.05     # conversations held out for val_loss
-    epochs: float = 0.0            # > 0: sets max_steps to this many passes over the data
-    dropout: float = 0.1           # residual/embedding dropout while fine-tuning (not saved)
-    max_bad_fraction: float = 0.1  # more bad records than this fails the run
-    eval_format_prompts: int = 8   # val prompts answered greedily for format_rate (0: off)
-    eval_max_new_tokens: int = 64
-    lr: float = 3e-4
-    warmup_steps: int = 20
-    max_steps: int = 500
-    eval_interval: int = 100
+    val_fraction: Fraction = 0.05  # conversations held out for val_loss
+    epochs: NonNegativeFloat = 0.0  # > 0: sets max_steps to this many passes over the data
+    dropout: Fraction = 0.1        # residual/embedding dropout while fine-tuning (not saved with the model)
+    max_bad_fraction: Ratio = 0.1  # more bad records than this share fails the run
+    eval_format_prompts: NonNegative = 8  # held-out prompts answered greedily for format_rate (0: off)
+    eval_max_new_tokens: Positive = 64  # longest answer generated for format_rate
+    lr: PositiveFloat = 3e-4
+    warmup_steps: NonNegative = 20
+    max_steps: Positive = 500
+    eval_interval: NonNegative = 100
+
+    RESUME_SAFE: ClassVar[frozenset[str]] = TrainConfig.RESUME_SAFE | {
+        "epochs", "eval_format_prompts", "eval_max_new_tokens"}
 
 
 @dataclass
 class RewardConfig(LoRAConfig, TrainConfig):
     # The architecture comes from init_from, so there is no nested ModelConfig to set here.
     out_dir: str = "runs/reward"
-    init_from: str = ""            # required: the SFT checkpoint (any language-model checkpoint)
-    data: str = ""                 # rankings or chosen/rejected pairs, JSONL
-    val_fraction: float = 0.1      # prompts held out for pairwise accuracy
-    epochs: float = 1.0            # InstructGPT: one epoch (more overfits); > 0 sets max_steps
-    max_bad_fraction: float = 0.1
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    eval_interval: int = 50
+    init_from: str = ""            # required: the SFT checkpoint (any language-model checkpoint, or hf:<folder>)
+    block_size: NonNegative = 0    # context to train at, up to the model's; 0 = the model's
+    batch_size: NonNegative = 0    # rows per micro-batch; 0 = the largest `fastgpt plan` fits (at most 16)
+    data: str = ""                 # rankings (fastgpt rank) or {"prompt", "chosen", "rejected"} pairs, JSONL
+    val_fraction: Fraction = 0.1   # prompts held out for pairwise accuracy
+    epochs: NonNegativeFloat = 1.0  # InstructGPT: one epoch (more overfits); > 0 sets max_steps
+    min_steps: NonNegative = 50    # with epochs: train at least this many steps (a small file is a few steps an epoch)
+    max_bad_fraction: Ratio = 0.1  # more bad records than this share fails the run
+    lr: PositiveFloat = 1e-4
+    warmup_steps: NonNegative = 10
+    eval_interval: NonNegative = 50
+
+    RESUME_SAFE: ClassVar[frozenset[str]] = TrainConfig.RESUME_SAFE | {"epochs", "min_steps"}
 
 
 @dataclass
 class PPOConfig(LoRAConfig, TrainConfig):
     out_dir: str = "runs/ppo"
-    sft_checkpoint: str = ""          # policy init and frozen reference
-    reward_checkpoint: str = ""       # frozen reward model (scalar checkpoint)
+    sft_checkpoint: str = ""          # required: the policy's start and its frozen KL reference (or hf:<folder>)
+    reward_checkpoint: str = ""       # required: the frozen reward model (fastgpt reward)
     prompts: str = ""                 # JSONL of {"prompt"} or {"messages"} (command line: the built-in world's)
-    eval_prompts: str = ""            # held-out prompts for the summary (command line: the built-in world's)
+    eval_prompts: str = ""            # held-out prompts for the summary ("" = hold out eval_fraction of prompts)
+    eval_fraction: Fraction = 0.1     # share of prompts held out (not trained on) when eval_prompts is ""
     world_seed: int = 0               # seed of the built-in world (match the SFT/RM data)
-    eval_max_prompts: int = 64
+    eval_max_prompts: NonNegative = 64  # held-out prompts scored for the summary, at most
     # rollout
-    rollout_batch_size: int = 64
-    mini_batch_size: int = 16         # sequences per trainer step (x grad_accum)
-    ppo_epochs: int = 4
-    max_new_tokens: int = 64
-    temperature: float = 1.0
+    rollout_batch_size: Positive = 64  # prompts answered per rollout
+    mini_batch_size: Positive = 16    # sequences per trainer step (x grad_accum)
+    ppo_epochs: Positive = 4          # passes over each rollout's minibatches
+    max_new_tokens: Positive = 64     # longest sampled response
+    temperature: PositiveFloat = 1.0  # sampling temperature of rollouts (log-probs use the same)
     # reward shaping
-    beta: float = 0.05                # KL penalty coefficient (initial value if adaptive)
-    adaptive_kl: bool = False
-    target_kl: float = 6.0            # adaptive controller's per-sequence KL target (nats)
-    kl_horizon: int = 10000
-    kl_estimator: str = "k1"          # "k1" | "k3"
-    reward_clip: float = 0.0          # clip normalised scores to +-this; 0 = off
-    missing_eos_penalty: float = -1.0  # score of a response that never emitted <|end|>; 0 = off
-    whiten_rewards: bool = False
+    beta: NonNegativeFloat = 0.05     # KL penalty coefficient (initial value if adaptive)
+    adaptive_kl: bool = False         # adapt beta towards target_kl
+    target_kl: PositiveFloat = 6.0    # adaptive controller's per-sequence KL target (nats)
+    kl_horizon: Positive = 10000      # adaptive controller's horizon (sequences)
+    kl_estimator: Literal["k1", "k3"] = "k1"  # per-token KL estimate: k1 = log ratio, k3 = unbiased, >= 0
+    reward_clip: NonNegativeFloat = 0.0  # clip normalised scores to +-this; 0 = off
+    missing_eos_penalty: float = -1.0  # score of a response that never ended its turn; 0 = off
+    whiten_rewards: bool = False      # whiten per-token rewards within each rollout
     # PPO
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    ent_coef: float = 0.0
-    early_stop_kl: float = 0.0        # drop the rest of the buffer when approx KL exceeds it; 0 = off
-    whiten_advantages: bool = True
+    gamma: Ratio = 1.0                # discount in GAE
+    lam: Ratio = 0.95                 # GAE lambda
+    clip_range: PositiveFloat = 0.2   # policy ratio clip
+    clip_range_value: PositiveFloat = 0.2  # value prediction clip
+    vf_coef: NonNegativeFloat = 0.1   # weight of the value loss
+    ent_coef: float = 0.0             # weight of the entropy bonus
+    early_stop_kl: NonNegativeFloat = 0.0  # drop the rest of the buffer when approx KL exceeds it; 0 = off
+    whiten_advantages: bool = True    # whiten advantages within each rollout
     # models
-    value_model: str = "reward"       # "reward": a copy of the reward model; "head": head on the policy
+    value_model: Literal["reward", "head"] = "reward"  # reward: a copy of the reward model; head: on the policy
     value_head_zero: bool = False     # start the value head at zero
     # PPO-ptx
-    ptx_data: str = ""                # dataset folder (`fastgpt prepare`); "" = no pretraining mix
-    ptx_coef: float = 0.0
-    ptx_batch_size: int = 4
-    max_bad_rollouts: int = 3         # rollouts with non-finite rewards tolerated before stopping
+    ptx_data: str = ""                # dataset folder (`fastgpt prepare`) mixed into PPO; "" = none
+    ptx_coef: NonNegativeFloat = 0.0  # weight of the pre-training loss (PPO-ptx)
+    ptx_batch_size: Positive = 4      # pre-training rows per step
+    max_bad_rollouts: NonNegative = 3  # rollouts with non-finite rewards tolerated before stopping
     # trainer defaults that suit PPO (InstructGPT/lm-human-preferences)
-    max_steps: int = 200
-    lr: float = 1e-5
-    warmup_steps: int = 0
-    min_lr_ratio: float = 1.0         # constant learning rate
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-5
-    eval_interval: int = 0
-    log_interval: int = 1
-    ckpt_interval: int = 50
+    max_steps: Positive = 200
+    lr: PositiveFloat = 1e-5
+    warmup_steps: NonNegative = 0
+    min_lr_ratio: Ratio = 1.0         # constant learning rate
+    weight_decay: NonNegativeFloat = 0.0
+    adam_eps: PositiveFloat = 1e-5
+    eval_interval: NonNegative = 0
+    log_interval: Positive = 1
+    ckpt_interval: Positive = 50
+
+    RESUME_SAFE: ClassVar[frozenset[str]] = TrainConfig.RESUME_SAFE | {"eval_max_prompts", "max_bad_rollouts"}
 
 
 @dataclass
@@ -126,20 +146,24 @@ class DPOConfig(LoRAConfig, TrainConfig):
     stage's data: chosen/rejected pairs or K-wise rankings (all C(K, 2) pairs of a prompt)."""
 
     out_dir: str = "runs/dpo"
-    init_from: str = ""            # required: the SFT checkpoint (the policy's start and its reference)
+    init_from: str = ""            # required: the SFT checkpoint, the policy's start and its reference (or hf:<folder>)
+    block_size: NonNegative = 0    # context to train at, up to the model's; 0 = the model's
     data: str = ""                 # rankings (fastgpt rank) or {"prompt", "chosen", "rejected"} pairs, JSONL
-    val_fraction: float = 0.1      # prompts held out for the pairwise reward accuracy
-    epochs: float = 1.0            # > 0 sets max_steps to this many passes over the data
-    max_bad_fraction: float = 0.1
-    loss: str = "sigmoid"          # "sigmoid" (DPO) | "ipo" (IPO: squared loss towards a margin of 1/(2 beta))
-    beta: float = 0.1              # strength of the implicit KL constraint to the reference
-    label_smoothing: float = 0.0   # conservative DPO: the share of pairs assumed mislabelled (sigmoid only)
+    val_fraction: Fraction = 0.1   # prompts held out for the pairwise reward accuracy
+    epochs: NonNegativeFloat = 1.0  # > 0 sets max_steps to this many passes over the data
+    min_steps: NonNegative = 50    # with epochs: train at least this many steps (a small file is a few steps an epoch)
+    max_bad_fraction: Ratio = 0.1  # more bad records than this share fails the run
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO; ipo: squared loss towards a margin of 1/(2 beta)
+    beta: PositiveFloat = 0.1      # strength of the implicit KL constraint to the reference
+    label_smoothing: Annotated[float, Range(0, 0.5, high_open=True)] = 0.0  # conservative DPO: share of labels assumed flipped (sigmoid only)
     precompute_ref: bool = True    # reference log-probs once before training (else every step, no grad)
-    lr: float = 1e-6               # the DPO paper's; LoRA runs usually take 10-100x more
-    warmup_steps: int = 10
-    min_lr_ratio: float = 1.0      # constant after warmup, as in the DPO paper
-    weight_decay: float = 0.0
-    eval_interval: int = 50
+    lr: PositiveFloat = 1e-6       # the DPO paper's; LoRA runs usually take 10-100x more
+    warmup_steps: NonNegative = 10
+    min_lr_ratio: Ratio = 1.0      # constant after warmup, as in the DPO paper
+    weight_decay: NonNegativeFloat = 0.0
+    eval_interval: NonNegative = 50
+
+    RESUME_SAFE: ClassVar[frozenset[str]] = TrainConfig.RESUME_SAFE | {"epochs", "min_steps", "precompute_ref"}
 
 
 @dataclass
@@ -148,35 +172,38 @@ class GRPOConfig(LoRAConfig, TrainConfig):
     K samples per prompt, the group's other samples as the baseline, no value model."""
 
     out_dir: str = "runs/grpo"
-    sft_checkpoint: str = ""          # required: the policy's start and its frozen KL reference
-    reward_checkpoint: str = ""       # the frozen reward model (Python API: or a reward function)
+    sft_checkpoint: str = ""          # required: the policy's start and its frozen KL reference (or hf:<folder>)
+    reward_checkpoint: str = ""       # required: the frozen reward model (fastgpt reward; Python: or a reward_fn)
     prompts: str = ""                 # JSONL of {"prompt"} or {"messages"} (command line: the built-in world's)
-    eval_prompts: str = ""            # held-out prompts for the summary (command line: the built-in world's)
+    eval_prompts: str = ""            # held-out prompts for the summary ("" = hold out eval_fraction of prompts)
+    eval_fraction: Fraction = 0.1     # share of prompts held out (not trained on) when eval_prompts is ""
     world_seed: int = 0               # seed of the built-in world (match the SFT/RM data)
-    eval_max_prompts: int = 64
+    eval_max_prompts: NonNegative = 64  # held-out prompts scored for the summary, at most
     # rollout
-    group_size: int = 4               # K samples per prompt
-    rollout_batch_size: int = 64      # sequences per rollout (a multiple of group_size)
-    mini_batch_size: int = 16         # sequences per trainer step (x grad_accum)
-    ppo_epochs: int = 1               # passes over each rollout (1: the GRPO paper's mu = 1)
-    max_new_tokens: int = 64
-    temperature: float = 1.0
+    group_size: Annotated[int, Range(2)] = 4  # K samples per prompt (the group is the baseline)
+    rollout_batch_size: Positive = 64  # sequences per rollout (a multiple of group_size)
+    mini_batch_size: Positive = 16    # sequences per trainer step (x grad_accum)
+    ppo_epochs: Positive = 1          # passes over each rollout (1: the GRPO paper's mu = 1)
+    max_new_tokens: Positive = 64     # longest sampled response
+    temperature: PositiveFloat = 1.0  # sampling temperature of rollouts (log-probs use the same)
     # objective
-    advantage: str = "grpo"           # "grpo": (r - group mean) / group std; "rloo": r - mean of the other K-1
-    loss_level: str = "token"         # "token": mean over all tokens; "sequence": mean per response, then over responses
-    clip_range: float = 0.2
-    beta: float = 0.04                # weight of the KL(policy || reference) term in the loss; 0 = off
-    kl_estimator: str = "k3"          # "k1" | "k3" (the GRPO paper's: unbiased and >= 0)
-    reward_clip: float = 0.0          # clip scores to +-this before the group statistics; 0 = off
-    missing_eos_penalty: float = -1.0  # score of a response that never emitted <|end|>; 0 = off
-    max_bad_rollouts: int = 3         # rollouts with non-finite rewards tolerated before stopping
+    advantage: Literal["grpo", "rloo"] = "grpo"  # grpo: (r - group mean) / group std; rloo: r - mean of the other K-1
+    loss_level: Literal["token", "sequence"] = "token"  # token: mean over all tokens; sequence: per response first
+    clip_range: PositiveFloat = 0.2   # policy ratio clip
+    beta: NonNegativeFloat = 0.04     # weight of the KL(policy || reference) term in the loss; 0 = off
+    kl_estimator: Literal["k1", "k3"] = "k3"  # per-token KL in the loss: k1 = log ratio, k3 = unbiased, >= 0 (GRPO's)
+    reward_clip: NonNegativeFloat = 0.0  # clip scores to +-this before the group statistics; 0 = off
+    missing_eos_penalty: float = -1.0  # score of a response that never ended its turn; 0 = off
+    max_bad_rollouts: NonNegative = 3  # rollouts with non-finite rewards tolerated before stopping
     # trainer defaults that suit on-policy RL (as PPO's)
-    max_steps: int = 200
-    lr: float = 1e-5
-    warmup_steps: int = 0
-    min_lr_ratio: float = 1.0
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-5
-    eval_interval: int = 0
-    log_interval: int = 1
-    ckpt_interval: int = 50
+    max_steps: Positive = 200
+    lr: PositiveFloat = 1e-5
+    warmup_steps: NonNegative = 0
+    min_lr_ratio: Ratio = 1.0         # constant learning rate
+    weight_decay: NonNegativeFloat = 0.0
+    adam_eps: PositiveFloat = 1e-5
+    eval_interval: NonNegative = 0
+    log_interval: Positive = 1
+    ckpt_interval: Positive = 50
+
+    RESUME_SAFE: ClassVar[frozenset[str]] = TrainConfig.RESUME_SAFE | {"eval_max_prompts", "max_bad_rollouts"}

@@ -29,12 +29,12 @@ import torch.nn as nn
 from ..chatdata import iter_batches
 from ..config import ConfigError
 from ..data import PackedBatch
-from ..losses import DPO_LOSSES, dpo_loss
+from ..losses import dpo_loss
 from ..trainer import Trainer, autocast_context, distributed_env, resolve_device, seed_everything
-from .common import Policy, Reference, add_lora, reference_model, set_dropout
+from .common import (Policy, Reference, add_lora, load_start_model, reference_model, set_dropout,
+                     shorten_context)
 from .configs import DPOConfig
 from .reward import RankedGroup, RewardTask, pack_ranked, pair_tensors, preference_data
-from .sft import load_start_model
 
 __all__ = ["DPOConfig", "DPOTask", "dpo", "sequence_logprobs"]
 
@@ -94,27 +94,24 @@ def attach_reference_logprobs(ref: Reference, groups: list[RankedGroup], rows: i
 def dpo(cfg: DPOConfig) -> dict[str, Any]:
     """Train ``cfg.init_from`` with DPO (or IPO / conservative DPO) on ``cfg.data``; returns the
     trainer's summary plus ``data`` (prompts used, held out, skipped, truncated)."""
-    if cfg.loss not in DPO_LOSSES:
-        raise ConfigError(f"loss={cfg.loss!r}: expected one of {', '.join(DPO_LOSSES)}")
-    if cfg.beta <= 0:
-        raise ConfigError(f"beta={cfg.beta}: expected > 0")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        raise ConfigError(f"label_smoothing={cfg.label_smoothing}: expected 0 <= value < 0.5")
     if cfg.loss == "ipo" and cfg.label_smoothing:
         raise ConfigError("label_smoothing (conservative DPO) applies to loss='sigmoid' only")
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device, distributed_env())
     policy, tok = load_start_model(cfg.init_from)
     set_dropout(policy, 0.0)  # the log-ratio must be a deterministic function of the weights
+    if cfg.block_size:
+        shorten_context(policy, cfg.block_size, f"block_size={cfg.block_size}")
+    device = resolve_device(cfg.device, distributed_env())
     policy.to(device)
     ref = reference_model(add_lora(policy, cfg, "dpo"))
     T = policy.config.block_size
-    _, train, val, report = preference_data(cfg, tok, T, "dpo")
-    if cfg.precompute_ref:
-        attach_reference_logprobs(ref, train + val, cfg.batch_size, T, tok.pad_id, device, cfg.dtype)
+    _, train, val, report, plan = preference_data(cfg, tok, T, "dpo")
     task = DPOTask(cfg, train, val, ref, tok.pad_id, T, device)
     trainer = Trainer(cfg, Policy(policy), task, stage="dpo", tokenizer=tok, model_kind="policy",
-                      extra={"init_from": str(cfg.init_from)}, flops_per_token=policy.flops_per_token(T))
+                      extra={"init_from": str(cfg.init_from)}, data={"data": cfg.data}, plan=plan,
+                      flops_per_token=policy.flops_per_token(T))
+    if cfg.precompute_ref:  # after the trainer: a refused resume costs no reference pass
+        attach_reference_logprobs(ref, train + val, cfg.batch_size, T, tok.pad_id, device, cfg.dtype)
     summary = trainer.fit()
     summary["data"] = {"train": len(train), "val": len(val), "skipped": len(report.bad),
                        "truncated": report.truncated}

@@ -39,16 +39,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..checkpoint import load_model
+from ..config import ConfigError
 from ..data import IGNORE_INDEX
 from ..engine import SamplingParams, generate
-from ..losses import ADVANTAGES, group_advantages, kl_estimate, masked_mean, ppo_policy_loss
+from ..losses import group_advantages, kl_estimate, masked_mean, ppo_policy_loss
 from ..tokenizer import Tokenizer
 from ..trainer import Trainer, autocast_context, distributed_env, resolve_device, seed_everything
-from .common import Policy, Reference, add_lora, cast_parameters, freeze, reference_model, set_dropout
+from .common import (Policy, Reference, add_lora, cast_parameters, freeze, load_start_model, reference_model,
+                     set_dropout)
 from .configs import GRPOConfig
-from .ppo import (PPOError, RewardModelScorer, evaluate_policy, load_prompts, load_reward, pack_responses,
-                  score_rollout, starting_eval, unpack_responses)
+from .ppo import (PPOError, RewardModelScorer, evaluate_policy, load_reward, pack_responses, policy_prompts,
+                  rollout_plan, score_rollout, starting_eval, unpack_responses)
 
 __all__ = ["GRPOConfig", "GRPOTask", "build_grpo", "grpo"]
 
@@ -57,20 +58,12 @@ RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
 
 
 def check_config(cfg: GRPOConfig) -> None:
-    if cfg.group_size < 2:
-        raise PPOError(f"group_size={cfg.group_size}: GRPO needs at least 2 samples per prompt")
+    """What the field types cannot say: how the batch sizes fit together."""
     if cfg.rollout_batch_size % cfg.group_size:
-        raise PPOError(f"rollout_batch_size={cfg.rollout_batch_size} is not a multiple of group_size={cfg.group_size}")
-    if cfg.mini_batch_size < 1 or cfg.rollout_batch_size < cfg.mini_batch_size:
-        raise PPOError("expected 1 <= mini_batch_size <= rollout_batch_size")
-    if cfg.temperature <= 0:
-        raise PPOError("temperature must be > 0: GRPO needs the policy's own samples")
-    if cfg.advantage not in ADVANTAGES:
-        raise PPOError(f"advantage={cfg.advantage!r}: expected one of {', '.join(ADVANTAGES)}")
-    if cfg.loss_level not in ("token", "sequence"):
-        raise PPOError(f"loss_level={cfg.loss_level!r}: expected 'token' or 'sequence'")
-    if cfg.kl_estimator not in ("k1", "k3"):
-        raise PPOError(f"kl_estimator={cfg.kl_estimator!r}: expected 'k1' or 'k3'")
+        raise ConfigError(f"rollout_batch_size={cfg.rollout_batch_size} is not a multiple of group_size={cfg.group_size}")
+    if cfg.rollout_batch_size < cfg.mini_batch_size:
+        raise ConfigError(f"mini_batch_size={cfg.mini_batch_size} is larger than rollout_batch_size="
+                          f"{cfg.rollout_batch_size}")
 
 
 class GRPOTask:
@@ -132,7 +125,7 @@ class GRPOTask:
         t0 = time.perf_counter()
         prompts = [p for p in self._sample_prompts(cfg.rollout_batch_size // K) for _ in range(K)]
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                stop_ids=(self.tok.end_id,), seed=int(self.rng.integers(2**31)))
+                                stop_ids=self.tok.stop_ids, seed=int(self.rng.integers(2**31)))
         gens = generate(self.model.policy, prompts, params, vocab_limit=self.tok.vocab_size,
                         batch_size=cfg.rollout_batch_size)
         t_gen = time.perf_counter() - t0
@@ -226,7 +219,8 @@ def build_grpo(cfg: GRPOConfig, reward_fn: RewardFn | None = None) -> tuple[Trai
         raise PPOError("reward_checkpoint is required (or, from Python, a reward_fn)")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device, distributed_env())
-    policy, tok, _ = load_model(cfg.sft_checkpoint, kind="gpt", device=device)
+    policy, tok = load_start_model(cfg.sft_checkpoint)
+    policy = policy.to(device)
     set_dropout(policy, 0.0)  # rollout log-probs are taken in eval mode: dropout would bias the ratio
     ref = reference_model(add_lora(policy, cfg, "grpo"))
     if reward_fn is None:
@@ -235,12 +229,14 @@ def build_grpo(cfg: GRPOConfig, reward_fn: RewardFn | None = None) -> tuple[Trai
             cast_parameters(rm, torch.bfloat16)
         reward_fn = RewardModelScorer(freeze(rm), offset, scale, tok.pad_id, rows=cfg.mini_batch_size)
     block = policy.config.block_size
-    prompts = load_prompts(cfg.prompts, tok, block, "prompts")
-    eval_prompts = load_prompts(cfg.eval_prompts, tok, block, "eval_prompts") if cfg.eval_prompts else []
+    prompts, eval_prompts, held_out = policy_prompts(cfg, tok, block)
     model = Policy(policy.train())
     task = GRPOTask(cfg, model, ref, tok, prompts, reward_fn, eval_prompts, device)
+    data = {"prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts}
     trainer = Trainer(cfg, model, task, stage="grpo", tokenizer=tok, model_kind="policy",
-                      extra={"sft_checkpoint": str(cfg.sft_checkpoint)}, flops_per_token=policy.flops_per_token(block))
+                      extra={"sft_checkpoint": str(cfg.sft_checkpoint)}, data=data,
+                      plan=rollout_plan(cfg, prompts, eval_prompts, block, held_out, cfg.group_size),
+                      flops_per_token=policy.flops_per_token(block))
     return trainer, task
 
 
@@ -252,4 +248,5 @@ def grpo(cfg: GRPOConfig, reward_fn: RewardFn | None = None) -> dict[str, Any]:
     summary = trainer.fit()
     summary["sft"] = sft_eval
     summary["rollouts"] = task.rollouts_done
+    summary["held_out_prompts"] = len(task.eval_prompts[:cfg.eval_max_prompts])
     return summary

@@ -8,7 +8,7 @@ minibatches; when it runs dry, ``next_batch`` rolls out a new batch first:
    log-probs (all with logits divided by the sampling temperature, through the fused log-prob
    kernel) and the frozen reward model's score at the last token;
 3. per-token reward = -beta * KL(policy || SFT) plus the normalised score on the last token
-   (responses cut off without <|end|> get ``missing_eos_penalty`` as their score instead);
+   (responses cut off before a stop token get ``missing_eos_penalty`` as their score instead);
 4. GAE advantages (whitened) and returns, then ``ppo_epochs`` shuffled passes of
    ``mini_batch_size`` sequences, dropped early when the approximate KL passes ``early_stop_kl``.
 
@@ -33,6 +33,7 @@ import torch.nn as nn
 from .. import kernels
 from ..checkpoint import load_model
 from ..config import ModelConfig
+from ..console import plural
 from ..chatdata import LoadReport, parse_prompt, parse_prompt_record, read_records
 from ..data import IGNORE_INDEX, DataError, PackedBatch, TokenLoader, pack_all
 from ..engine import SamplingParams, generate
@@ -41,10 +42,10 @@ from ..losses import (AdaptiveKLController, FixedKLController, explained_varianc
                       masked_mean, ppo_policy_loss, ppo_value_loss, whiten)
 from ..model import GPT, ScalarModel
 from ..tokenizer import Tokenizer, encode_prompt
-from ..trainer import (Trainer, TrainingError, autocast_context, distributed_env, resolve_device,
+from ..trainer import (DataPlan, Trainer, TrainingError, autocast_context, distributed_env, resolve_device,
                        seed_everything)
-from .common import (Reference, add_lora, cast_parameters, freeze, reference_generator, reference_model,
-                     require_same_tokenizer, set_dropout)
+from .common import (Reference, add_lora, cast_parameters, freeze, load_start_model, reference_generator,
+                     reference_model, require_same_tokenizer, set_dropout, split_holdout)
 from .configs import PPOConfig
 from .reward import raw_scores, response_labels
 
@@ -128,8 +129,7 @@ def load_prompts(path: str, tok: Tokenizer, block_size: int, what: str) -> list[
     to answer are skipped with one warning (an error if none is left)."""
     report = LoadReport(path)
     texts = [value for _, value in read_records(path, parse_prompt_record, report)]
-    report.warn("ppo")
-    report.check(0.1, "prompts")
+    report.finish("ppo", 0.1, "prompts")
     return encode_prompts(texts, tok, block_size, f"{what}={path}")
 
 
@@ -137,7 +137,7 @@ def encode_prompts(texts: Sequence[Any], tok: Tokenizer, block_size: int, where:
     encoded = [encode_prompt(tok, parse_prompt(t)) for t in texts]
     kept = [p for p in encoded if len(p) < block_size]
     if not kept:
-        raise DataError(f"{where}: all {len(encoded)} prompts are at least the model's context of "
+        raise DataError(f"{where}: {'the' if len(encoded) == 1 else 'all'} {plural(len(encoded), 'prompt')} {'is' if len(encoded) == 1 else 'are'} at least the model's context of "
                         f"{block_size} tokens long")
     if len(kept) < len(encoded):
         print(f"ppo: {where}: skipped {len(encoded) - len(kept)} of {len(encoded)} prompts longer than "
@@ -158,7 +158,7 @@ def score_rollout(task: Any, stage: str, prompts: list[list[int]], responses: li
         warnings.warn(f"{stage}: rollout {task.rollouts_done} has non-finite rewards; skipped "
                       f"({task.bad_rollouts}/{cfg.max_bad_rollouts})", stacklevel=3)
         if task.bad_rollouts > cfg.max_bad_rollouts:
-            raise TrainingError(f"{stage}: {task.bad_rollouts} rollouts with non-finite rewards "
+            raise TrainingError(f"{stage}: {plural(task.bad_rollouts, 'rollout')} with non-finite rewards "
                                 f"(max_bad_rollouts={cfg.max_bad_rollouts}); check the reward model")
         return None
     raw = scores.clone()
@@ -198,12 +198,9 @@ class PPOTask:
     def __init__(self, cfg: PPOConfig, model: PolicyValue, ref: Reference, tokenizer: Tokenizer,
                  prompts: list[list[int]], reward_fn: RewardFn, eval_prompts: list[list[int]] | None = None,
                  device: torch.device | str = "cpu") -> None:
-        if cfg.value_model not in ("reward", "head"):
-            raise PPOError(f"value_model={cfg.value_model!r}: expected 'reward' or 'head'")
-        if cfg.mini_batch_size < 1 or cfg.rollout_batch_size < cfg.mini_batch_size:
-            raise PPOError("expected 1 <= mini_batch_size <= rollout_batch_size")
-        if cfg.temperature <= 0:
-            raise PPOError("temperature must be > 0: PPO needs the policy's own samples")
+        if cfg.rollout_batch_size < cfg.mini_batch_size:
+            raise PPOError(f"mini_batch_size={cfg.mini_batch_size} is larger than rollout_batch_size="
+                           f"{cfg.rollout_batch_size}")
         self.cfg, self.model, self.ref, self.tok = cfg, model, ref, tokenizer
         self.prompts, self.eval_prompts = prompts, eval_prompts or []
         self.reward_fn = reward_fn
@@ -267,7 +264,7 @@ class PPOTask:
         prompts = self._sample_prompts()
         seed = int(self.rng.integers(2**31))
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                stop_ids=(self.tok.end_id,), seed=seed)
+                                stop_ids=self.tok.stop_ids, seed=seed)
         gens = generate(self.model.policy, prompts, params, vocab_limit=self.tok.vocab_size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -299,7 +296,8 @@ class PPOTask:
         self.rollout = {
             "seqs": seqs, "prompt_lens": prompt_lens, "old_logp": fwd["logp"],  # stays on the device: read every minibatch
             "old_values": fwd["values"], "adv": adv, "returns": returns,
-            "stats": {"score": float(raw_scores.mean()), "kl": seq_kl, "beta": beta,
+            "stats": {"rollout": float(self.rollouts_done + 1), "score": float(raw_scores.mean()), "kl": seq_kl,
+                      "beta": beta,
                       "non_score_reward": float(rewards.sum(1).mean() - scores.mean()) if not cfg.whiten_rewards
                       else float("nan"),
                       "response_len": float(lengths.float().mean()), "eos_frac": float(finished.float().mean()),
@@ -391,7 +389,7 @@ def evaluate_policy(policy: GPT, ref: Reference, tok: Tokenizer, prompts: list[l
     out: dict[str, float] = {}
     for name, temp in (("greedy", 0.0), ("sampled", cfg.temperature)):
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temp,
-                                stop_ids=(tok.end_id,), seed=cfg.seed)  # same samples at every eval
+                                stop_ids=tok.stop_ids, seed=cfg.seed)  # same samples at every eval
         gens = generate(policy, prompts, params, vocab_limit=tok.vocab_size, batch_size=cfg.rollout_batch_size)
         out[f"score_{name}"] = float(reward_fn(prompts, [g.tokens for g in gens]).float().mean())
         if name == "sampled":
@@ -439,7 +437,8 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
         raise PPOError("reward_checkpoint is required")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device, distributed_env())
-    policy, tok, _ = load_model(cfg.sft_checkpoint, kind="gpt", device=device)
+    policy, tok = load_start_model(cfg.sft_checkpoint)
+    policy = policy.to(device).eval()
     ref = reference_model(add_lora(policy, cfg, "ppo"))  # with LoRA: the policy, adapters off
     rm = None
     if cfg.reward_checkpoint:
@@ -469,11 +468,12 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
             nn.init.normal_(model.value_head.weight, std=1.0 / math.sqrt(policy.config.n_embd + 1))
     model.to(device)
     block = policy.config.block_size
-    prompts = load_prompts(cfg.prompts, tok, block, "prompts")
-    eval_prompts = load_prompts(cfg.eval_prompts, tok, block, "eval_prompts") if cfg.eval_prompts else []
+    prompts, eval_prompts, held_out = policy_prompts(cfg, tok, block)
     task = PPOTask(cfg, model, ref, tok, prompts, reward_fn, eval_prompts, device)
     extra["sft_checkpoint"] = str(cfg.sft_checkpoint)
+    data = {"prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts, "ptx_data": cfg.ptx_data}
     trainer = Trainer(cfg, model, task, stage="ppo", tokenizer=tok, model_kind="policy_value", extra=extra,
+                      data=data, plan=rollout_plan(cfg, prompts, eval_prompts, block, held_out),
                       flops_per_token=policy.flops_per_token(block))
     return trainer, task
 
@@ -489,6 +489,50 @@ def starting_eval(trainer: Trainer, policy: GPT, task: Any) -> dict[str, float]:
     return sft_eval
 
 
+def policy_prompts(cfg: Any, tok: Tokenizer, block: int) -> tuple[list[list[int]], list[list[int]], str]:
+    """(training prompts, held-out prompts, what the held-out score is on) of an RL stage's config
+    (PPO, GRPO): ``eval_prompts`` when given, else a seeded ``eval_fraction`` of ``prompts``."""
+    prompts = load_prompts(cfg.prompts, tok, block, "prompts")
+    if cfg.eval_prompts:
+        eval_prompts = load_prompts(cfg.eval_prompts, tok, block, "eval_prompts")
+        return prompts, eval_prompts, (f"held-out score on {plural(min(len(eval_prompts), cfg.eval_max_prompts), 'prompt')}"
+                                       " of eval_prompts")
+    # score the policy on prompts like the user's own, never on unrelated ones
+    prompts, eval_prompts = hold_out(prompts, cfg.eval_fraction, cfg.eval_max_prompts, cfg.seed)
+    return prompts, eval_prompts, (
+        f"held-out score on {plural(len(eval_prompts), 'prompt')} kept out of prompts (eval_fraction="
+        f"{cfg.eval_fraction:g}, not trained on)" if eval_prompts else
+        "no held-out score: no eval_prompts, and none of prompts held out (eval_fraction, eval_max_prompts)")
+
+
+def hold_out(prompts: list[list[int]], fraction: float, most: int, seed: int
+             ) -> tuple[list[list[int]], list[list[int]]]:
+    """(train, held-out) prompts: a seeded ``fraction`` held out, at most ``most`` of them (the rest
+    of the slice would be neither trained on nor scored)."""
+    train_ids, val_ids = split_holdout(len(prompts), fraction, seed)
+    train_ids = sorted(train_ids + val_ids[most:])
+    return [prompts[i] for i in train_ids], [prompts[i] for i in val_ids[:most]]
+
+
+def rollout_plan(cfg: Any, prompts: list[list[int]], eval_prompts: list[list[int]], block: int,
+                 held_out: str, group_size: int = 1) -> DataPlan:
+    """Epochs are passes over the training prompts: each rollout answers rollout_batch_size /
+    group_size of them (``group_size`` times each: GRPO) and trains ppo_epochs passes of its
+    minibatches."""
+    world = distributed_env().world_size
+    steps_per_rollout = cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.mini_batch_size) / cfg.grad_accum
+    rollouts = math.ceil(cfg.max_steps / steps_per_rollout)
+    per_rollout = cfg.rollout_batch_size // group_size
+    answers = f"{per_rollout} prompts" + (f" x {group_size} samples" if group_size > 1 else "")
+    seq = min(block, max(map(len, prompts)) + cfg.max_new_tokens)
+    return DataPlan(len(prompts), "prompt", len(prompts) / (per_rollout * world) * steps_per_rollout,
+                    cfg.mini_batch_size * cfg.grad_accum * world * seq, val_size=min(len(eval_prompts), cfg.eval_max_prompts),
+                    val_unit="prompt" if eval_prompts else "",
+                    step=f"micro-batch of {plural(cfg.mini_batch_size, 'sequence')} (mini_batch_size) of up to {seq} tokens",
+                    notes=[f"about {plural(rollouts, 'rollout')} of {answers}, "
+                           f"{steps_per_rollout:g} steps each; {held_out}"])
+
+
 def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, Any]:
     """Run PPO per ``cfg``; the summary adds ``sft`` (the SFT policy's held-out eval) next to the
     trainer's ``eval`` (the final policy's)."""
@@ -497,4 +541,5 @@ def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, Any]:
     summary = trainer.fit()
     summary["sft"] = sft_eval
     summary["rollouts"] = task.rollouts_done
+    summary["held_out_prompts"] = len(task.eval_prompts[:cfg.eval_max_prompts])
     return summary

@@ -7,10 +7,12 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError
-from ..data import TokenLoader, dataset_tokenizer
+from ..data import TokenLoader, dataset_tokenizer, load_meta
 from ..model import GPT
-from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
-from .common import add_lora, load_language_model, padded_vocab
+from ..hf import resize_vocab
+from ..trainer import DataPlan, Trainer, distributed_env, resolve_device, seed_everything
+from .common import (add_lora, apply_start_settings, load_language_model, micro_batch_rows, padded_vocab,
+                     require_same_tokenizer)
 from .configs import PretrainConfig
 
 
@@ -56,10 +58,15 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     tokenizer = dataset_tokenizer(cfg.data)
     device = resolve_device(cfg.device, distributed_env())
     if cfg.init_from:
-        model, _, cfg.model = load_language_model(cfg.init_from)
-        if cfg.model.vocab_size < tokenizer.vocab_size:
-            raise ConfigError(f"init_from={cfg.init_from}: model vocabulary {cfg.model.vocab_size} is smaller "
-                             f"than the dataset's tokenizer ({tokenizer.vocab_size})")
+        model, model_tokenizer, _ = load_language_model(cfg.init_from)
+        if model_tokenizer is not None:
+            hint = f" (prepare the data with --tokenizer {cfg.init_from.removeprefix('hf:')})" \
+                if cfg.init_from.startswith("hf:") else ""
+            require_same_tokenizer(model_tokenizer, tokenizer, f"data={cfg.data}", hint)
+        if model.config.vocab_size < tokenizer.vocab_size:  # chat special tokens added to a BPE
+            model, _ = resize_vocab(model, padded_vocab(tokenizer))
+        apply_start_settings(model, cfg.model, cfg.init_from)
+        cfg.model = model.config
     else:
         if cfg.lora_rank:
             raise ConfigError("lora_rank needs init_from: adapters on a randomly initialised model learn on top "
@@ -67,7 +74,17 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         cfg.model.vocab_size = padded_vocab(tokenizer)
         model = GPT(cfg.model)
     add_lora(model, cfg, "pretrain")
+    cfg.batch_size = micro_batch_rows(cfg, cfg.model, "pretrain", cfg.model.block_size, device)
     task = PretrainTask(cfg, cfg.model.vocab_size, device)
-    trainer = Trainer(cfg, model, task, stage="pretrain", tokenizer=tokenizer,
-                      flops_per_token=model.flops_per_token(cfg.model.block_size))
+    trainer = Trainer(cfg, model, task, stage="pretrain", tokenizer=tokenizer, data={"data": cfg.data},
+                      plan=pretrain_plan(cfg), flops_per_token=model.flops_per_token(cfg.model.block_size))
     return trainer.fit()
+
+
+def pretrain_plan(cfg: PretrainConfig) -> DataPlan:
+    """Tokens per step and epochs over the dataset's training tokens; validation in context windows."""
+    tokens = load_meta(cfg.data)["tokens"]
+    T = cfg.model.block_size
+    per_step = cfg.batch_size * T * cfg.grad_accum * distributed_env().world_size
+    return DataPlan(tokens["train"], "token", tokens["train"] / per_step, per_step, packed=False,
+                    val_size=tokens["val"] // T, val_unit=f"{T}-token validation window")

@@ -3,7 +3,7 @@
 A :class:`ScalarModel` starts from the SFT checkpoint (backbone = the SFT GPT, scalar head fresh)
 and learns InstructGPT's K-wise loss: for each prompt, all C(K, 2) pairs implied by its ranking
 are one batch element, ``mean over pairs of -log sigmoid(r_better - r_worse)``.  Each response is
-``encode_prompt(prompt) + response [+ <|end|> if it finished]``, scored once at its last token
+``encode_prompt(prompt) + response [+ end of turn if it finished]``, scored once at its last token
 (never once per pair), and all responses of several prompts are packed into varlen rows; a
 prompt's responses always share a micro-batch, since its pairs need all of their scores.
 
@@ -13,7 +13,6 @@ rankings file) score mean 0, std 1: ``reward_offset`` / ``reward_scale`` go to t
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -21,19 +20,19 @@ import torch
 import torch.nn as nn
 
 from ..chatdata import (
-    BadRecord, Comparison, EpochOrder, Example, LoadReport, batches_per_epoch, fits_one_batch, iter_batches,
+    BadRecord, Comparison, EpochOrder, Example, LoadReport, fits_one_batch, iter_batches,
     pack_groups, parse_prompt, parse_preference, read_records,
 )
 from ..checkpoint import load_model
 from ..config import ConfigError
+from ..console import plural
 from ..data import IGNORE_INDEX, PackedBatch
 from ..losses import ranking_loss, ranking_pairs
 from ..model import ScalarModel
 from ..tokenizer import Message, Tokenizer, encode_prompt
-from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
+from ..trainer import DataPlan, Trainer, distributed_env, resolve_device, seed_everything
 from .configs import RewardConfig
-from .common import add_lora
-from .sft import load_start_model, split_holdout
+from .common import add_lora, load_start_model, micro_batch_rows, packed_plan, shorten_context, split_holdout
 
 
 # ---------------------------------------------------------------------------- data
@@ -48,7 +47,7 @@ class RankedGroup:
 
 def split_response(tok: Tokenizer, prompt_ids: list[int], response: str, finished: bool,
                    block_size: int) -> tuple[list[int], list[int], bool]:
-    """(prompt ids, response ids (+ <|end|> if finished), truncated), cut to the context: the
+    """(prompt ids, response ids (+ the end-of-turn id if finished), truncated), cut to the context: the
     prompt loses its start first (down to half the context), then the response loses its end."""
     resp = tok.encode(response) + ([tok.end_id] if finished else [])
     if len(prompt_ids) + len(resp) <= block_size:
@@ -101,8 +100,7 @@ def load_preferences(path: str, tok: Tokenizer, block_size: int, n_rows: int, ma
 
     groups = [g for _, g in read_records(path, parse, report)]
     report.ignored = sum(not g.pairs for g in groups)  # all tied: valid, but nothing to learn from
-    report.warn("reward", block_size)
-    report.check(max_bad_fraction, "rankings")
+    report.finish("reward", max_bad_fraction, "rankings", block_size)
     return groups, report
 
 
@@ -208,7 +206,7 @@ def score(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str | list[M
     """Normalised rewards ``(r - reward_offset) / reward_scale`` of (prompt, response) pairs.
 
     ``extra`` is the reward checkpoint's ``extra`` (None: raw scores). A prompt is a user string
-    or a messages list; ``finished`` (default all True) appends <|end|> as in training.
+    or a messages list; ``finished`` (default all True) appends the end of turn as in training.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -233,20 +231,24 @@ def load_reward_model(path: str, device: str | torch.device = "cpu") -> tuple[Sc
 
 # --------------------------------------------------------------------------- stage
 def preference_data(cfg: Any, tok: Tokenizer, block_size: int, stage: str
-                    ) -> tuple[list[RankedGroup], list[RankedGroup], list[RankedGroup], LoadReport]:
-    """(every group read, train groups, held-out groups, load report) of ``cfg.data`` for a stage
-    on rankings (reward, DPO); with ``cfg.epochs`` > 0 it also sets ``cfg.max_steps``."""
+                    ) -> tuple[list[RankedGroup], list[RankedGroup], list[RankedGroup], LoadReport, DataPlan]:
+    """(every group read, train groups, held-out groups, load report, data plan) of ``cfg.data``
+    for a stage on rankings (reward, DPO); with ``cfg.epochs`` > 0 it also sets ``cfg.max_steps``
+    (at least ``cfg.min_steps``)."""
     every, report = load_preferences(cfg.data, tok, block_size, cfg.batch_size, cfg.max_bad_fraction)
     groups = [g for g in every if g.pairs]
     train_ids, val_ids = split_holdout(len(groups), cfg.val_fraction, cfg.seed)
     train = [groups[i] for i in train_ids]
-    if cfg.epochs > 0:
-        if cfg.max_steps != type(cfg).max_steps:
-            raise ConfigError(f"{stage}: set either epochs ({cfg.epochs}) or max_steps ({cfg.max_steps}), "
-                              f"not both (epochs=0 uses max_steps)")
-        per_epoch = batches_per_epoch([[len(ids) for ids, _ in g.examples] for g in train], cfg.batch_size, block_size)
-        cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch / (cfg.grad_accum * distributed_env().world_size)))
-    return every, train, [groups[i] for i in val_ids], report
+    if cfg.epochs > 0 and cfg.max_steps != type(cfg).max_steps:
+        raise ConfigError(f"{stage}: set either epochs ({cfg.epochs}) or max_steps ({cfg.max_steps}), "
+                          f"not both (epochs=0 uses max_steps)")
+    plan = packed_plan(cfg, [[len(ids) for ids, _ in g.examples] for g in train], block_size, "ranked prompt",
+                       len(val_ids))
+    if cfg.epochs > 0 and cfg.max_steps < cfg.min_steps:
+        plan.notes.append(f"{cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'} of {plural(len(train), 'ranked prompt')} "
+                          f"would be only {plural(cfg.max_steps, 'step')}: training min_steps={cfg.min_steps} instead")
+        cfg.max_steps = cfg.min_steps
+    return every, train, [groups[i] for i in val_ids], report, plan
 
 
 def train_reward(cfg: RewardConfig) -> dict[str, Any]:
@@ -254,15 +256,18 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     responses and return the trainer's summary (plus ``data`` and ``reward_offset/scale``)."""
     seed_everything(cfg.seed)
     lm, tok = load_start_model(cfg.init_from)
+    if cfg.block_size:
+        shorten_context(lm, cfg.block_size, f"block_size={cfg.block_size}")
     model = ScalarModel(lm.config)
     model.gpt.load_state_dict(lm.state_dict())
     add_lora(model.gpt, cfg, "reward")  # the scalar head is new: it always trains
     T = model.config.block_size
-    every, train, val, report = preference_data(cfg, tok, T, "reward")
     device = resolve_device(cfg.device, distributed_env())
+    cfg.batch_size = micro_batch_rows(cfg, lm.config, "reward", T, device)
+    every, train, val, report, plan = preference_data(cfg, tok, T, "reward")
     task = RewardTask(cfg, train, val, tok.pad_id, T, device)
-    trainer = Trainer(cfg, model, task, stage="reward", tokenizer=tok, model_kind="scalar",
-                      flops_per_token=model.gpt.flops_per_token(T))
+    trainer = Trainer(cfg, model, task, stage="reward", tokenizer=tok, model_kind="scalar", data={"data": cfg.data},
+                      plan=plan, flops_per_token=model.gpt.flops_per_token(T))
     summary = trainer.fit()
     # SFT responses score mean 0, std 1: PPO's reward scale then does not depend on this run.
     model.eval()

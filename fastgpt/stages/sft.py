@@ -1,34 +1,33 @@
 """Stage 2: supervised fine-tuning (SFT) on demonstration conversations.
 
 The model learns to continue a conversation as the assistant: the loss covers only the
-assistant's text and the <|end|> that closes each assistant turn (so it learns to stop), never
-system or user text or role tokens.  The loss is normalised per token over the micro-batch
+assistant's text and the end-of-turn token that closes each assistant turn (so it learns to
+stop), never system or user text or the chat template's headers; the chat format is the start
+model's tokenizer's (fastgpt's own, or a Hugging Face folder's chat template).  The loss is normalised per token over the micro-batch
 (mean over the micro-batch's trained tokens), so a long answer weighs more than a short one, as
 in pre-training; with gradient accumulation the trainer averages the micro-batch means.
 
 Conversations are packed whole into rows of ``block_size`` (``pack_rows`` with ``cu_seqlens``:
-no attention across conversations, padding with <|pad|> only in each row's tail), in an
+no attention across conversations, padding only in each row's tail), in an
 epoch-based order reshuffled every epoch.  Defaults follow InstructGPT's SFT where they fit tiny
 models: cosine decay to 10% of the peak LR, residual dropout (0.2 there, 0.1 here).
 """
 from __future__ import annotations
 
-import math
-import random
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..chatdata import (
-    BadRecord, EpochOrder, Example, LoadReport, batches_per_epoch, iter_batches, pack_groups, parse_conversation, read_records,
+    BadRecord, EpochOrder, Example, LoadReport, iter_batches, pack_groups, parse_conversation, read_records,
 )
 from ..config import ConfigError
 from ..data import IGNORE_INDEX, DataError, PackedBatch
-from ..model import GPT
-from ..tokenizer import Message, Tokenizer, encode_chat, encode_prompt, load_tokenizer
+from ..tokenizer import Message, Tokenizer, encode_chat, encode_prompt
 from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
-from .common import add_lora, load_language_model, padded_vocab, set_dropout
+from .common import (add_lora, load_start_model, micro_batch_rows, packed_plan, set_dropout, shorten_context,
+                     split_holdout)
 from .configs import SFTConfig
 
 
@@ -64,40 +63,10 @@ def load_conversations(path: str, tok: Tokenizer, block_size: int, max_bad_fract
         return example, msgs
 
     records = [v for _, v in read_records(path, parse, report)]
-    report.warn("sft", block_size)
-    report.check(max_bad_fraction, "conversations")
+    report.finish("sft", max_bad_fraction, "conversations", block_size)
     return [e for e, _ in records], [m for _, m in records], report
 
 
-def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded (train, val) index split; at least one of each once there are two items."""
-    ids = list(range(n))
-    random.Random(seed).shuffle(ids)
-    n_val = min(n - 1, max(1 if n >= 2 and fraction > 0 else 0, round(n * fraction)))
-    return sorted(ids[n_val:]), sorted(ids[:n_val])
-
-
-def load_start_model(init_from: str, tokenizer: str = "") -> tuple[GPT, Tokenizer]:
-    """The language model to fine-tune and its tokenizer.
-
-    A fastgpt checkpoint brings its own tokenizer. A GPT-2 import (``hf:<folder>``) takes
-    ``tokenizer`` or the folder's tokenizer.json, and its vocabulary grows so the chat special
-    tokens have embeddings.
-    """
-    if not init_from:
-        raise ConfigError("init_from is required: a pre-trained fastgpt checkpoint or hf:<GPT-2 folder>")
-    if init_from.startswith("hf:") and tokenizer:
-        from ..hf import load_hf_gpt2
-        tok = load_tokenizer(tokenizer)
-        model, _ = load_hf_gpt2(init_from[3:])
-    else:
-        model, tok, _ = load_language_model(init_from)
-        if tok is None:
-            raise ConfigError(f"init_from={init_from}: no tokenizer.json in the folder; pass tokenizer=<file>")
-    if model.config.vocab_size < tok.vocab_size:
-        from ..hf import resize_vocab
-        model, _ = resize_vocab(model, padded_vocab(tok))
-    return model, tok
 
 
 # ---------------------------------------------------------------------------- task
@@ -164,7 +133,7 @@ def format_rate(model: nn.Module, tok: Tokenizer, conversations: list[list[Messa
         first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         ids = encode_prompt(tok, msgs[:first])
         prompts.append(ids[-(model.config.block_size // 2):])  # leave room to answer
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=(tok.end_id,))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids)
     gens = generate(model, prompts, params, vocab_limit=tok.vocab_size)
     return sum(g.finished for g in gens) / len(gens)
 
@@ -176,19 +145,21 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     model, tok = load_start_model(cfg.init_from, cfg.tokenizer)
     set_dropout(model, cfg.dropout)
+    if cfg.block_size:
+        shorten_context(model, cfg.block_size, f"block_size={cfg.block_size}")
     add_lora(model, cfg, "sft")
     T = model.config.block_size
+    device = resolve_device(cfg.device, distributed_env())
+    cfg.batch_size = micro_batch_rows(cfg, model.config, "sft", T, device)
     examples, messages, report = load_conversations(cfg.data, tok, T, cfg.max_bad_fraction)
     train_ids, val_ids = split_holdout(len(examples), cfg.val_fraction, cfg.seed)
     if not train_ids:
         raise DataError(f"{report.path}: too few conversations to train on ({len(examples)})")
     train = [examples[i] for i in train_ids]
-    if cfg.epochs > 0:
-        per_epoch = batches_per_epoch([[len(ids)] for ids, _ in train], cfg.batch_size, T)
-        cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch / (cfg.grad_accum * distributed_env().world_size)))
-    device = resolve_device(cfg.device, distributed_env())
+    plan = packed_plan(cfg, [[len(ids)] for ids, _ in train], T, "conversation", len(val_ids))
     task = SFTTask(cfg, train, [examples[i] for i in val_ids], [messages[i] for i in val_ids], tok, T, device)
-    trainer = Trainer(cfg, model, task, stage="sft", tokenizer=tok, flops_per_token=model.flops_per_token(T))
+    trainer = Trainer(cfg, model, task, stage="sft", tokenizer=tok, data={"data": cfg.data}, plan=plan,
+                      flops_per_token=model.flops_per_token(T))
     summary = trainer.fit()
     summary["data"] = {"train": len(train), "val": len(val_ids), "skipped": len(report.bad),
                        "truncated": report.truncated}

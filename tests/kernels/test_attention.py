@@ -50,11 +50,16 @@ def randn(*shape: int, dtype: torch.dtype, grad: bool = True) -> torch.Tensor:
 
 
 def check_against_reference(q, k, v, causal, cu_seqlens=None, max_seqlen=None, scale=None,
-                            tol=None):
-    """Forward and all three gradients, with a random (not all-ones) upstream gradient."""
+                            tol=None, **options):
+    """Forward and all three gradients, with a random (not all-ones) upstream gradient;
+    ``options`` (deterministic=False, use_tma=True) go to the Triton kernels directly."""
     tol = tol or TOL[q.dtype]
     dout = torch.randn(q.shape, device=q.device, dtype=q.dtype)
-    out = attention_api(q, k, v, causal, scale, cu_seqlens, max_seqlen)
+    if options:
+        from fastgpt.kernels.triton_attention import attention_triton
+        out = attention_triton(q, k, v, causal, scale, cu_seqlens, max_seqlen, **options)
+    else:
+        out = attention_api(q, k, v, causal, scale, cu_seqlens, max_seqlen)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref = attention_reference(q, k, v, causal, scale, cu_seqlens, max_seqlen)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
@@ -140,14 +145,71 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+# Lengths 1, 17, 1, 34, 0, 17 (single tokens, ragged tails, an empty sequence, three blocks).
+ODD_CU = [0, 1, 18, 19, 53, 53, 70]
+
+
+@pytest.mark.parametrize("head_dim,dtype,causal", [(80, torch.float32, True), (96, torch.float16, False),
+                                                   (24, torch.float32, True)])
+def test_head_dims_below_a_power_of_two(head_dim, dtype, causal):
+    """Llama-family head dims (80, 96) and a small odd one run padded inside the kernels."""
+    torch.manual_seed(30 + head_dim)
+    cu = torch.tensor(ODD_CU, device=DEVICE, dtype=torch.int32)
+    check_against_reference(randn(70, 4, head_dim, dtype=dtype), randn(70, 2, head_dim, dtype=dtype),
+                            randn(70, 2, head_dim, dtype=dtype), causal, cu, 34)
+
+
+@pytest.mark.parametrize("dtype,causal,head_dim", [(torch.float32, True, 32), (torch.float16, True, 16),
+                                                   (torch.float32, False, 80)])
+def test_fused_atomic_backward_matches_reference(poison, dtype, causal, head_dim):
+    """deterministic=False: dK/dV and the atomically accumulated dQ in one kernel."""
+    torch.manual_seed(40)
+    cu = torch.tensor(ODD_CU, device=DEVICE, dtype=torch.int32)
+    check_against_reference(randn(70, 6, head_dim, dtype=dtype), randn(70, 2, head_dim, dtype=dtype),
+                            randn(70, 2, head_dim, dtype=dtype), causal, cu, 34, deterministic=False)
+
+
+def test_fused_atomic_backward_batched_mqa():
+    torch.manual_seed(41)
+    B, T, Hq, Hkv, D = 2, 37, 3, 1, 16
+    check_against_reference(randn(B, T, Hq, D, dtype=torch.float32), randn(B, T, Hkv, D, dtype=torch.float32),
+                            randn(B, T, Hkv, D, dtype=torch.float32), True, deterministic=False)
+
+
+@pytest.mark.parametrize("dtype,causal", [(torch.float32, True), (torch.float16, False)])
+def test_tma_forward_matches_reference(dtype, causal):
+    """use_tma=True: tiles through tensor descriptors (emulated by the interpreter on CPU);
+    a tile overhanging the sequence reads the next one, which the masks must neutralise."""
+    torch.manual_seed(42)
+    cu = torch.tensor(ODD_CU, device=DEVICE, dtype=torch.int32)
+    check_against_reference(randn(70, 4, 32, dtype=dtype), randn(70, 2, 32, dtype=dtype),
+                            randn(70, 2, 32, dtype=dtype), causal, cu, 34, use_tma=True)
+
+
+def test_tma_forward_falls_back_for_padded_head_dims():
+    torch.manual_seed(43)
+    B, T, H, D = 1, 21, 2, 80  # 80 is not a power of two: the pointer forward runs
+    check_against_reference(randn(B, T, H, D, dtype=torch.float32), randn(B, T, H, D, dtype=torch.float32),
+                            randn(B, T, H, D, dtype=torch.float32), True, use_tma=True)
+
+
+def test_launch_description_names_every_kernel():
+    from fastgpt.kernels.triton_attention import describe_launch
+
+    text = describe_launch(64, torch.float16, torch.device(DEVICE), 4096, group=4)
+    assert "attn_fwd" in text and "attn_bwd_dkdv" in text and "attn_bwd_dq" in text
+    fused = describe_launch(80, torch.float16, torch.device(DEVICE), 100, deterministic=False)
+    assert "attn_bwd_fused" in fused and "attn_bwd_dq" not in fused
+
+
 def test_input_validation():
     q = torch.randn(8, 2, 16, device=DEVICE)
     with pytest.raises(TypeError, match="int32"):
         attention_api(q, q, q, True, None, torch.tensor([0, 8], device=DEVICE), 8)
     with pytest.raises(ValueError, match="cu_seqlens"):
         attention_api(q, q, q)
-    bad = torch.randn(8, 2, 24, device=DEVICE)
-    with pytest.raises(ValueError, match="power of two"):
+    bad = torch.randn(8, 2, 160, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim must be in"):
         attention_api(bad, bad, bad, True, None, torch.tensor([0, 8], device=DEVICE,
                                                             dtype=torch.int32), 8)
 
@@ -229,13 +291,13 @@ def _decode_case(B, Tq, Hq, Hkv, D, Bc, Tmax, lengths, dtype, batch_idx=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("tq", [1, 3])
 def test_decode_matches_reference_with_splits(poison, monkeypatch, dtype, tq):
-    attn = importlib.import_module("fastgpt.kernels.triton_attention")
+    dec = importlib.import_module("fastgpt.kernels.triton_decode")
 
     # Split even this short cache (on GPU the default minimum chunk would give one split).
-    monkeypatch.setattr(attn, "_DECODE_MIN_SPLIT_KEYS", 16)
+    monkeypatch.setattr(dec, "_MIN_SPLIT_KEYS", 16)
     torch.manual_seed(10)
     Tmax = 70
-    assert attn._decode_num_splits(Tmax, 4, 2) > 1  # several splits, some empty for short rows
+    assert dec.decode_num_splits(Tmax, 4, 2) > 1  # several splits, some empty for short rows
     # Row lengths: only the new tokens, ragged, a full cache; rows read permuted cache rows.
     q, kc, vc, seqlens, idx = _decode_case(4, tq, 4, 2, 16, 5, Tmax, [tq, 17, 70, 40], dtype,
                                            batch_idx=[4, 0, 2, 1])
@@ -256,10 +318,24 @@ def test_decode_without_batch_idx_strided_cache_and_scale():
     assert_close(out, decode_attention_reference(q, kc, vc, seqlens, 0.2), 1e-5, "decode out")
 
 
-def test_decode_single_split_for_short_cache():
-    from fastgpt.kernels.triton_attention import _decode_num_splits
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_gqa_rows_padded_head_dim_and_forced_splits(poison, splits):
+    """9 real rows per tile (Tq 3 x group 3) in a 16-row tile, head dim 80 padded to 128; one
+    split writes the output directly, three go through unpadded partials and the combine."""
+    from fastgpt.kernels.triton_decode import decode_attention_triton
 
-    assert _decode_num_splits(8, 1, 1) == 1
+    torch.manual_seed(14)
+    q, kc, vc, seqlens, idx = _decode_case(3, 3, 6, 2, 80, 4, 50, [50, 3, 29], torch.float32,
+                                           batch_idx=[2, 0, 3])
+    out = decode_attention_triton(q, kc, vc, seqlens, None, idx, num_splits=splits)
+    ref = decode_attention_reference(q, kc, vc, seqlens, None, idx)
+    assert_close(out, ref, 1e-5, "decode out")
+
+
+def test_decode_single_split_for_short_cache():
+    from fastgpt.kernels.triton_decode import decode_num_splits
+
+    assert decode_num_splits(8, 1, 1) == 1
     torch.manual_seed(12)
     q, kc, vc, seqlens, _ = _decode_case(2, 1, 4, 1, 16, 2, 8, [8, 3], torch.float32)
     out = decode_attention_api(q, kc, vc, seqlens)

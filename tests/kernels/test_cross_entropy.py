@@ -25,6 +25,7 @@ OPTIONS = {
     "softcap": {"softcap": 4.0},
     "all": {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 3.0},
 }
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton needs CUDA tensors on a GPU
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -47,7 +48,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> No
 def make_targets(n: int, v: int, gen: torch.Generator, ignored: int = 5) -> torch.Tensor:
     t = torch.randint(0, v, (n,), generator=gen)
     t[torch.randperm(n, generator=gen)[:ignored]] = IGNORE
-    return t
+    return t.to(DEVICE)
 
 
 def upstream(out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -76,29 +77,29 @@ def _check_ce(logits, targets, reduction, rel, gen, **kw):
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_cross_entropy_fp32(triton_backend, poison, reduction, option):
     gen = torch.Generator().manual_seed(seed_of(reduction, option))
-    logits = torch.randn(N, V, generator=gen) * 3
+    logits = (torch.randn(N, V, generator=gen) * 3).to(DEVICE)
     _check_ce(logits, make_targets(N, V, gen), reduction, 1e-5, gen, **OPTIONS[option])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_cross_entropy_fp16(triton_backend, reduction):
     gen = torch.Generator().manual_seed(1)
-    logits = (torch.randn(N, V, generator=gen) * 3).half()
+    logits = (torch.randn(N, V, generator=gen) * 3).half().to(DEVICE)
     _check_ce(logits, make_targets(N, V, gen), reduction, 1e-2, gen, **OPTIONS["all"])
 
 
 def test_cross_entropy_noncontiguous_and_large_logits(triton_backend):
     gen = torch.Generator().manual_seed(2)
     # Transposed view: column stride N, row stride 1; large magnitudes test the online max.
-    logits = (torch.randn(V, N, generator=gen) * 40).t()
+    logits = (torch.randn(V, N, generator=gen) * 40).to(DEVICE).t()
     assert not logits.is_contiguous()
     _check_ce(logits, make_targets(N, V, gen), "none", 1e-5, gen, label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_all_ignored(triton_backend, poison, reduction):
-    x = torch.randn(7, V, requires_grad=True)
-    t = torch.full((7,), IGNORE)
+    x = torch.randn(7, V, device=DEVICE, requires_grad=True)
+    t = torch.full((7,), IGNORE, device=DEVICE)
     out = cross_entropy_triton(x, t, IGNORE, reduction, z_loss=1e-3)
     (grad,) = torch.autograd.grad(out.sum(), x)
     assert torch.equal(out, torch.zeros_like(out))
@@ -107,7 +108,7 @@ def test_cross_entropy_all_ignored(triton_backend, poison, reduction):
 
 def test_cross_entropy_no_grad_and_double_backward_guard(triton_backend):
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(N, V, generator=gen, requires_grad=True)
+    x = torch.randn(N, V, generator=gen).to(DEVICE).requires_grad_()
     t = make_targets(N, V, gen)
     with torch.no_grad():
         out = cross_entropy_triton(x, t)
@@ -124,7 +125,7 @@ def test_public_cross_entropy_dispatches_to_triton(triton_backend):
 
     assert callable(K.cross_entropy), "fastgpt.kernels.cross_entropy must stay the public function"
     gen = torch.Generator().manual_seed(14)
-    x, t = torch.randn(5, 70, generator=gen), make_targets(5, 70, gen, ignored=1)
+    x, t = torch.randn(5, 70, generator=gen).to(DEVICE), make_targets(5, 70, gen, ignored=1)
     assert_close(K.cross_entropy(x, t), cross_entropy_reference(x, t), 1e-5)
 
 
@@ -142,8 +143,8 @@ def test_cross_entropy_bad_inputs(triton_backend):
 
 # ------------------------------------------------------------------- fused linear CE
 def _linear_inputs(gen, dtype=torch.float32, n=N):
-    hidden = torch.randn(n, D, generator=gen).to(dtype)
-    weight = (torch.randn(V, D, generator=gen) * D**-0.5 * 2).to(dtype)
+    hidden = torch.randn(n, D, generator=gen).to(DEVICE, dtype)
+    weight = (torch.randn(V, D, generator=gen) * D**-0.5 * 2).to(DEVICE, dtype)
     return hidden, weight, make_targets(n, V, gen)
 
 
@@ -181,8 +182,8 @@ def test_linear_ce_options(option):
 
 def test_linear_ce_transposed_views():
     gen = torch.Generator().manual_seed(15)
-    hidden = torch.randn(D, N, generator=gen).t()
-    weight = (torch.randn(D, V, generator=gen) * 0.3).t()
+    hidden = torch.randn(D, N, generator=gen).to(DEVICE).t()
+    weight = (torch.randn(D, V, generator=gen) * 0.3).to(DEVICE).t()
     assert not hidden.is_contiguous() and not weight.is_contiguous()
     _check_linear(hidden, weight, make_targets(N, V, gen), "mean", 1e-5, gen)
 
@@ -203,15 +204,15 @@ def test_linear_ce_public_api_3d_noncontiguous(triton_backend):
     gen = torch.Generator().manual_seed(7)
     B, T = 3, 7
     # (B, T, d) hidden that is a permuted view, (B, T) targets, default chunking.
-    hidden = torch.randn(D, T, B, generator=gen).permute(2, 1, 0).requires_grad_()
-    weight = (torch.randn(D, V, generator=gen) * 0.3).t().requires_grad_()
+    hidden = torch.randn(D, T, B, generator=gen).to(DEVICE).permute(2, 1, 0).requires_grad_()
+    weight = (torch.randn(D, V, generator=gen) * 0.3).to(DEVICE).t().requires_grad_()
     targets = make_targets(B * T, V, gen).view(B, T)
     out = K.linear_cross_entropy(hidden, weight, targets, IGNORE, "none", label_smoothing=0.1)
     assert out.shape == (B, T)
     ref = linear_cross_entropy_reference(hidden.reshape(-1, D), weight, targets.reshape(-1),
                                          IGNORE, "none", label_smoothing=0.1).view(B, T)
     assert_close(out, ref, 1e-5)
-    g = torch.randn(B, T, generator=gen)
+    g = torch.randn(B, T, generator=gen).to(DEVICE)
     for a, e in zip(torch.autograd.grad(out, (hidden, weight), g),
                     torch.autograd.grad(ref, (hidden, weight), g)):
         assert_close(a, e, 1e-5)
@@ -223,7 +224,7 @@ def test_linear_ce_all_ignored(poison, reduction):
     hidden, weight, _ = _linear_inputs(gen, n=11)
     hidden.requires_grad_()
     weight.requires_grad_()
-    out = linear_cross_entropy_triton(hidden, weight, torch.full((11,), IGNORE), IGNORE,
+    out = linear_cross_entropy_triton(hidden, weight, torch.full((11,), IGNORE, device=DEVICE), IGNORE,
                                       reduction, chunk_size=4)
     gh, gw = torch.autograd.grad(out.sum(), (hidden, weight))
     assert torch.equal(out, torch.zeros_like(out))

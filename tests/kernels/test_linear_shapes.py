@@ -16,6 +16,7 @@ IGNORE = -100
 D, V = 8, 11
 SHAPES = [(5,), (2, 3), (3, 1, 4), ()]  # leading shapes; () is a single token
 BACKENDS = ["reference", "triton"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton needs CUDA tensors on a GPU
 
 
 def _inputs(lead: tuple[int, ...], seed: int):
@@ -25,7 +26,7 @@ def _inputs(lead: tuple[int, ...], seed: int):
     targets = torch.randint(0, V, lead, generator=gen)
     if targets.numel() > 2:
         targets.view(-1)[1] = IGNORE
-    return hidden, weight, targets
+    return hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE)
 
 
 def _flat_logits(hidden, weight):
@@ -47,7 +48,7 @@ def test_linear_cross_entropy_any_leading_shape(backend, lead, reduction):
         expected = expected.view(lead)
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    g = torch.randn(out.shape)
+    g = torch.randn(out.shape, device=DEVICE)
     for a, e in zip(torch.autograd.grad(out, (h, w), g), torch.autograd.grad(expected, (hr, wr), g)):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
@@ -69,7 +70,7 @@ def test_linear_logprobs_any_leading_shape(backend, lead):
     assert lp.shape == ent.shape == tuple(lead)
     torch.testing.assert_close(lp, lp_e, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent, ent_e, rtol=1e-5, atol=1e-5)
-    g1, g2 = torch.randn(lead), torch.randn(lead)
+    g1, g2 = torch.randn(lead, device=DEVICE), torch.randn(lead, device=DEVICE)
     obj, obj_e = (lp * g1).sum() + (ent * g2).sum(), (lp_e * g1).sum() + (ent_e * g2).sum()
     for a, e in zip(torch.autograd.grad(obj, (h, w)), torch.autograd.grad(obj_e, (hr, wr))):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ N, V, D = 31, 173, 36
 CHUNK = 8  # 31 rows -> 3 full chunks and a partial one
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton needs CUDA tensors on a GPU
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -30,12 +31,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> No
 def make_targets(n: int, v: int, gen: torch.Generator, ignored: int) -> torch.Tensor:
     t = torch.randint(0, v, (n,), generator=gen)
     t[torch.randperm(n, generator=gen)[:ignored]] = IGNORE
-    return t
+    return t.to(DEVICE)
 
 
 def _inputs(gen, dtype=torch.float32, n=N, ignored=5):
-    hidden = torch.randn(n, D, generator=gen).to(dtype)
-    weight = (torch.randn(V, D, generator=gen) * D**-0.5 * 2).to(dtype)
+    hidden = torch.randn(n, D, generator=gen).to(DEVICE, dtype)
+    weight = (torch.randn(V, D, generator=gen) * D**-0.5 * 2).to(DEVICE, dtype)
     return hidden, weight, make_targets(n, V, gen, ignored)
 
 
@@ -51,8 +52,8 @@ def _check(hidden, weight, targets, temperature, rel, gen, use=("lp", "ent"), ch
     assert lp.dtype == ent.dtype == torch.float32
     assert_close(lp, lp_ref, rel)
     assert_close(ent, ent_ref, rel)
-    g_lp = torch.randn(lp.shape, generator=gen)
-    g_ent = torch.randn(lp.shape, generator=gen)
+    g_lp = torch.randn(lp.shape, generator=gen).to(DEVICE)
+    g_ent = torch.randn(lp.shape, generator=gen).to(DEVICE)
     obj = sum(((lp * g_lp).sum() if "lp" in use else 0.0,
                (ent * g_ent).sum() if "ent" in use else 0.0))
     obj_ref = sum(((lp_ref * g_lp).sum() if "lp" in use else 0.0,
@@ -91,8 +92,8 @@ def test_logprobs_fp16():
 
 def test_logprobs_transposed_views():
     gen = torch.Generator().manual_seed(28)
-    hidden = torch.randn(D, N, generator=gen).t()
-    weight = (torch.randn(D, V, generator=gen) * 0.3).t()
+    hidden = torch.randn(D, N, generator=gen).to(DEVICE).t()
+    weight = (torch.randn(D, V, generator=gen) * 0.3).to(DEVICE).t()
     _check(hidden, weight, make_targets(N, V, gen, 4), 1.2, 1e-5, gen)
 
 
@@ -106,8 +107,8 @@ def test_logprobs_chunk_one_and_whole():
 def test_logprobs_public_api_3d_noncontiguous(triton_backend):
     gen = torch.Generator().manual_seed(24)
     B, T = 4, 5
-    hidden = torch.randn(D, B, T, generator=gen).permute(1, 2, 0).requires_grad_()
-    weight = (torch.randn(D, V, generator=gen) * 0.3).t().requires_grad_()
+    hidden = torch.randn(D, B, T, generator=gen).to(DEVICE).permute(1, 2, 0).requires_grad_()
+    weight = (torch.randn(D, V, generator=gen) * 0.3).to(DEVICE).t().requires_grad_()
     targets = make_targets(B * T, V, gen, 3).view(B, T)
     lp, ent = K.linear_logprobs(hidden, weight, targets, 1.3, IGNORE)
     assert lp.shape == ent.shape == (B, T)
@@ -115,7 +116,7 @@ def test_logprobs_public_api_3d_noncontiguous(triton_backend):
                                                 targets.reshape(-1), 1.3, IGNORE)
     assert_close(lp, lp_ref.view(B, T), 1e-5)
     assert_close(ent, ent_ref.view(B, T), 1e-5)
-    g = torch.randn(2, B, T, generator=gen)
+    g = torch.randn(2, B, T, generator=gen).to(DEVICE)
     obj = (lp * g[0]).sum() + (ent * g[1]).sum()
     obj_ref = (lp_ref.view(B, T) * g[0]).sum() + (ent_ref.view(B, T) * g[1]).sum()
     for a, e in zip(torch.autograd.grad(obj, (hidden, weight)),
@@ -128,7 +129,7 @@ def test_logprobs_all_ignored(poison):
     hidden, weight, _ = _inputs(gen, n=6)
     hidden.requires_grad_()
     weight.requires_grad_()
-    lp, ent = linear_logprobs_triton(hidden, weight, torch.full((6,), IGNORE), chunk_size=4)
+    lp, ent = linear_logprobs_triton(hidden, weight, torch.full((6,), IGNORE, device=DEVICE), chunk_size=4)
     assert not lp.any() and not ent.any()
     gh, gw = torch.autograd.grad(lp.sum() + 2 * ent.sum(), (hidden, weight))
     assert not gh.any() and not gw.any()

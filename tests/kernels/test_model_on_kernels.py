@@ -6,11 +6,13 @@ from fastgpt.config import ModelConfig
 from fastgpt.engine import SamplingParams, generate
 from fastgpt.model import GPT, cu_seqlens_from_lengths
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton needs CUDA tensors on a GPU
+
 
 def _model(**kw) -> GPT:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=67, block_size=48, n_layer=2, n_head=4, n_embd=64, **kw)
-    return GPT(cfg)
+    return GPT(cfg).to(DEVICE)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -20,10 +22,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_packed_training_step_matches_reference():
     for variant in ({}, dict(norm="rmsnorm", mlp="swiglu", position="rope", n_kv_head=2, bias=False)):
         model = _model(**variant)
-        idx = torch.randint(0, 67, (2, 23))
-        targets = torch.randint(0, 67, (2, 23))
+        idx = torch.randint(0, 67, (2, 23), device=DEVICE)
+        targets = torch.randint(0, 67, (2, 23), device=DEVICE)
         targets[0, :5] = -100
-        cu = cu_seqlens_from_lengths([9, 1, 13, 23])
+        cu = cu_seqlens_from_lengths([9, 1, 13, 23], DEVICE)
         results = []
         for name in ("reference", "triton"):
             model.zero_grad()
