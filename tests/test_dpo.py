@@ -193,3 +193,10 @@ def test_cli_runs_on_a_k_wise_ranking(tmp_path, capsys):
                  "--progress", "false", "--epochs", "0", "--max_steps", "2", "--batch_size", "4"])
     out = capsys.readouterr().out
     assert code == 0 and "dpo: 2 steps" in out and "held-out reward accuracy" in out
+
+
+def test_rerun_with_other_data_is_refused_and_resume_is_announced(sft_ckpt, tmp_path, capsys):
+    from tests.helpers import rerun_tells_the_truth
+    other = write_jsonl(tmp_path / "other.jsonl", _mixed_rows(12))
+    base = ["--init_from", sft_ckpt["sft"], "--data", sft_ckpt["data"], "--batch_size", "4", "--epochs", "0"]
+    rerun_tells_the_truth(capsys, "dpo", tmp_path / "run", base, {"data": other, "beta": "0.3"})

@@ -116,3 +116,13 @@ def test_cli_runs_with_the_reward_model(ckpts, tmp_path, capsys):  # noqa: F811
                  "--advantage", "rloo"])
     out = capsys.readouterr().out
     assert code == 0 and "grpo: 1 step in " in out and "1 rollout;" in out and "vs SFT" in out
+
+
+def test_rerun_with_other_prompts_is_refused_and_resume_is_announced(ckpts, tmp_path, capsys):  # noqa: F811
+    from tests.helpers import rerun_tells_the_truth, write_jsonl
+    from tests.test_ppo import PROMPTS
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": p} for p in PROMPTS[:3]])
+    base = ["--sft_checkpoint", ckpts["sft"], "--reward_checkpoint", ckpts["rm"], "--prompts", ckpts["prompts"],
+            "--eval_prompts", ckpts["prompts"], "--group_size", "2", "--rollout_batch_size", "4",
+            "--mini_batch_size", "4", "--max_new_tokens", "4", "--eval_max_prompts", "2"]
+    rerun_tells_the_truth(capsys, "grpo", tmp_path / "run", base, {"prompts": other, "advantage": "rloo"})
