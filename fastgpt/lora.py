@@ -12,8 +12,16 @@ layer's state dict *is* the plain ``nn.Linear``'s (``weight`` merged) plus its a
 base under ``lora_*`` names that :func:`strip_adapters` drops; (2) the frozen reference of DPO,
 GRPO and PPO is the same module with adapters switched off (:func:`adapters_off`), one flag per
 layer; (3) peft pulls in transformers, accelerate and the hub client for ~100 lines of math.
-The fused lm-head kernels read ``lm_head.weight`` directly, so the head (tied to the embedding)
-is never a target: adapters go on attention (``qkv``, ``proj``) and MLP (``up``, ``down``) layers.
+
+Targets: attention (``qkv``, ``proj``) and MLP (``up``, ``down``) layers. The lm_head cannot be
+one, by decision: (1) the fused cross-entropy and log-prob kernels take ``lm_head.weight`` as an
+operand and never build the (tokens x vocabulary) logits, so an adapter there would have to be
+merged into a full (vocabulary x width) weight on every forward -- the size of the head itself,
+with its gradient, the memory LoRA is meant to save; (2) in GPT-2 and most small models the head
+is tied to the token embedding, and merging an adapter into the head would silently untie them
+(a checkpoint could no longer load as the plain tied model). Adapting the head means full
+fine-tuning. The tests show the cost on a preference that lives in the head: LoRA learns it
+more slowly than full fine-tuning (``tests/test_grpo.py``).
 """
 from __future__ import annotations
 
@@ -82,6 +90,10 @@ def _load_unmerged(module: LoRALinear, state: dict[str, Any], prefix: str, *args
 # --------------------------------------------------------------------------------- model
 def parse_targets(spec: str | Sequence[str]) -> tuple[str, ...]:
     names = tuple(s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip())
+    if "lm_head" in names:
+        raise LoRAError("lora_targets=lm_head: the output head takes no adapter (the fused loss kernels read its "
+                        "weight directly, and it is tied to the embedding); expected a subset of "
+                        f"{','.join(TARGETS)}")
     unknown = [n for n in names if n not in TARGETS]
     if not names or unknown:
         raise LoRAError(f"lora_targets={','.join(names)!r}: expected a comma-separated subset of {','.join(TARGETS)}")

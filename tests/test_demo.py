@@ -23,7 +23,7 @@ QUICK = 0.05
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> tuple[Path, float]:
     """One quick demo through the CLI, as a user runs it, with every method; returns (folder, seconds)."""
-    out = tmp_path_factory.mktemp("demo") / "run"
+    out = tmp_path_factory.mktemp("demo") / "seed-1"  # the folder compare-methods gives seed 1
     start = time.perf_counter()
     assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--seed", "1", "--methods", "ppo,dpo,grpo"]) == 0
     return out, time.perf_counter() - start
@@ -82,6 +82,21 @@ def test_compare_methods_aggregates_seeds(tmp_path):
     agg = aggregate(runs)
     assert agg["dpo"]["gold_score"] == {"mean": 1.5, "sd": pytest.approx(0.7071, abs=1e-4), "n": 2}
     assert "+1.50 ± 0.71" in "\n".join(aggregate_table(agg))
+
+
+def test_compare_methods_command_tables_the_seeds(demo_run, capsys):
+    """compare-methods resumes each seed's demo run in <out>/seed-N (here the finished quick run)
+    and writes the methods table over the seeds."""
+    out, _ = demo_run
+    assert main(["compare-methods", "--out", str(out.parent), "--seeds", "1", "--scale", str(QUICK),
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "compare-methods: 1 seed; table in" in printed
+    table = (out.parent / "methods.md").read_text()
+    for row in ("| SFT (start) |", "| PPO |", "| DPO |", "| GRPO |"):
+        assert row in table and row in printed, row
+    saved = json.loads((out.parent / "methods.json").read_text())
+    assert saved["run"]["seeds"] == [1] and set(saved["aggregate"]) == {"sft", *METHODS}
 
 
 def test_rerun_resumes_by_skipping_finished_stages(demo_run, capsys):

@@ -71,8 +71,10 @@ def test_state_dict_is_the_merged_plain_model_and_resumes_exactly():
 
 
 def test_bad_settings():
-    with pytest.raises(LoRAError, match="subset of"):
+    with pytest.raises(LoRAError, match="lm_head: the output head takes no adapter"):
         apply_lora(_gpt(), 4, 8.0, "qkv,lm_head")
+    with pytest.raises(LoRAError, match="subset of"):
+        apply_lora(_gpt(), 4, 8.0, "qkv,wte")
     with pytest.raises(LoRAError, match="lora_rank=0"):
         apply_lora(_gpt(), 0, 8.0)
     assert isinstance(LoRALinear(torch.nn.Linear(4, 3), 2, 2.0), torch.nn.Linear)

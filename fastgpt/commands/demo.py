@@ -48,6 +48,7 @@ def add_compare_methods_arguments(parser: argparse.ArgumentParser, argv: Sequenc
 
 
 def run_compare_methods(args: argparse.Namespace) -> int:
+    from ..console import plural
     from ..demo.methods import aggregate_table, compare_methods, parse_methods
     from ..errors import FastGPTError
     try:
@@ -56,5 +57,5 @@ def run_compare_methods(args: argparse.Namespace) -> int:
         raise FastGPTError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
     result = compare_methods(args.out, seeds, parse_methods(args.methods), args.preset, args.device, args.scale)
     print("\n".join(aggregate_table(result["aggregate"])))
-    print(f"compare-methods: {len(seeds)} seeds; table in {Path(args.out) / 'methods.md'}")
+    print(f"compare-methods: {plural(len(seeds), 'seed')}; table in {Path(args.out) / 'methods.md'}")
     return 0

@@ -186,8 +186,10 @@ def compare_methods(out: str | Path, seeds: list[int], methods: tuple[str, ...],
                     device: str = "auto", scale: float = 1.0) -> dict[str, Any]:
     """The demo with ``methods`` for every seed (each in ``out/seed-N``, resumable), then the
     mean and spread of each method's figures in ``out/methods.md`` and ``out/methods.json``."""
-    from .pipeline import device_name, run_pipeline
     import torch
+
+    from ..files import atomic_write
+    from .pipeline import device_name, run_pipeline
     root = Path(out)
     runs: dict[int, dict[str, dict[str, float]]] = {}
     for seed in seeds:
@@ -196,11 +198,13 @@ def compare_methods(out: str | Path, seeds: list[int], methods: tuple[str, ...],
     agg = aggregate(runs)
     info = {"preset": preset, "scale": scale, "seeds": seeds, "methods": list(methods), "device": device_name(device),
             "torch": torch.__version__}
-    (root / "methods.json").write_text(json.dumps({"run": info, "per_seed": runs, "aggregate": agg}, indent=1))
+    with atomic_write(root / "methods.json") as f:
+        f.write(json.dumps({"run": info, "per_seed": runs, "aggregate": agg}, indent=1))
     md = [f"# Methods compared (preset {preset}, seeds {', '.join(map(str, seeds))})", "",
           f"Device: {info['device']}; torch {info['torch']}. Held-out prompts, greedy answers judged by the "
           "simulated labeler; mean ± sample standard deviation over the seeds.", "", *aggregate_table(agg), ""]
     for seed, per in runs.items():
         md += [f"## seed {seed}", "", *methods_table(per), ""]
-    (root / "methods.md").write_text("\n".join(md))
+    with atomic_write(root / "methods.md") as f:
+        f.write("\n".join(md))
     return {"run": info, "aggregate": agg, "per_seed": runs}
