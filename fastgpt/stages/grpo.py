@@ -33,9 +33,8 @@ with LoRA the reference is the policy with its adapters off.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -48,25 +47,19 @@ from ..trainer import Trainer, autocast_context, distributed_env, resolve_device
 from .common import (Policy, Reference, add_lora, cast_parameters, freeze, load_start_model, reference_model,
                      set_dropout)
 from .configs import GRPOConfig
-from .ppo import (PPOError, RewardModelScorer, evaluate_policy, load_reward, pack_responses, policy_prompts,
+from .ppo import (PPOError, RewardFn, RewardModelScorer, RolloutTask, load_reward, pack_responses, policy_prompts,
                   rollout_plan, score_rollout, starting_eval, unpack_responses)
 
 __all__ = ["GRPOConfig", "GRPOTask", "build_grpo", "grpo"]
 
-# reward_fn(prompts, responses) -> score per sequence, (N,) float tensor (token ids in, as PPO's).
-RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
-
 
 def check_config(cfg: GRPOConfig) -> None:
-    """What the field types cannot say: how the batch sizes fit together."""
+    """What the field types cannot say: a rollout is whole groups."""
     if cfg.rollout_batch_size % cfg.group_size:
         raise ConfigError(f"rollout_batch_size={cfg.rollout_batch_size} is not a multiple of group_size={cfg.group_size}")
-    if cfg.rollout_batch_size < cfg.mini_batch_size:
-        raise ConfigError(f"mini_batch_size={cfg.mini_batch_size} is larger than rollout_batch_size="
-                          f"{cfg.rollout_batch_size}")
 
 
-class GRPOTask:
+class GRPOTask(RolloutTask):
     """Grouped rollouts, group-relative advantages and the clipped loss (see the module docstring)."""
 
     progress_keys = ("score", "kl", "clipfrac", "response_len")
@@ -75,26 +68,9 @@ class GRPOTask:
                  prompts: list[list[int]], reward_fn: RewardFn, eval_prompts: list[list[int]] | None = None,
                  device: torch.device | str = "cpu") -> None:
         check_config(cfg)
-        self.cfg, self.model, self.ref, self.tok = cfg, model, ref, tokenizer
-        self.prompts, self.eval_prompts, self.reward_fn = prompts, eval_prompts or [], reward_fn
-        self.device = torch.device(device)
-        self.block = model.config.block_size
-        self.rng = np.random.default_rng([cfg.seed, distributed_env().rank])
-        self.order: list[int] = []
-        self.rollout: dict[str, Any] | None = None
-        self.queue: list[list[int]] = []
-        self.bad_rollouts = 0
-        self.rollouts_done = 0
+        super().__init__(cfg, model, ref, tokenizer, prompts, reward_fn, eval_prompts, device)
 
     # ------------------------------------------------------------------ rollout
-    def _sample_prompts(self, n: int) -> list[list[int]]:
-        out = []
-        while len(out) < n:
-            if not self.order:  # epochs over the prompt set in a fresh random order
-                self.order = self.rng.permutation(len(self.prompts)).tolist()
-            out.append(self.prompts[self.order.pop()])
-        return out
-
     @torch.no_grad()
     def _logprobs(self, seqs: list[list[int]], prompt_lens: list[int]) -> dict[str, torch.Tensor]:
         """The policy's (and, with beta > 0, the reference's) log-prob of every response token
@@ -152,9 +128,7 @@ class GRPOTask:
                       "gen_tokens_per_s": float(lengths.sum()) / max(t_gen, 1e-9),
                       "rollout_s": time.perf_counter() - t0},
         }
-        self.queue = [perm[i:i + cfg.mini_batch_size].tolist() for _ in range(cfg.ppo_epochs)
-                      for perm in [self.rng.permutation(len(seqs))]
-                      for i in range(0, len(seqs), cfg.mini_batch_size)]
+        self._queue_minibatches(len(seqs))
         self.rollouts_done += 1
         return True
 
@@ -188,23 +162,6 @@ class GRPOTask:
             loss = loss + cfg.beta * kl
             metrics["kl_loss"] = float(kl.detach())
         return loss, metrics
-
-    def tokens(self, b: dict[str, Any]) -> int:
-        return b["batch"].n_real
-
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        inner = getattr(model, "module", model)
-        return evaluate_policy(inner.policy, self.ref, self.tok, self.eval_prompts, self.reward_fn, self.cfg)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state, "order": list(self.order), "rollout": self.rollout,
-                "queue": [list(q) for q in self.queue], "bad_rollouts": self.bad_rollouts,
-                "rollouts_done": self.rollouts_done}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["rng"]
-        self.order, self.rollout, self.queue = list(state["order"]), state["rollout"], [list(q) for q in state["queue"]]
-        self.bad_rollouts, self.rollouts_done = state["bad_rollouts"], state["rollouts_done"]
 
 
 # ------------------------------------------------------------------------------- stage

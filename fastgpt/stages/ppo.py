@@ -190,12 +190,12 @@ def unpack_responses(t: torch.Tensor, flat: torch.Tensor, mask: torch.Tensor) ->
 
 
 # -------------------------------------------------------------------------------- task
-class PPOTask:
-    """Rollouts, advantages and the PPO loss for the shared trainer (see the module docstring)."""
+class RolloutTask:
+    """What the tasks of the on-policy stages (PPO, GRPO) share: prompts drawn epoch by epoch in
+    a seeded order, a buffer of shuffled minibatches of the current rollout, the held-out
+    evaluation and the resumable state of all that."""
 
-    progress_keys = ("score", "kl", "entropy", "clipfrac", "response_len")
-
-    def __init__(self, cfg: PPOConfig, model: PolicyValue, ref: Reference, tokenizer: Tokenizer,
+    def __init__(self, cfg: Any, model: nn.Module, ref: Reference, tokenizer: Tokenizer,
                  prompts: list[list[int]], reward_fn: RewardFn, eval_prompts: list[list[int]] | None = None,
                  device: torch.device | str = "cpu") -> None:
         if cfg.rollout_batch_size < cfg.mini_batch_size:
@@ -206,31 +206,64 @@ class PPOTask:
         self.reward_fn = reward_fn
         self.device = torch.device(device)
         self.block = model.config.block_size
-        rank = distributed_env().rank
-        self.rng = np.random.default_rng([cfg.seed, rank])
+        self.rng = np.random.default_rng([cfg.seed, distributed_env().rank])
         self.order: list[int] = []
-        self.kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
-                       else FixedKLController(cfg.beta))
         self.rollout: dict[str, Any] | None = None
         self.queue: list[list[int]] = []
         self.bad_rollouts = 0
         self.rollouts_done = 0
-        self.ptx = None
-        if cfg.ptx_data and cfg.ptx_coef > 0:
-            self.ptx = TokenLoader(cfg.ptx_data, "train", self.block, cfg.ptx_batch_size,
-                                   model.config.vocab_size, cfg.seed, rank, self.device)
-        self._train_clock: float | None = None  # end of the last next_batch: times the update
-        self._prev_tokens = 0
 
-    # ------------------------------------------------------------------ rollout
-    def _sample_prompts(self) -> list[list[int]]:
+    def _sample_prompts(self, n: int) -> list[list[int]]:
         out = []
-        while len(out) < self.cfg.rollout_batch_size:
+        while len(out) < n:
             if not self.order:  # epochs over the prompt set in a fresh random order
                 self.order = self.rng.permutation(len(self.prompts)).tolist()
             out.append(self.prompts[self.order.pop()])
         return out
 
+    def _queue_minibatches(self, n: int) -> None:
+        """``ppo_epochs`` passes over the rollout's ``n`` sequences, each in a fresh shuffled order."""
+        mini = self.cfg.mini_batch_size
+        self.queue = [perm[i:i + mini].tolist() for _ in range(self.cfg.ppo_epochs)
+                      for perm in [self.rng.permutation(n)] for i in range(0, n, mini)]
+
+    def tokens(self, b: dict[str, Any]) -> int:
+        return b["batch"].n_real
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        inner = getattr(model, "module", model)
+        return evaluate_policy(inner.policy, self.ref, self.tok, self.eval_prompts, self.reward_fn, self.cfg)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state, "order": list(self.order), "rollout": self.rollout,
+                "queue": [list(q) for q in self.queue], "bad_rollouts": self.bad_rollouts,
+                "rollouts_done": self.rollouts_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order, self.rollout, self.queue = list(state["order"]), state["rollout"], [list(q) for q in state["queue"]]
+        self.bad_rollouts, self.rollouts_done = state["bad_rollouts"], state["rollouts_done"]
+
+
+class PPOTask(RolloutTask):
+    """Rollouts, advantages and the PPO loss for the shared trainer (see the module docstring)."""
+
+    progress_keys = ("score", "kl", "entropy", "clipfrac", "response_len")
+
+    def __init__(self, cfg: PPOConfig, model: PolicyValue, ref: Reference, tokenizer: Tokenizer,
+                 prompts: list[list[int]], reward_fn: RewardFn, eval_prompts: list[list[int]] | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(cfg, model, ref, tokenizer, prompts, reward_fn, eval_prompts, device)
+        self.kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+                       else FixedKLController(cfg.beta))
+        self.ptx = None
+        if cfg.ptx_data and cfg.ptx_coef > 0:
+            self.ptx = TokenLoader(cfg.ptx_data, "train", self.block, cfg.ptx_batch_size,
+                                   model.config.vocab_size, cfg.seed, distributed_env().rank, self.device)
+        self._train_clock: float | None = None  # end of the last next_batch: times the update
+        self._prev_tokens = 0
+
+    # ------------------------------------------------------------------ rollout
     @torch.no_grad()
     def _forward_all(self, seqs: list[list[int]], prompt_lens: list[int]) -> dict[str, torch.Tensor]:
         """Old log-probs, values and reference log-probs of every response token, (N, R) padded."""
@@ -261,7 +294,7 @@ class PPOTask:
         not finite (the batch is dropped)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        prompts = self._sample_prompts()
+        prompts = self._sample_prompts(cfg.rollout_batch_size)
         seed = int(self.rng.integers(2**31))
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                 stop_ids=self.tok.stop_ids, seed=seed)
@@ -304,9 +337,7 @@ class PPOTask:
                       "explained_var": explained_variance(fwd["values"], returns, mask),
                       "gen_tokens_per_s": n_new / max(t_gen, 1e-9), "rollout_s": t_all},
         }
-        self.queue = [perm[i:i + cfg.mini_batch_size].tolist() for _ in range(cfg.ppo_epochs)
-                      for perm in [self.rng.permutation(len(seqs))]
-                      for i in range(0, len(seqs), cfg.mini_batch_size)]
+        self._queue_minibatches(len(seqs))
         self.rollouts_done += 1
         return True
 
@@ -356,23 +387,13 @@ class PPOTask:
         self._prev_tokens = self.tokens(b)
         return loss, metrics
 
-    def tokens(self, b: dict[str, Any]) -> int:
-        return b["batch"].n_real
-
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        inner = getattr(model, "module", model)
-        return evaluate_policy(inner.policy, self.ref, self.tok, self.eval_prompts, self.reward_fn, self.cfg)
-
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state, "order": list(self.order), "kl_ctl": self.kl_ctl.state_dict(),
-                "rollout": self.rollout, "queue": [list(q) for q in self.queue], "bad_rollouts": self.bad_rollouts,
-                "rollouts_done": self.rollouts_done, "ptx": None if self.ptx is None else self.ptx.state_dict()}
+        return {**super().state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
+                "ptx": None if self.ptx is None else self.ptx.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["rng"]
-        self.order, self.rollout, self.queue = list(state["order"]), state["rollout"], [list(q) for q in state["queue"]]
+        super().load_state_dict(state)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.bad_rollouts, self.rollouts_done = state["bad_rollouts"], state["rollouts_done"]
         if self.ptx is not None and state.get("ptx") is not None:
             self.ptx.load_state_dict(state["ptx"])
 
