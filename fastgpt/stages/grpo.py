@@ -43,12 +43,11 @@ from ..data import IGNORE_INDEX
 from ..engine import SamplingParams, generate
 from ..losses import group_advantages, kl_estimate, masked_mean, ppo_policy_loss
 from ..tokenizer import Tokenizer
-from ..trainer import Trainer, autocast_context, distributed_env, resolve_device, seed_everything
-from .common import (Policy, Reference, add_lora, cast_parameters, freeze, load_start_model, reference_model,
-                     set_dropout)
+from ..trainer import Trainer, autocast_context
+from .common import Policy, Reference, cast_parameters, freeze
 from .configs import GRPOConfig
-from .ppo import (PPOError, RewardFn, RewardModelScorer, RolloutTask, load_reward, pack_responses, policy_prompts,
-                  rollout_plan, score_rollout, starting_eval, unpack_responses)
+from .ppo import (RewardFn, RewardModelScorer, RolloutTask, load_reward, pack_responses, policy_prompts, rollout_plan,
+                  score_rollout, start_policy, starting_eval, unpack_responses)
 
 __all__ = ["GRPOConfig", "GRPOTask", "build_grpo", "grpo"]
 
@@ -168,18 +167,7 @@ class GRPOTask(RolloutTask):
 def build_grpo(cfg: GRPOConfig, reward_fn: RewardFn | None = None) -> tuple[Trainer, GRPOTask]:
     """Models, prompts, task and trainer for ``cfg``; ``reward_fn`` replaces the reward model."""
     check_config(cfg)
-    if not cfg.sft_checkpoint:
-        raise PPOError("sft_checkpoint is required (the policy's start and the KL reference)")
-    if not cfg.prompts:
-        raise PPOError("prompts is required: a JSONL file of {\"prompt\"} or {\"messages\"} lines")
-    if reward_fn is None and not cfg.reward_checkpoint:
-        raise PPOError("reward_checkpoint is required (or, from Python, a reward_fn)")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device, distributed_env())
-    policy, tok = load_start_model(cfg.sft_checkpoint)
-    policy = policy.to(device)
-    set_dropout(policy, 0.0)  # rollout log-probs are taken in eval mode: dropout would bias the ratio
-    ref = reference_model(add_lora(policy, cfg, "grpo"))
+    policy, tok, ref, device = start_policy(cfg, reward_fn, "grpo")
     if reward_fn is None:
         rm, offset, scale = load_reward(cfg.reward_checkpoint, tok, device)
         if device.type == "cuda":

@@ -448,19 +448,29 @@ def load_reward(path: str, tok: Tokenizer, device: torch.device) -> tuple[Scalar
     return rm, offset, scale  # type: ignore[return-value]
 
 
-def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Trainer, PPOTask]:
-    """Models, prompts, task and trainer for ``cfg``; ``reward_fn`` replaces the reward model."""
+def start_policy(cfg: Any, reward_fn: RewardFn | None, stage: str
+                 ) -> tuple[GPT, Tokenizer, Reference, torch.device]:
+    """(policy, tokenizer, its frozen reference, device) of an on-policy stage (PPO, GRPO), after
+    checking that its inputs are named. Dropout is off: the rollout's log-probs are taken in eval
+    mode, and dropout in the update would bias the ratio."""
     if not cfg.sft_checkpoint:
         raise PPOError("sft_checkpoint is required (the policy's start and the KL reference)")
     if not cfg.prompts:
         raise PPOError("prompts is required: a JSONL file of {\"prompt\"} or {\"messages\"} lines")
     if reward_fn is None and not cfg.reward_checkpoint:
-        raise PPOError("reward_checkpoint is required")
+        raise PPOError("reward_checkpoint is required (or, from Python, a reward_fn)")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device, distributed_env())
     policy, tok = load_start_model(cfg.sft_checkpoint)
     policy = policy.to(device).eval()
-    ref = reference_model(add_lora(policy, cfg, "ppo"))  # with LoRA: the policy, adapters off
+    set_dropout(policy, 0.0)
+    ref = reference_model(add_lora(policy, cfg, stage))  # with LoRA: the policy, adapters off
+    return policy, tok, ref, device
+
+
+def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Trainer, PPOTask]:
+    """Models, prompts, task and trainer for ``cfg``; ``reward_fn`` replaces the reward model."""
+    policy, tok, ref, device = start_policy(cfg, reward_fn, "ppo")
     rm = None
     if cfg.reward_checkpoint:
         rm, offset, scale = load_reward(cfg.reward_checkpoint, tok, device)
@@ -476,10 +486,8 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
         extra["value_config"] = asdict(value.config)
     if device.type == "cuda" and rm is not None:  # frozen: forward only, bf16 halves its memory and time
         cast_parameters(rm, torch.bfloat16)
-    # the rollout's log-probs are taken in eval mode: dropout in the update would bias the ratio
-    set_dropout(policy, 0.0)
     if value is not None:
-        set_dropout(value, 0.0)
+        set_dropout(value, 0.0)  # as the policy's (start_policy)
     model = PolicyValue(policy.train(), value)
     if model.value_head is not None:
         nn.init.zeros_(model.value_head.bias)
