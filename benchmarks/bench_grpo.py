@@ -28,18 +28,14 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 import torch
 
-from bench_ppo import TINY, _models, _prompts
-from fastgpt.checkpoint import save_checkpoint
+from bench_ppo import GRAD_CLIP, TINY, _models, _prompts, build_stage, timed_iteration
 from fastgpt.config import PRESETS, ModelConfig
 from fastgpt.losses import group_advantages, kl_estimate, masked_mean, ppo_policy_loss
 from fastgpt.model import GPT
@@ -47,46 +43,16 @@ from fastgpt.stages.grpo import GRPOConfig, build_grpo
 from fastgpt.tokenizer import ByteTokenizer
 from measure import Plan, error_text, free_memory, sync
 
-GRAD_CLIP = 1.0
 
 
 # ---------------------------------------------------------------------------------- fastgpt
 def fastgpt_iteration(cfg: ModelConfig, batch: int, k: int, mini: int, prompt_len: int, new_tokens: int,
                       device: torch.device, lora_rank: int = 0) -> Callable[[], dict[str, float]]:
     """A callable running one GRPO iteration through fastgpt's stage code, timed and split."""
-    policy, rm = _models(cfg, device)
-    tok = ByteTokenizer()
-    with tempfile.TemporaryDirectory() as d:
-        root = Path(d)
-        save_checkpoint(root / "sft", model=policy, model_kind="gpt", model_config=cfg, tokenizer=tok, stage="sft")
-        save_checkpoint(root / "rm", model=rm, model_kind="scalar", model_config=cfg, tokenizer=tok, stage="reward",
-                        extra={"reward_offset": 0.0, "reward_scale": 1.0})
-        (root / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in _prompts(batch // k, prompt_len)))
-        gcfg = GRPOConfig(out_dir=str(root / "run"), sft_checkpoint=str(root / "sft"), reward_checkpoint=str(root / "rm"),
-                          prompts=str(root / "p.jsonl"), eval_prompts=str(root / "p.jsonl"), device=device.type,
-                          group_size=k, rollout_batch_size=batch, mini_batch_size=mini, max_new_tokens=new_tokens,
-                          missing_eos_penalty=0.0, lora_rank=lora_rank, lora_alpha=2.0 * max(lora_rank, 1),
-                          grad_clip=GRAD_CLIP, progress=False, resume=False)
-        trainer, task = build_grpo(gcfg)
-    del policy, rm
-
-    def iteration() -> dict[str, float]:
-        task.queue.clear()  # the first minibatch rolls out afresh
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(batch // mini):  # the trainer's own step, clipping included
-            trainer._backward_step()
-            torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), GRAD_CLIP)
-            trainer.optimizer.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        total = time.perf_counter() - t0
-        stats = task.rollout["stats"]
-        gen = stats["response_len"] * batch / stats["gen_tokens_per_s"]
-        return {"seconds": total, "generation_s": gen, "scoring_s": stats["rollout_s"] - gen,
-                "training_s": total - stats["rollout_s"], "response_len": stats["response_len"]}
-
-    return iteration
+    trainer, task = build_stage(build_grpo, GRPOConfig, cfg, device, batch // k, prompt_len, group_size=k,
+                                rollout_batch_size=batch, mini_batch_size=mini, max_new_tokens=new_tokens,
+                                lora_rank=lora_rank, lora_alpha=2.0 * max(lora_rank, 1))
+    return timed_iteration(trainer, task, batch // mini, batch, device)
 
 
 # -------------------------------------------------------------------------------- reference
