@@ -85,7 +85,22 @@ class RewardConfig(LoRAConfig, TrainConfig):
 
 
 @dataclass
-class PPOConfig(LoRAConfig, TrainConfig):
+class OnPolicyConfig(TrainConfig):
+    """Trainer defaults that suit on-policy RL (InstructGPT / lm-human-preferences): PPO's and GRPO's."""
+
+    max_steps: Positive = 200
+    lr: PositiveFloat = 1e-5
+    warmup_steps: NonNegative = 0
+    min_lr_ratio: Ratio = 1.0         # constant learning rate
+    weight_decay: NonNegativeFloat = 0.0
+    adam_eps: PositiveFloat = 1e-5
+    eval_interval: NonNegative = 0
+    log_interval: Positive = 1
+    ckpt_interval: Positive = 50
+
+
+@dataclass
+class PPOConfig(LoRAConfig, OnPolicyConfig):
     out_dir: str = "runs/ppo"
     sft_checkpoint: str = ""          # required: the policy's start and its frozen KL reference (or hf:<folder>)
     reward_checkpoint: str = ""       # required: the frozen reward model (fastgpt reward)
@@ -126,16 +141,6 @@ class PPOConfig(LoRAConfig, TrainConfig):
     ptx_coef: NonNegativeFloat = 0.0  # weight of the pre-training loss (PPO-ptx)
     ptx_batch_size: Positive = 4      # pre-training rows per step
     max_bad_rollouts: NonNegative = 3  # rollouts with non-finite rewards tolerated before stopping
-    # trainer defaults that suit PPO (InstructGPT/lm-human-preferences)
-    max_steps: Positive = 200
-    lr: PositiveFloat = 1e-5
-    warmup_steps: NonNegative = 0
-    min_lr_ratio: Ratio = 1.0         # constant learning rate
-    weight_decay: NonNegativeFloat = 0.0
-    adam_eps: PositiveFloat = 1e-5
-    eval_interval: NonNegative = 0
-    log_interval: Positive = 1
-    ckpt_interval: Positive = 50
 
     RESUME_SAFE: ClassVar[frozenset[str]] = TrainConfig.RESUME_SAFE | {"eval_max_prompts", "max_bad_rollouts"}
 
@@ -167,7 +172,7 @@ class DPOConfig(LoRAConfig, TrainConfig):
 
 
 @dataclass
-class GRPOConfig(LoRAConfig, TrainConfig):
+class GRPOConfig(LoRAConfig, OnPolicyConfig):
     """Group-relative policy optimisation (Shao et al. 2024) and RLOO (Ahmadian et al. 2024):
     K samples per prompt, the group's other samples as the baseline, no value model."""
 
@@ -195,15 +200,5 @@ class GRPOConfig(LoRAConfig, TrainConfig):
     reward_clip: NonNegativeFloat = 0.0  # clip scores to +-this before the group statistics; 0 = off
     missing_eos_penalty: float = -1.0  # score of a response that never ended its turn; 0 = off
     max_bad_rollouts: NonNegative = 3  # rollouts with non-finite rewards tolerated before stopping
-    # trainer defaults that suit on-policy RL (as PPO's)
-    max_steps: Positive = 200
-    lr: PositiveFloat = 1e-5
-    warmup_steps: NonNegative = 0
-    min_lr_ratio: Ratio = 1.0         # constant learning rate
-    weight_decay: NonNegativeFloat = 0.0
-    adam_eps: PositiveFloat = 1e-5
-    eval_interval: NonNegative = 0
-    log_interval: Positive = 1
-    ckpt_interval: Positive = 50
 
     RESUME_SAFE: ClassVar[frozenset[str]] = TrainConfig.RESUME_SAFE | {"eval_max_prompts", "max_bad_rollouts"}
