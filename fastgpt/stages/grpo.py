@@ -46,8 +46,8 @@ from ..tokenizer import Tokenizer
 from ..trainer import Trainer, autocast_context
 from .common import Policy, Reference, cast_parameters, freeze
 from .configs import GRPOConfig
-from .ppo import (RewardFn, RewardModelScorer, RolloutTask, load_reward, pack_responses, policy_prompts, rollout_plan,
-                  score_rollout, start_policy, starting_eval, unpack_responses)
+from .ppo import (RewardFn, RewardModelScorer, RolloutTask, fit_on_policy, load_reward, pack_responses, policy_prompts,
+                  rollout_plan, score_rollout, start_policy, unpack_responses)
 
 __all__ = ["GRPOConfig", "GRPOTask", "build_grpo", "grpo"]
 
@@ -186,12 +186,5 @@ def build_grpo(cfg: GRPOConfig, reward_fn: RewardFn | None = None) -> tuple[Trai
 
 
 def grpo(cfg: GRPOConfig, reward_fn: RewardFn | None = None) -> dict[str, Any]:
-    """Run GRPO / RLOO per ``cfg``; the summary adds ``sft`` (the starting policy's held-out
-    eval) next to the trainer's ``eval`` (the final policy's) and ``rollouts``."""
-    trainer, task = build_grpo(cfg, reward_fn)
-    sft_eval = starting_eval(trainer, task.model.policy, task)
-    summary = trainer.fit()
-    summary["sft"] = sft_eval
-    summary["rollouts"] = task.rollouts_done
-    summary["held_out_prompts"] = len(task.eval_prompts[:cfg.eval_max_prompts])
-    return summary
+    """Run GRPO / RLOO per ``cfg``; the summary as :func:`fastgpt.stages.ppo.fit_on_policy` says."""
+    return fit_on_policy(*build_grpo(cfg, reward_fn))

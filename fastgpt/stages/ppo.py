@@ -507,15 +507,21 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
     return trainer, task
 
 
-def starting_eval(trainer: Trainer, policy: GPT, task: Any) -> dict[str, float]:
-    """The held-out eval of the reference (the SFT policy) before training, kept in the
-    checkpoint's extra so a resumed run reports the same figures."""
+def fit_on_policy(trainer: Trainer, task: RolloutTask) -> dict[str, Any]:
+    """Train an on-policy stage (PPO, GRPO); its summary adds ``sft`` (the held-out eval of the
+    starting policy, the reference, before training: kept in the checkpoint's extra so a resumed
+    run reports the same figures) next to the trainer's ``eval`` (the final policy's), the
+    number of ``rollouts`` and of ``held_out_prompts``."""
     sft_eval = trainer.extra.get("sft_eval", {})
     if trainer.dist.is_main and not sft_eval:
-        with reference_generator(policy, task.ref) as sft_policy:
+        with reference_generator(task.model.policy, task.ref) as sft_policy:
             sft_eval = evaluate_policy(sft_policy, sft_policy, task.tok, task.eval_prompts, task.reward_fn, task.cfg)
         trainer.extra["sft_eval"] = sft_eval
-    return sft_eval
+    summary = trainer.fit()
+    summary["sft"] = sft_eval
+    summary["rollouts"] = task.rollouts_done
+    summary["held_out_prompts"] = len(task.eval_prompts[:task.cfg.eval_max_prompts])
+    return summary
 
 
 def policy_prompts(cfg: Any, tok: Tokenizer, block: int) -> tuple[list[list[int]], list[list[int]], str]:
@@ -563,12 +569,5 @@ def rollout_plan(cfg: Any, prompts: list[list[int]], eval_prompts: list[list[int
 
 
 def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, Any]:
-    """Run PPO per ``cfg``; the summary adds ``sft`` (the SFT policy's held-out eval) next to the
-    trainer's ``eval`` (the final policy's)."""
-    trainer, task = build_ppo(cfg, reward_fn)
-    sft_eval = starting_eval(trainer, task.model.policy, task)
-    summary = trainer.fit()
-    summary["sft"] = sft_eval
-    summary["rollouts"] = task.rollouts_done
-    summary["held_out_prompts"] = len(task.eval_prompts[:cfg.eval_max_prompts])
-    return summary
+    """Run PPO per ``cfg``; the summary as :func:`fit_on_policy` says."""
+    return fit_on_policy(*build_ppo(cfg, reward_fn))
