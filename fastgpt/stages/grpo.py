@@ -8,7 +8,7 @@ rolls out afresh:
 1. draw ``rollout_batch_size / group_size`` prompts, sample ``group_size`` responses to each at
    ``temperature`` with the KV-cache engine;
 2. score every response (a reward model, or any Python ``reward_fn(prompts, responses)``);
-   a response cut off without <|end|> scores ``missing_eos_penalty`` instead;
+   a response cut off before its end-of-turn token scores ``missing_eos_penalty`` instead;
 3. advantages from the group alone (:func:`fastgpt.losses.group_advantages`): GRPO's
    ``(r - mean) / std`` of the group, or RLOO's ``r - mean of the other K - 1``; every token of a
    response gets its response's advantage;
