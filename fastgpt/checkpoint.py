@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from . import files
 from .config import ConfigError, ModelConfig
+from .lora import strip_adapters
 from .model import GPT, ScalarModel
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
@@ -112,15 +113,17 @@ def load_model(path: str | Path, kind: str = "gpt", device: str | torch.device =
                ) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
     """Rebuild a model from any stage's checkpoint.
 
-    ``kind`` is what the caller wants: "gpt" (a language model; from a PPO checkpoint this is
-    the policy) or "scalar" (reward / value model). Returns (model in eval mode, tokenizer, ckpt).
+    ``kind`` is what the caller wants: "gpt" (a language model; from a PPO, DPO or GRPO
+    checkpoint this is the policy) or "scalar" (reward / value model). Returns (model in eval
+    mode, tokenizer, ckpt). A LoRA run's checkpoint loads as the plain model, adapters merged.
     """
     path = checkpoint_path(path)
     ckpt = load_checkpoint(path)
     cfg = model_config_of(ckpt)
-    state = ckpt["model"]
+    state = strip_adapters(ckpt["model"])
     saved = ckpt["model_kind"]
-    if saved == "policy_value":  # PPO: the policy is a GPT under "policy.", the value under "value."
+    # PPO: the policy is a GPT under "policy.", the value under "value."; DPO, GRPO: "policy." only
+    if saved in ("policy_value", "policy"):
         prefix = "policy." if kind == "gpt" else "value."
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if kind == "scalar" and "value_config" in ckpt.get("extra", {}):

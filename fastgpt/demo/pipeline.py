@@ -31,7 +31,9 @@ from ..console import plural
 from ..errors import FastGPTError
 from ..files import atomic_write
 
-STAGES = ("world", "prepare", "pretrain", "sft", "compare", "rank", "reward", "ppo", "evaluate", "report")
+STAGES = ("world", "prepare", "pretrain", "sft", "compare", "rank", "reward", "ppo", "dpo", "grpo", "evaluate",
+          "methods", "report")
+OPTIONAL = {"dpo", "grpo", "methods"}  # run with --methods (see demo/methods.py)
 DONE = "done.json"
 
 
@@ -70,6 +72,11 @@ class Budget:
     ppo_epochs: int = 4
     ppo_lr: float = 3e-5
     beta: float = 0.05
+    # dpo and grpo (--methods): from the same SFT model, on the same rankings / prompts / reward model
+    dpo_epochs: float = 2.0          # as the reward model's
+    dpo_lr: float = 3e-5
+    dpo_beta: float = 0.1
+    grpo_beta: float = 0.04          # GRPO paper; the rest of GRPO's budget is PPO's (same samples and steps)
     # evaluation
     eval_batch: int = 64
 
@@ -104,6 +111,7 @@ class Context:
     device: str
     seed: int
     scale: float = 1.0
+    methods: tuple[str, ...] = ("ppo",)
 
     def dir(self, stage: str) -> Path:
         return self.out / stage
@@ -240,15 +248,26 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
 
 def stage_report(ctx: Context) -> dict[str, Any]:
     from .report import write_report
-    summaries = {s: json.loads((ctx.dir(s) / DONE).read_text()) for s in STAGES if s != "report"}
+    summaries = {s: json.loads((ctx.dir(s) / DONE).read_text()) for s in STAGES
+                 if s != "report" and (ctx.dir(s) / DONE).exists()}
     paths = write_report(ctx.out, summaries, run_info(ctx))
     return {k: str(v) for k, v in paths.items()}
+
+
+def _method_stage(name: str) -> Callable[[Context], dict[str, Any]]:
+    def run(ctx: Context) -> dict[str, Any]:
+        from . import methods
+        if name == "methods":
+            return methods.stage_methods(ctx, ctx.methods)
+        return getattr(methods, f"stage_{name}")(ctx)
+    return run
 
 
 STAGE_FNS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "world": stage_world, "prepare": stage_prepare, "pretrain": stage_pretrain, "sft": stage_sft,
     "compare": stage_compare, "rank": stage_rank, "reward": stage_reward, "ppo": stage_ppo,
     "evaluate": stage_evaluate, "report": stage_report,
+    **{name: _method_stage(name) for name in OPTIONAL},
 }
 
 
@@ -273,21 +292,23 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def run_stage(ctx: Context, name: str, index: int) -> tuple[dict[str, Any], bool]:
-    """Run one stage unless its done.json exists; returns (its record, whether it ran now)."""
+def run_stage(ctx: Context, name: str, index: int, total: int, redo: bool = False) -> tuple[dict[str, Any], bool]:
+    """Run one stage unless its done.json exists (or ``redo``); returns (its record, whether it ran now)."""
+    from .methods import stage_memory
     folder = ctx.dir(name)
     marker = folder / DONE
-    head = f"[{index + 1}/{len(STAGES)}] {name}"
-    if marker.exists():
+    head = f"[{index + 1}/{total}] {name}"
+    if marker.exists() and not redo:
         record = json.loads(marker.read_text())
         print(f"{head}: done earlier ({record['seconds']:.0f}s), skipped", flush=True)
         return record, False
     print(f"{head} ...", flush=True)
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    summary = STAGE_FNS[name](ctx)
+    with stage_memory(ctx.device) as memory:
+        summary = STAGE_FNS[name](ctx)
     record = {"stage": name, "seconds": time.perf_counter() - start, "device": device_name(ctx.device),
-              "summary": _jsonable(summary)}
+              "peak_mb": memory["peak_mb"], "summary": _jsonable(summary)}
     with atomic_write(marker) as f:  # written last and atomically: a stage is done only when all of it is
         f.write(json.dumps(record, indent=2))
     sys.stderr.flush()
@@ -303,9 +324,11 @@ def _headline(name: str, s: dict[str, Any]) -> str:
         return f" (val_loss {ev['val_loss']:.3f}{extra})"
     if name == "reward" and "val_accuracy" in ev:
         return f" (held-out pairwise accuracy {ev['val_accuracy']:.3f})"
-    if name == "ppo" and "score_greedy" in ev:
+    if name in ("ppo", "grpo") and "score_greedy" in ev:
         return (f" (held-out RM score {s.get('sft', {}).get('score_greedy', math.nan):+.2f} -> "
                 f"{ev['score_greedy']:+.2f}, KL {ev.get('kl_to_ref', math.nan):.2f})")
+    if name == "dpo" and "val_accuracy" in ev:
+        return f" (held-out implicit-reward accuracy {ev['val_accuracy']:.3f})"
     if name == "compare":
         return f" ({plural(s['prompts'], 'prompt')} x {s['k']}, {s['finished_fraction']:.0%} finished)"
     if name == "rank":
@@ -314,11 +337,12 @@ def _headline(name: str, s: dict[str, Any]) -> str:
 
 
 def run_pipeline(out: str | Path = "runs/demo", preset: str = "tiny", device: str = "auto", seed: int = 0,
-             scale: float = 1.0, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the whole demo; returns the report's figures (report.json)."""
+             scale: float = 1.0, progress: bool = True, methods: tuple[str, ...] = ("ppo",)) -> dict[str, Any]:
+    """Run (or resume) the whole demo; returns the report's figures (report.json). ``methods``
+    beyond PPO (dpo, grpo) add their stages and the methods table (a finished run can add them)."""
     if preset not in BUDGETS:
         raise FastGPTError(f"unknown demo preset {preset!r} (expected one of {sorted(BUDGETS)})")
-    ctx = Context(Path(out), preset, BUDGETS[preset].scaled(scale), device, seed, scale)
+    ctx = Context(Path(out), preset, BUDGETS[preset].scaled(scale), device, seed, scale, tuple(methods))
     settings = {"preset": preset, "seed": seed, "scale": scale}
     saved = ctx.out / "settings.json"
     if saved.exists():
@@ -330,7 +354,10 @@ def run_pipeline(out: str | Path = "runs/demo", preset: str = "tiny", device: st
     with atomic_write(saved) as f:
         f.write(json.dumps(settings))
     start = time.perf_counter()
-    for i, name in enumerate(STAGES):
-        run_stage(ctx, name, i)
+    stages = [s for s in STAGES if s not in OPTIONAL or s in methods or (s == "methods" and set(methods) - {"ppo"})]
+    ran = False
+    for i, name in enumerate(stages):
+        # the report and the methods table are rebuilt whenever a stage before them ran
+        ran |= run_stage(ctx, name, i, len(stages), redo=ran and name in ("methods", "report"))[1]
     print(f"demo: finished in {time.perf_counter() - start:.0f}s this run; report in {ctx.out / 'report.md'}")
     return json.loads((ctx.out / "report.json").read_text())

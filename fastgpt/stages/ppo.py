@@ -53,9 +53,10 @@ from ..model import GPT, ScalarModel
 from ..tokenizer import Tokenizer, encode_prompt
 from ..trainer import (DataPlan, Trainer, TrainingError, autocast_context, distributed_env, resolve_device,
                        seed_everything)
-from .common import cast_parameters, freeze, load_start_model, require_same_tokenizer, set_dropout, split_holdout
+from .common import (Reference, add_lora, cast_parameters, freeze, load_start_model, reference_generator,
+                     reference_model, require_same_tokenizer, set_dropout, split_holdout)
 from .configs import PPOConfig
-from .reward import raw_scores
+from .reward import raw_scores, response_labels
 
 # reward_fn(prompts, responses) -> normalised score per sequence, (N,) float tensor.
 RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
@@ -151,13 +152,56 @@ def encode_prompts(texts: Sequence[Any], tok: Tokenizer, block_size: int, where:
     return kept
 
 
+# ------------------------------------------------------------------------------ rollouts
+def score_rollout(task: Any, stage: str, scores: torch.Tensor, finished: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(raw ``scores``, the scores training uses: clipped to +-``reward_clip``, ``missing_eos_penalty``
+    for responses that never ended) of a rollout of ``task`` (PPO's or GRPO's); None when a score
+    is not finite: the rollout is dropped, and after ``max_bad_rollouts`` of those the run stops."""
+    cfg = task.cfg
+    if not bool(torch.isfinite(scores).all()):
+        task.bad_rollouts += 1
+        warnings.warn(f"{stage}: rollout {task.rollouts_done} has non-finite rewards; skipped "
+                      f"({task.bad_rollouts}/{cfg.max_bad_rollouts})", stacklevel=3)
+        if task.bad_rollouts > cfg.max_bad_rollouts:
+            raise TrainingError(f"{stage}: {plural(task.bad_rollouts, 'rollout')} with non-finite rewards "
+                                f"(max_bad_rollouts={cfg.max_bad_rollouts}); check the reward model")
+        return None
+    raw = scores.clone()
+    if cfg.reward_clip > 0:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    if cfg.missing_eos_penalty:
+        scores = torch.where(finished, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+    return raw, scores
+
+
+# ------------------------------------------------------------------------------ packing
+def pack_responses(idx: list[int], seqs: list[list[int]], prompt_lens: list[int], block: int, pad_id: int,
+                   device: torch.device) -> tuple[PackedBatch, torch.Tensor, torch.Tensor]:
+    """Pack sequences ``idx`` (prompt + response), labels on the response tokens; returns the
+    batch, the flat position predicting each response token (in sequence order) and the
+    (len(idx), R) mask of those tokens, R the longest response."""
+    batch = pack_all([(seqs[i], response_labels(prompt_lens[i], seqs[i][prompt_lens[i]:])) for i in idx],
+                     block, pad_id)
+    resp = [len(seqs[i]) - prompt_lens[i] for i in idx]
+    flat = torch.cat([torch.arange(start + prompt_lens[i] - 1, start + prompt_lens[i] - 1 + r)
+                      for (start, _), i, r in zip(batch.spans, idx, resp)])
+    mask = torch.arange(max(resp))[None] < torch.tensor(resp)[:, None]
+    return batch.to(device), flat.to(device), mask.to(device)
+
+
+def unpack_responses(t: torch.Tensor, flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values of a packed batch (B, T) -> (n, R) response tokens, 0 on padding."""
+    return torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t.reshape(-1)[flat])
+
+
 # -------------------------------------------------------------------------------- task
-class PPOTask:
-    """Rollouts, advantages and the PPO loss for the shared trainer (see the module docstring)."""
+class RolloutTask:
+    """What the tasks of the on-policy stages (PPO, GRPO) share: prompts drawn epoch by epoch in
+    a seeded order, a buffer of shuffled minibatches of the current rollout, the held-out
+    evaluation and the resumable state of all that."""
 
-    progress_keys = ("score", "kl", "entropy", "clipfrac", "response_len")
-
-    def __init__(self, cfg: PPOConfig, model: PolicyValue, ref: GPT, tokenizer: Tokenizer,
+    def __init__(self, cfg: Any, model: nn.Module, ref: Reference, tokenizer: Tokenizer,
                  prompts: list[list[int]], reward_fn: RewardFn, eval_prompts: list[list[int]] | None = None,
                  device: torch.device | str = "cpu") -> None:
         if cfg.rollout_batch_size < cfg.mini_batch_size:
@@ -178,12 +222,61 @@ class PPOTask:
         # one stream for every process: the prompt order, sampling seeds and minibatch shuffles
         self.rng = np.random.default_rng([cfg.seed, 0])
         self.order: list[int] = []
-        self.kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
-                       else FixedKLController(cfg.beta))
         self.rollout: dict[str, Any] | None = None
         self.queue: list[list[int]] = []
         self.bad_rollouts = 0
         self.rollouts_done = 0
+
+    def _sample_prompts(self, n: int) -> list[list[int]]:
+        out = []
+        while len(out) < n:
+            if not self.order:  # epochs over the prompt set in a fresh random order
+                self.order = self.rng.permutation(len(self.prompts)).tolist()
+            out.append(self.prompts[self.order.pop()])
+        return out
+
+    def _queue_minibatches(self, n: int) -> None:
+        """``ppo_epochs`` passes over the rollout's ``n`` sequences, each in a fresh shuffled order."""
+        mini = self.cfg.mini_batch_size
+        self.queue = [perm[i:i + mini].tolist() for _ in range(self.cfg.ppo_epochs)
+                      for perm in [self.rng.permutation(n)] for i in range(0, n, mini)]
+
+    def _take_minibatch(self) -> list[int]:
+        """This process's minibatch of the next W in the whole rollout's queue."""
+        idx = self.queue[self.rank]
+        del self.queue[:self.world]
+        return idx
+
+    def tokens(self, b: dict[str, Any]) -> int:
+        return b["batch"].n_real
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        inner = getattr(model, "module", model)
+        return evaluate_policy(unsharded_gpt(inner.policy), self.ref, self.tok, self.eval_prompts, self.reward_fn,
+                               self.cfg)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state, "order": list(self.order), "rollout": self.rollout,
+                "queue": [list(q) for q in self.queue], "bad_rollouts": self.bad_rollouts,
+                "rollouts_done": self.rollouts_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order, self.rollout, self.queue = list(state["order"]), state["rollout"], [list(q) for q in state["queue"]]
+        self.bad_rollouts, self.rollouts_done = state["bad_rollouts"], state["rollouts_done"]
+
+
+class PPOTask(RolloutTask):
+    """Rollouts, advantages and the PPO loss for the shared trainer (see the module docstring)."""
+
+    progress_keys = ("score", "kl", "entropy", "clipfrac", "response_len")
+
+    def __init__(self, cfg: PPOConfig, model: PolicyValue, ref: Reference, tokenizer: Tokenizer,
+                 prompts: list[list[int]], reward_fn: RewardFn, eval_prompts: list[list[int]] | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(cfg, model, ref, tokenizer, prompts, reward_fn, eval_prompts, device)
+        self.kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+                       else FixedKLController(cfg.beta))
         self.ptx = None
         if cfg.ptx_data and cfg.ptx_coef > 0:
             self.ptx = TokenLoader(cfg.ptx_data, "train", self.block, cfg.ptx_batch_size,
@@ -192,15 +285,6 @@ class PPOTask:
         self._prev_tokens = 0
 
     # ------------------------------------------------------------------ rollout
-    def _sample_prompts(self) -> list[list[int]]:
-        """The whole rollout's prompts (every process's, in rank order)."""
-        out = []
-        while len(out) < self.cfg.rollout_batch_size * self.world:
-            if not self.order:  # epochs over the prompt set in a fresh random order
-                self.order = self.rng.permutation(len(self.prompts)).tolist()
-            out.append(self.prompts[self.order.pop()])
-        return out
-
     @torch.no_grad()
     def _forward_all(self, seqs: list[list[int]], prompt_lens: list[int]) -> dict[str, torch.Tensor]:
         """Old log-probs, values and reference log-probs of every response token, (N, R) padded."""
@@ -224,19 +308,7 @@ class PPOTask:
 
     def _pack(self, idx: list[int], seqs: list[list[int]], prompt_lens: list[int]
               ) -> tuple[PackedBatch, torch.Tensor, torch.Tensor]:
-        """Pack sequences ``idx``; returns the batch, the flat position predicting each response
-        token (in sequence order) and the (len(idx), R) mask of those tokens."""
-        ids, labels = [], []
-        for i in idx:
-            s, p = seqs[i], prompt_lens[i]
-            ids.append(s)
-            labels.append([IGNORE_INDEX] * (p - 1) + s[p:] + [IGNORE_INDEX])
-        batch = pack_all(list(zip(ids, labels)), self.block, self.tok.pad_id)
-        resp = [len(seqs[i]) - prompt_lens[i] for i in idx]
-        flat = torch.cat([torch.arange(start + prompt_lens[i] - 1, start + prompt_lens[i] - 1 + r)
-                          for (start, _), i, r in zip(batch.spans, idx, resp)])
-        mask = torch.arange(max(resp))[None] < torch.tensor(resp)[:, None]
-        return batch.to(self.device), flat.to(self.device), mask.to(self.device)
+        return pack_responses(idx, seqs, prompt_lens, self.block, self.tok.pad_id, self.device)
 
     def _generate(self, prompts: list[list[int]], seed: int) -> tuple[list[list[int]], list[Generation]]:
         """This process's share of the whole rollout's ``prompts`` and its sampled answers, in
@@ -252,12 +324,6 @@ class PPOTask:
                                     stop_ids=self.tok.stop_ids, seed=seed + first + start)
             gens += generate(policy, mine[start:start + step], params, vocab_limit=self.tok.vocab_size)
         return mine, gens
-
-    def _take_minibatch(self) -> list[int]:
-        """This process's minibatch of the next W in the whole rollout's queue."""
-        idx = self.queue[self.rank]
-        del self.queue[:self.world]
-        return idx
 
     def _gather_rollout(self, responses: list[list[int]], fwd: dict[str, torch.Tensor]
                         ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
@@ -276,7 +342,7 @@ class PPOTask:
         not finite (the batch is dropped)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        prompts = self._sample_prompts()
+        prompts = self._sample_prompts(cfg.rollout_batch_size * self.world)
         mine, gens = self._generate(prompts, int(self.rng.integers(2**31)))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -290,20 +356,11 @@ class PPOTask:
         responses, fwd = self._gather_rollout(responses, fwd)
         seqs = [p + r for p, r in zip(prompts, responses)]
         prompt_lens = [len(p) for p in prompts]
-        scores, finished = fwd["scores"], fwd["finished"]
-        if not bool(torch.isfinite(scores).all()):
-            self.bad_rollouts += 1
-            warnings.warn(f"ppo: rollout {self.rollouts_done} has non-finite rewards; skipped "
-                          f"({self.bad_rollouts}/{cfg.max_bad_rollouts})", stacklevel=2)
-            if self.bad_rollouts > cfg.max_bad_rollouts:
-                raise TrainingError(f"ppo: {plural(self.bad_rollouts, 'rollout')} with non-finite rewards "
-                                    f"(max_bad_rollouts={cfg.max_bad_rollouts}); check the reward model")
+        finished = fwd["finished"]
+        scored = score_rollout(self, "ppo", fwd["scores"], finished)
+        if scored is None:
             return False
-        raw_scores = scores.clone()
-        if cfg.reward_clip > 0:
-            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        if cfg.missing_eos_penalty:
-            scores = torch.where(finished, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+        raw_scores, scores = scored
         lengths = torch.tensor([len(r) for r in responses], device=self.device)
         mask = torch.arange(fwd["logp"].shape[1], device=self.device)[None] < lengths[:, None]
         kl = kl_estimate(fwd["logp"], fwd["ref_logp"], cfg.kl_estimator) * mask
@@ -329,10 +386,7 @@ class PPOTask:
                       "explained_var": explained_variance(fwd["values"], returns, mask),
                       "gen_tokens_per_s": n_generated / max(t_gen, 1e-9), "rollout_s": t_all},
         }
-        # the whole rollout's minibatches; each process takes its own of every W in turn
-        self.queue = [perm[i:i + cfg.mini_batch_size].tolist() for _ in range(cfg.ppo_epochs)
-                      for perm in [self.rng.permutation(len(seqs))]
-                      for i in range(0, len(seqs), cfg.mini_batch_size)]
+        self._queue_minibatches(len(seqs))  # the whole rollout's; each process takes its own of every W
         self.rollouts_done += 1
         return True
 
@@ -363,9 +417,7 @@ class PPOTask:
                                          max_seqlen=batch.max_seqlen, temperature=cfg.temperature,
                                          lm_idx=lm_idx, lm_targets=lm_targets)
 
-        def padded(t: torch.Tensor) -> torch.Tensor:  # flat packed tokens -> (n, R) like the buffer
-            return torch.zeros(mask.shape, dtype=t.dtype, device=t.device).masked_scatter(mask, t.reshape(-1)[b["flat"]])
-        lp, ent, values = padded(lp), padded(ent), padded(values.float())
+        lp, ent, values = (unpack_responses(t, b["flat"], mask) for t in (lp, ent, values.float()))
         pg_loss, clipfrac, approx_kl = ppo_policy_loss(lp, b["old_logp"], b["adv"], mask, cfg.clip_range)
         vf_loss, vf_clipfrac = ppo_value_loss(values, b["old_values"], b["returns"], mask, cfg.clip_range_value)
         entropy = masked_mean(ent, mask)
@@ -384,31 +436,20 @@ class PPOTask:
         self._prev_tokens = self.tokens(b)
         return loss, metrics
 
-    def tokens(self, b: dict[str, Any]) -> int:
-        return b["batch"].n_real
-
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        inner = getattr(model, "module", model)
-        return evaluate_policy(unsharded_gpt(inner.policy), self.ref, self.tok, self.eval_prompts, self.reward_fn,
-                               self.cfg)
-
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state, "order": list(self.order), "kl_ctl": self.kl_ctl.state_dict(),
-                "rollout": self.rollout, "queue": [list(q) for q in self.queue], "bad_rollouts": self.bad_rollouts,
-                "rollouts_done": self.rollouts_done, "ptx": None if self.ptx is None else self.ptx.state_dict()}
+        return {**super().state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
+                "ptx": None if self.ptx is None else self.ptx.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["rng"]
-        self.order, self.rollout, self.queue = list(state["order"]), state["rollout"], [list(q) for q in state["queue"]]
+        super().load_state_dict(state)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.bad_rollouts, self.rollouts_done = state["bad_rollouts"], state["rollouts_done"]
         if self.ptx is not None and state.get("ptx") is not None:
             self.ptx.load_state_dict(state["ptx"])
 
 
 # -------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_policy(policy: GPT, ref: GPT, tok: Tokenizer, prompts: list[list[int]], reward_fn: RewardFn,
+def evaluate_policy(policy: GPT, ref: Reference, tok: Tokenizer, prompts: list[list[int]], reward_fn: RewardFn,
                     cfg: PPOConfig) -> dict[str, float]:
     """Mean normalised score of greedy and of sampled responses on held-out prompts, and the
     sampled responses' KL to the reference (summed over tokens: nats per response)."""
@@ -429,7 +470,7 @@ def evaluate_policy(policy: GPT, ref: GPT, tok: Tokenizer, prompts: list[list[in
 
 
 @torch.no_grad()
-def sequence_kl(policy: GPT, ref: GPT, prompts: list[list[int]], responses: list[list[int]],
+def sequence_kl(policy: GPT, ref: Reference, prompts: list[list[int]], responses: list[list[int]],
                 temperature: float, dtype: str = "auto") -> float:
     """Mean over responses of sum_t log p(y_t) - log q(y_t): the k1 KL estimate per response."""
     device = policy.wte.weight.device
@@ -456,19 +497,29 @@ def load_reward(path: str, tok: Tokenizer, device: torch.device) -> tuple[Scalar
     return rm, offset, scale  # type: ignore[return-value]
 
 
-def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Trainer, PPOTask]:
-    """Models, prompts, task and trainer for ``cfg``; ``reward_fn`` replaces the reward model."""
+def start_policy(cfg: Any, reward_fn: RewardFn | None, stage: str
+                 ) -> tuple[GPT, Tokenizer, Reference, torch.device]:
+    """(policy, tokenizer, its frozen reference, device) of an on-policy stage (PPO, GRPO), after
+    checking that its inputs are named. Dropout is off: the rollout's log-probs are taken in eval
+    mode, and dropout in the update would bias the ratio."""
     if not cfg.sft_checkpoint:
         raise PPOError("sft_checkpoint is required (the policy's start and the KL reference)")
     if not cfg.prompts:
         raise PPOError("prompts is required: a JSONL file of {\"prompt\"} or {\"messages\"} lines")
     if reward_fn is None and not cfg.reward_checkpoint:
-        raise PPOError("reward_checkpoint is required")
+        raise PPOError("reward_checkpoint is required (or, from Python, a reward_fn)")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device, distributed_env())
     policy, tok = load_start_model(cfg.sft_checkpoint)
     policy = policy.to(device).eval()
-    ref = freeze(copy.deepcopy(policy))
+    set_dropout(policy, 0.0)
+    ref = reference_model(add_lora(policy, cfg, stage))  # with LoRA: the policy, adapters off
+    return policy, tok, ref, device
+
+
+def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Trainer, PPOTask]:
+    """Models, prompts, task and trainer for ``cfg``; ``reward_fn`` replaces the reward model."""
+    policy, tok, ref, device = start_policy(cfg, reward_fn, "ppo")
     rm = None
     if cfg.reward_checkpoint:
         rm, offset, scale = load_reward(cfg.reward_checkpoint, tok, device)
@@ -480,15 +531,12 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
         if rm is None:
             raise PPOError("value_model='reward' needs reward_checkpoint (or use value_model='head')")
         value = value_from_reward(rm, offset, scale, cfg.value_head_zero).to(device)
+        add_lora(value.gpt, cfg, "ppo value model")  # its head stays trainable
         extra["value_config"] = asdict(value.config)
-    if device.type == "cuda":  # frozen models only run forward: bf16 halves their memory and time
-        cast_parameters(ref, torch.bfloat16)
-        if rm is not None:
-            cast_parameters(rm, torch.bfloat16)
-    # the rollout's log-probs are taken in eval mode: dropout in the update would bias the ratio
-    set_dropout(policy, 0.0)
+    if device.type == "cuda" and rm is not None:  # frozen: forward only, bf16 halves its memory and time
+        cast_parameters(rm, torch.bfloat16)
     if value is not None:
-        set_dropout(value, 0.0)
+        set_dropout(value, 0.0)  # as the policy's (start_policy)
     model = PolicyValue(policy.train(), value)
     if model.value_head is not None:
         nn.init.zeros_(model.value_head.bias)
@@ -498,22 +546,47 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> tuple[Traine
             nn.init.normal_(model.value_head.weight, std=1.0 / math.sqrt(policy.config.n_embd + 1))
     model.to(device)
     block = policy.config.block_size
-    prompts = load_prompts(cfg.prompts, tok, block, "prompts")
-    if cfg.eval_prompts:
-        eval_prompts = load_prompts(cfg.eval_prompts, tok, block, "eval_prompts")
-        held_out = f"held-out score on {plural(min(len(eval_prompts), cfg.eval_max_prompts), 'prompt')} of eval_prompts"
-    else:  # score the policy on prompts like the user's own, never on unrelated ones
-        prompts, eval_prompts = hold_out(prompts, cfg.eval_fraction, cfg.eval_max_prompts, cfg.seed)
-        held_out = (f"held-out score on {plural(len(eval_prompts), 'prompt')} kept out of prompts (eval_fraction="
-                    f"{cfg.eval_fraction:g}, not trained on)" if eval_prompts else
-                    "no held-out score: no eval_prompts, and none of prompts held out (eval_fraction, eval_max_prompts)")
+    prompts, eval_prompts, held_out = policy_prompts(cfg, tok, block)
     task = PPOTask(cfg, model, ref, tok, prompts, reward_fn, eval_prompts, device)
     extra["sft_checkpoint"] = str(cfg.sft_checkpoint)
     data = {"prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts, "ptx_data": cfg.ptx_data}
     trainer = Trainer(cfg, model, task, stage="ppo", tokenizer=tok, model_kind="policy_value", extra=extra,
-                      data=data, plan=ppo_plan(cfg, prompts, eval_prompts, block, held_out),
+                      data=data, plan=rollout_plan(cfg, prompts, eval_prompts, block, held_out),
                       flops_per_token=policy.flops_per_token(block))
     return trainer, task
+
+
+def fit_on_policy(trainer: Trainer, task: RolloutTask) -> dict[str, Any]:
+    """Train an on-policy stage (PPO, GRPO); its summary adds ``sft`` (the held-out eval of the
+    starting policy, the reference, before training: kept in the checkpoint's extra so a resumed
+    run reports the same figures) next to the trainer's ``eval`` (the final policy's), the
+    number of ``rollouts`` and of ``held_out_prompts``."""
+    sft_eval = trainer.extra.get("sft_eval", {})
+    if trainer.dist.is_main and not sft_eval:
+        with reference_generator(task.model.policy, task.ref) as sft_policy:
+            sft_eval = evaluate_policy(sft_policy, sft_policy, task.tok, task.eval_prompts, task.reward_fn, task.cfg)
+        trainer.extra["sft_eval"] = sft_eval
+    summary = trainer.fit()
+    summary["sft"] = sft_eval
+    summary["rollouts"] = task.rollouts_done
+    summary["held_out_prompts"] = len(task.eval_prompts[:task.cfg.eval_max_prompts])
+    return summary
+
+
+def policy_prompts(cfg: Any, tok: Tokenizer, block: int) -> tuple[list[list[int]], list[list[int]], str]:
+    """(training prompts, held-out prompts, what the held-out score is on) of an RL stage's config
+    (PPO, GRPO): ``eval_prompts`` when given, else a seeded ``eval_fraction`` of ``prompts``."""
+    prompts = load_prompts(cfg.prompts, tok, block, "prompts")
+    if cfg.eval_prompts:
+        eval_prompts = load_prompts(cfg.eval_prompts, tok, block, "eval_prompts")
+        return prompts, eval_prompts, (f"held-out score on {plural(min(len(eval_prompts), cfg.eval_max_prompts), 'prompt')}"
+                                       " of eval_prompts")
+    # score the policy on prompts like the user's own, never on unrelated ones
+    prompts, eval_prompts = hold_out(prompts, cfg.eval_fraction, cfg.eval_max_prompts, cfg.seed)
+    return prompts, eval_prompts, (
+        f"held-out score on {plural(len(eval_prompts), 'prompt')} kept out of prompts (eval_fraction="
+        f"{cfg.eval_fraction:g}, not trained on)" if eval_prompts else
+        "no held-out score: no eval_prompts, and none of prompts held out (eval_fraction, eval_max_prompts)")
 
 
 def hold_out(prompts: list[list[int]], fraction: float, most: int, seed: int
@@ -525,33 +598,26 @@ def hold_out(prompts: list[list[int]], fraction: float, most: int, seed: int
     return [prompts[i] for i in train_ids], [prompts[i] for i in val_ids[:most]]
 
 
-def ppo_plan(cfg: PPOConfig, prompts: list[list[int]], eval_prompts: list[list[int]], block: int,
-             held_out: str) -> DataPlan:
-    """Epochs are passes over the training prompts: each rollout answers rollout_batch_size of
-    them and trains ppo_epochs passes of its minibatches."""
+def rollout_plan(cfg: Any, prompts: list[list[int]], eval_prompts: list[list[int]], block: int,
+                 held_out: str, group_size: int = 1) -> DataPlan:
+    """Epochs are passes over the training prompts: each rollout answers rollout_batch_size /
+    group_size of them (``group_size`` times each: GRPO) and trains ppo_epochs passes of its
+    minibatches."""
     world = distributed_env().world_size
     steps_per_rollout = cfg.ppo_epochs * math.ceil(world * cfg.rollout_batch_size / cfg.mini_batch_size) / (
         world * cfg.grad_accum)
     rollouts = math.ceil(cfg.max_steps / steps_per_rollout)
+    per_rollout = cfg.rollout_batch_size // group_size
+    answers = f"{per_rollout} prompts" + (f" x {group_size} samples" if group_size > 1 else "")
     seq = min(block, max(map(len, prompts)) + cfg.max_new_tokens)
-    return DataPlan(len(prompts), "prompt", len(prompts) / (cfg.rollout_batch_size * world) * steps_per_rollout,
+    return DataPlan(len(prompts), "prompt", len(prompts) / (per_rollout * world) * steps_per_rollout,
                     cfg.mini_batch_size * cfg.grad_accum * world * seq, val_size=min(len(eval_prompts), cfg.eval_max_prompts),
                     val_unit="prompt" if eval_prompts else "",
                     step=f"micro-batch of {plural(cfg.mini_batch_size, 'sequence')} (mini_batch_size) of up to {seq} tokens",
-                    notes=[f"about {plural(rollouts, 'rollout')} of {cfg.rollout_batch_size} prompts, "
+                    notes=[f"about {plural(rollouts, 'rollout')} of {answers}, "
                            f"{steps_per_rollout:g} steps each; {held_out}"])
 
 
 def ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, Any]:
-    """Run PPO per ``cfg``; the summary adds ``sft`` (the SFT policy's held-out eval) next to the
-    trainer's ``eval`` (the final policy's)."""
-    trainer, task = build_ppo(cfg, reward_fn)
-    sft_eval = trainer.extra.get("sft_eval", {})  # a resumed run has it already
-    if trainer.dist.is_main and not sft_eval:
-        sft_eval = evaluate_policy(task.ref, task.ref, task.tok, task.eval_prompts, task.reward_fn, cfg)
-        trainer.extra["sft_eval"] = sft_eval
-    summary = trainer.fit()
-    summary["sft"] = sft_eval
-    summary["rollouts"] = task.rollouts_done
-    summary["held_out_prompts"] = len(task.eval_prompts[:cfg.eval_max_prompts])
-    return summary
+    """Run PPO per ``cfg``; the summary as :func:`fit_on_policy` says."""
+    return fit_on_policy(*build_ppo(cfg, reward_fn))

@@ -27,7 +27,8 @@ from ..data import IGNORE_INDEX, DataError, PackedBatch
 from ..distributed import unsharded_gpt
 from ..tokenizer import Message, Tokenizer, encode_chat, encode_prompt
 from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
-from .common import load_start_model, micro_batch_rows, packed_plan, set_dropout, shorten_context, split_holdout
+from .common import (add_lora, load_start_model, micro_batch_rows, packed_plan, set_dropout, shorten_context,
+                     split_holdout)
 from .configs import SFTConfig
 
 
@@ -145,6 +146,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     set_dropout(model, cfg.dropout)
     if cfg.block_size:
         shorten_context(model, cfg.block_size, f"block_size={cfg.block_size}")
+    add_lora(model, cfg, "sft")
     T = model.config.block_size
     device = resolve_device(cfg.device, distributed_env())
     cfg.batch_size = micro_batch_rows(cfg, model.config, "sft", T, device)
