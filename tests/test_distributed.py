@@ -1,4 +1,4 @@
-"""Every stage under torchrun on the CPU (gloo, 2 processes): DDP and FSDP runs train on the same
+"""Every stage (pretrain, SFT, reward, PPO, DPO) under torchrun on the CPU (gloo, 2 processes): DDP and FSDP runs train on the same
 global batches as one process with twice the grad_accum (PPO: twice the rollout) and follow its
 loss curve to fp32 rounding, a DDP run resumed on 2 processes too; checkpoints resume on another
 number of processes (sharded 2 -> 1 plain and 1 -> 2 sharded, plain 1 -> 2 sharded, DDP 2 -> 1),
@@ -27,7 +27,7 @@ from fastgpt.config import ModelConfig
 from fastgpt.model import GPT, ScalarModel
 from helpers import TINY, TOK, write_jsonl
 
-STAGES = ("pretrain", "sft", "reward", "ppo")
+STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
 STEPS = 4
 HALF = 2
 TESTS = Path(__file__).resolve().parent
@@ -58,6 +58,7 @@ def stage_configs(root: Path, data: Path) -> dict[str, dict[str, Any]]:
         "sft": {**common, "init_from": sft_ckpt, "data": convos, "batch_size": 1, "dropout": 0.0,
                 "eval_format_prompts": 1, "eval_max_new_tokens": 2},
         "reward": {**common, "init_from": sft_ckpt, "data": rankings, "batch_size": 2, "epochs": 0.0},
+        "dpo": {**common, "init_from": sft_ckpt, "data": rankings, "batch_size": 2, "epochs": 0.0},
         "ppo": {**common, "sft_checkpoint": sft_ckpt, "reward_checkpoint": str(root / "rm"), "prompts": prompts,
                 "eval_max_prompts": 2, "mini_batch_size": 2, "generation_batch_size": 2, "ppo_epochs": 1,
                 "max_new_tokens": 4},
