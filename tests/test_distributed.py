@@ -1,8 +1,8 @@
 """Every stage (pretrain, SFT, reward, PPO, DPO) under torchrun on the CPU (gloo, 2 processes):
-DDP and FSDP runs train on the same global batches as one process with twice the grad_accum (PPO: twice the rollout) and follow its
-loss curve to fp32 rounding, a DDP run resumed on 2 processes too; checkpoints resume on another
-number of processes (sharded 2 -> 1 plain and 1 -> 2 sharded, plain 1 -> 2 sharded, DDP 2 -> 1),
-continuing that curve.
+DDP and FSDP runs train on the same global batches as one process with twice the grad_accum
+(PPO: twice the rollout) and follow its loss curve to fp32 rounding, a DDP run resumed on 2
+processes too; checkpoints resume on another number of processes (sharded 2 -> 1 plain and
+1 -> 2 sharded, plain 1 -> 2 sharded, DDP 2 -> 1), continuing that curve.
 
 One torchrun launch runs all 2-process jobs (tests/distributed_worker.py); the 1-process runs
 happen in this process. Tiny models and 4 steps keep it to about a minute on 2 cores.
