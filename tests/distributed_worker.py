@@ -23,6 +23,9 @@ def run_stage(stage: str, overrides: dict[str, Any]) -> dict[str, Any]:
     if stage == "reward":
         from fastgpt.stages.reward import RewardConfig, train_reward
         return train_reward(build_config(RewardConfig, overrides=overrides))
+    if stage == "grpo":
+        from fastgpt.stages.grpo import GRPOConfig, grpo
+        return grpo(build_config(GRPOConfig, overrides=overrides))
     if stage == "dpo":
         from fastgpt.stages.dpo import DPOConfig, dpo
         return dpo(build_config(DPOConfig, overrides=overrides))

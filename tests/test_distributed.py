@@ -1,6 +1,6 @@
-"""Every stage (pretrain, SFT, reward, PPO, DPO) under torchrun on the CPU (gloo, 2 processes):
+"""Every stage (pretrain, SFT, reward, PPO, DPO, GRPO) under torchrun on the CPU (gloo, 2 processes):
 DDP and FSDP runs train on the same global batches as one process with twice the grad_accum
-(PPO: twice the rollout) and follow its loss curve to fp32 rounding, a DDP run resumed on 2
+(PPO, GRPO: twice the rollout) and follow its loss curve to fp32 rounding, a DDP run resumed on 2
 processes too; checkpoints resume on another number of processes (sharded 2 -> 1 plain and
 1 -> 2 sharded, plain 1 -> 2 sharded, DDP 2 -> 1), continuing that curve.
 
@@ -27,7 +27,7 @@ from fastgpt.config import ModelConfig
 from fastgpt.model import GPT, ScalarModel
 from helpers import TINY, TOK, write_jsonl
 
-STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
+STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")
 STEPS = 4
 HALF = 2
 TESTS = Path(__file__).resolve().parent
@@ -59,6 +59,9 @@ def stage_configs(root: Path, data: Path) -> dict[str, dict[str, Any]]:
                 "eval_format_prompts": 1, "eval_max_new_tokens": 2},
         "reward": {**common, "init_from": sft_ckpt, "data": rankings, "batch_size": 2, "epochs": 0.0},
         "dpo": {**common, "init_from": sft_ckpt, "data": rankings, "batch_size": 2, "epochs": 0.0},
+        "grpo": {**common, "sft_checkpoint": sft_ckpt, "reward_checkpoint": str(root / "rm"), "prompts": prompts,
+                 "eval_max_prompts": 2, "group_size": 2, "mini_batch_size": 2, "generation_batch_size": 2,
+                 "ppo_epochs": 1, "max_new_tokens": 4},
         "ppo": {**common, "sft_checkpoint": sft_ckpt, "reward_checkpoint": str(root / "rm"), "prompts": prompts,
                 "eval_max_prompts": 2, "mini_batch_size": 2, "generation_batch_size": 2, "ppo_epochs": 1,
                 "max_new_tokens": 4},
@@ -68,7 +71,7 @@ def stage_configs(root: Path, data: Path) -> dict[str, dict[str, Any]]:
 def per_process(stage: str, processes: int) -> dict[str, Any]:
     """One step's share of each process: the global batch is the same for 1 and 2 processes."""
     out: dict[str, Any] = {"grad_accum": 2 // processes}
-    if stage == "ppo":
+    if stage in ("ppo", "grpo"):
         out["rollout_batch_size"] = 4 // processes
     return out
 

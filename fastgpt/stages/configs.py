@@ -189,8 +189,9 @@ class GRPOConfig(LoRAConfig, OnPolicyConfig):
     eval_max_prompts: NonNegative = 64  # held-out prompts scored for the summary, at most
     # rollout
     group_size: Annotated[int, Range(2)] = 4  # K samples per prompt (the group is the baseline)
-    rollout_batch_size: Positive = 64  # sequences per rollout (a multiple of group_size)
-    mini_batch_size: Positive = 16    # sequences per trainer step (x grad_accum)
+    rollout_batch_size: Positive = 64  # sequences per rollout, a multiple of group_size (per process under torchrun)
+    generation_batch_size: NonNegative = 0  # sequences sampled at once (whole groups), each batch with its own seed; 0 = all
+    mini_batch_size: Positive = 16    # sequences per trainer step (x grad_accum, per process)
     ppo_epochs: Positive = 1          # passes over each rollout (1: the GRPO paper's mu = 1)
     max_new_tokens: Positive = 64     # longest sampled response
     temperature: PositiveFloat = 1.0  # sampling temperature of rollouts (log-probs use the same)

@@ -40,13 +40,12 @@ import torch.nn as nn
 
 from ..config import ConfigError
 from ..data import IGNORE_INDEX
-from ..engine import SamplingParams, generate
 from ..losses import group_advantages, kl_estimate, masked_mean, ppo_policy_loss
 from ..tokenizer import Tokenizer
 from ..trainer import Trainer, autocast_context
 from .common import Policy, Reference, cast_parameters, freeze
 from .configs import GRPOConfig
-from .ppo import (PPOError, RewardFn, RewardModelScorer, RolloutTask, fit_on_policy, load_reward, pack_responses, policy_prompts,
+from .ppo import (RewardFn, RewardModelScorer, RolloutTask, fit_on_policy, load_reward, pack_responses, policy_prompts,
                   rollout_plan, score_rollout, start_policy, unpack_responses)
 
 __all__ = ["GRPOConfig", "GRPOTask", "build_grpo", "grpo"]
@@ -68,9 +67,6 @@ class GRPOTask(RolloutTask):
                  device: torch.device | str = "cpu") -> None:
         check_config(cfg)
         super().__init__(cfg, model, ref, tokenizer, prompts, reward_fn, eval_prompts, device)
-        if self.world > 1:  # its rollouts are not yet shared out and gathered as PPO's are
-            raise PPOError(f"grpo: runs in one process for now, not {self.world} (torchrun); PPO and "
-                           f"DPO run data-parallel")
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -101,16 +97,18 @@ class GRPOTask(RolloutTask):
         finite (the rollout is dropped)."""
         cfg, K = self.cfg, self.cfg.group_size
         t0 = time.perf_counter()
-        prompts = [p for p in self._sample_prompts(cfg.rollout_batch_size // K) for _ in range(K)]
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                stop_ids=self.tok.stop_ids, seed=int(self.rng.integers(2**31)))
-        gens = generate(self.model.policy, prompts, params, vocab_limit=self.tok.vocab_size,
-                        batch_size=cfg.rollout_batch_size)
+        # each process answers whole groups of one shared draw (rollout_batch_size is whole groups)
+        prompts = [p for p in self._sample_prompts(cfg.rollout_batch_size * self.world // K) for _ in range(K)]
+        mine, gens = self._generate(prompts, int(self.rng.integers(2**31)))
         t_gen = time.perf_counter() - t0
         responses = [g.tokens for g in gens]
-        finished = torch.tensor([g.finished for g in gens], device=self.device)
-        scores = self.reward_fn(prompts, responses).to(self.device, torch.float32).reshape(-1)
-        scored = score_rollout(self, "grpo", scores, finished)
+        n_generated = sum(map(len, responses))  # by this process, for its generation speed
+        fwd = self._logprobs([p + r for p, r in zip(mine, responses)], [len(p) for p in mine])
+        fwd["scores"] = self.reward_fn(mine, responses).to(self.device, torch.float32).reshape(-1)
+        fwd["finished"] = torch.tensor([g.finished for g in gens], device=self.device)
+        responses, fwd = self._gather_rollout(responses, fwd)
+        finished = fwd.pop("finished")
+        scored = score_rollout(self, "grpo", fwd.pop("scores"), finished)
         if scored is None:
             return False
         raw, scores = scored
@@ -118,7 +116,6 @@ class GRPOTask(RolloutTask):
         adv = group_advantages(groups, cfg.advantage).reshape(-1)
         seqs = [p + r for p, r in zip(prompts, responses)]
         prompt_lens = [len(p) for p in prompts]
-        fwd = self._logprobs(seqs, prompt_lens)
         lengths = torch.tensor([len(r) for r in responses], device=self.device)
         mask = torch.arange(fwd["logp"].shape[1], device=self.device)[None] < lengths[:, None]
         kl = float((kl_estimate(fwd["logp"], fwd["ref_logp"], "k1") * mask).sum(1).mean()) if "ref_logp" in fwd \
@@ -128,10 +125,10 @@ class GRPOTask(RolloutTask):
             "stats": {"score": float(raw.mean()), "kl": kl, "response_len": float(lengths.float().mean()),
                       "eos_frac": float(finished.float().mean()),
                       "flat_groups": float((groups.std(1) < 1e-6).float().mean()),  # no signal in these
-                      "gen_tokens_per_s": float(lengths.sum()) / max(t_gen, 1e-9),
+                      "gen_tokens_per_s": n_generated / max(t_gen, 1e-9),
                       "rollout_s": time.perf_counter() - t0},
         }
-        self._queue_minibatches(len(seqs))
+        self._queue_minibatches(len(seqs))  # the whole rollout's; each process takes its own of every W
         self.rollouts_done += 1
         return True
 
@@ -141,7 +138,7 @@ class GRPOTask(RolloutTask):
             self._roll_out()
         ro = self.rollout
         assert ro is not None
-        idx = self.queue.pop(0)
+        idx = self._take_minibatch()
         batch, flat, mask = pack_responses(idx, ro["seqs"], ro["prompt_lens"], self.block, self.tok.pad_id,
                                            self.device)
         R = mask.shape[1]

@@ -241,6 +241,33 @@ class RolloutTask:
         self.queue = [perm[i:i + mini].tolist() for _ in range(self.cfg.ppo_epochs)
                       for perm in [self.rng.permutation(n)] for i in range(0, n, mini)]
 
+    def _generate(self, prompts: list[list[int]], seed: int) -> tuple[list[list[int]], list[Generation]]:
+        """This process's share of the whole rollout's ``prompts`` and its sampled answers, in
+        batches of ``generation_batch_size`` seeded by their place in the rollout."""
+        n = len(prompts) // self.world
+        first = self.rank * n
+        mine = prompts[first:first + n]
+        step = self.cfg.generation_batch_size or n
+        policy = unsharded_gpt(self.model.policy)
+        gens: list[Generation] = []
+        for start in range(0, n, step):
+            params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                    stop_ids=self.tok.stop_ids, seed=seed + first + start)
+            gens += generate(policy, mine[start:start + step], params, vocab_limit=self.tok.vocab_size)
+        return mine, gens
+
+    def _gather_rollout(self, responses: list[list[int]], fwd: dict[str, torch.Tensor]
+                        ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
+        """Every process's responses and per-sequence tensors, in rank order (rows padded with
+        zeros to the longest response)."""
+        if self.world == 1:
+            return responses, fwd
+        parts = gather_objects((responses, {k: v.cpu() for k, v in fwd.items()}))
+        width = max(t.shape[1] for _, f in parts for t in f.values() if t.dim() == 2)
+        out = {k: torch.cat([nn.functional.pad(f[k], (0, width - f[k].shape[1])) if f[k].dim() == 2 else f[k]
+                             for _, f in parts]).to(self.device) for k in fwd}
+        return [r for rs, _ in parts for r in rs], out
+
     def _take_minibatch(self) -> list[int]:
         """This process's minibatch of the next W in the whole rollout's queue."""
         idx = self.queue[self.rank]
@@ -309,33 +336,6 @@ class PPOTask(RolloutTask):
     def _pack(self, idx: list[int], seqs: list[list[int]], prompt_lens: list[int]
               ) -> tuple[PackedBatch, torch.Tensor, torch.Tensor]:
         return pack_responses(idx, seqs, prompt_lens, self.block, self.tok.pad_id, self.device)
-
-    def _generate(self, prompts: list[list[int]], seed: int) -> tuple[list[list[int]], list[Generation]]:
-        """This process's share of the whole rollout's ``prompts`` and its sampled answers, in
-        batches of ``generation_batch_size`` seeded by their place in the rollout."""
-        n = len(prompts) // self.world
-        first = self.rank * n
-        mine = prompts[first:first + n]
-        step = self.cfg.generation_batch_size or n
-        policy = unsharded_gpt(self.model.policy)
-        gens: list[Generation] = []
-        for start in range(0, n, step):
-            params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                    stop_ids=self.tok.stop_ids, seed=seed + first + start)
-            gens += generate(policy, mine[start:start + step], params, vocab_limit=self.tok.vocab_size)
-        return mine, gens
-
-    def _gather_rollout(self, responses: list[list[int]], fwd: dict[str, torch.Tensor]
-                        ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
-        """Every process's responses and per-sequence tensors, in rank order (rows padded with
-        zeros to the longest response)."""
-        if self.world == 1:
-            return responses, fwd
-        parts = gather_objects((responses, {k: v.cpu() for k, v in fwd.items()}))
-        width = max(t.shape[1] for _, f in parts for t in f.values() if t.dim() == 2)
-        out = {k: torch.cat([nn.functional.pad(f[k], (0, width - f[k].shape[1])) if f[k].dim() == 2 else f[k]
-                             for _, f in parts]).to(self.device) for k in fwd}
-        return [r for rs, _ in parts for r in rs], out
 
     def _roll_out(self) -> bool:
         """Generate, score and compute advantages for one rollout batch; False if its rewards were
