@@ -41,7 +41,7 @@ from fastgpt.losses import group_advantages, kl_estimate, masked_mean, ppo_polic
 from fastgpt.model import GPT
 from fastgpt.stages.grpo import GRPOConfig, build_grpo
 from fastgpt.tokenizer import ByteTokenizer
-from measure import Plan, error_text, free_memory, sync
+from measure import Plan, error_text, free_memory, record_rows, sync
 
 
 
@@ -158,18 +158,11 @@ def gpu_check_rows(plan: Plan) -> Iterator[dict]:
 
 def test_grpo_iteration_cpu_tiny(benchmark):
     rows = list(run_grpo_benchmarks(**CPU_CASE))
-    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    for r in rows:
-        assert "error" not in r, r["error"]
-        assert r["training_s"] > 0 and r["generation_s"] > 0
-    benchmark.extra_info.update({r["impl"]: r for r in rows})
+    record_rows(benchmark, rows, positive=("training_s", "generation_s"))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_grpo_iteration_gpt2_small_cuda(benchmark):
     rows = list(run_grpo_benchmarks(**GPU_CASE))
-    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    for r in rows:
-        assert "error" not in r, r["error"]
-    benchmark.extra_info.update({r["impl"]: r for r in rows})
+    record_rows(benchmark, rows)

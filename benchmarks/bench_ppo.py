@@ -39,7 +39,7 @@ from fastgpt.losses import gae, kl_estimate, ppo_policy_loss, ppo_value_loss, wh
 from fastgpt.model import GPT, ScalarModel
 from fastgpt.stages.ppo import PPOConfig, build_ppo
 from fastgpt.tokenizer import ByteTokenizer
-from measure import Plan, error_text, free_memory, sync
+from measure import Plan, error_text, free_memory, record_rows, sync
 
 TINY = ModelConfig(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32)
 GRAD_CLIP = 1.0
@@ -200,18 +200,11 @@ def gpu_check_rows(plan: Plan) -> Iterator[dict]:
 def test_ppo_iteration_cpu_tiny(benchmark):
     rows = list(run_ppo_benchmarks(TINY, batch=8, mini=4, prompt_len=12, new_tokens=12, device="cpu",
                                    iterations=1))
-    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    for r in rows:
-        assert "error" not in r, r["error"]
-        assert r["training_s"] > 0 and r["generation_s"] > 0
-    benchmark.extra_info.update({r["impl"]: r for r in rows})
+    record_rows(benchmark, rows, positive=("training_s", "generation_s"))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_ppo_iteration_gpt2_small_cuda(benchmark):
     rows = list(run_ppo_benchmarks())
-    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    for r in rows:
-        assert "error" not in r, r["error"]
-    benchmark.extra_info.update({r["impl"]: r for r in rows})
+    record_rows(benchmark, rows)
