@@ -86,16 +86,9 @@ def stage_dpo(ctx: Any) -> dict[str, Any]:
 def stage_grpo(ctx: Any) -> dict[str, Any]:
     from ..config import build_config
     from ..stages.grpo import GRPOConfig, grpo
-    from .pipeline import _train_overrides
+    from .pipeline import on_policy_overrides
     b = ctx.budget
-    world = ctx.dir("world")
-    cfg = build_config(GRPOConfig, overrides=_train_overrides(
-        ctx, "grpo", sft_checkpoint=ctx.summary("sft")["out_dir"], reward_checkpoint=ctx.summary("reward")["out_dir"],
-        prompts=str(world / "ppo_prompts.jsonl"), eval_prompts=str(world / "eval.jsonl"),
-        eval_max_prompts=min(64, b.n_eval), max_steps=b.ppo_steps, group_size=b.k, rollout_batch_size=b.rollout_batch,
-        mini_batch_size=b.mini_batch, ppo_epochs=b.ppo_epochs, lr=b.ppo_lr, beta=b.grpo_beta,
-        max_new_tokens=b.max_new_tokens, ckpt_interval=max(1, b.ppo_steps // 4)))
-    return grpo(cfg)
+    return grpo(build_config(GRPOConfig, overrides=on_policy_overrides(ctx, "grpo", group_size=b.k, beta=b.grpo_beta)))
 
 
 def stage_methods(ctx: Any, methods: tuple[str, ...]) -> dict[str, Any]:

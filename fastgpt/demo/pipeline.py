@@ -223,17 +223,22 @@ def stage_reward(ctx: Context) -> dict[str, Any]:
     return train_reward(cfg)
 
 
-def stage_ppo(ctx: Context) -> dict[str, Any]:
-    from ..stages.ppo import PPOConfig, ppo
+def on_policy_overrides(ctx: Context, stage: str, **extra: Any) -> dict[str, Any]:
+    """The settings PPO and GRPO share in the demo: the same SFT start, reward model, prompts,
+    steps, rollout size and learning rate, so that the methods table compares like with like."""
     b = ctx.budget
     world = ctx.dir("world")
-    cfg = build_config(PPOConfig, overrides=_train_overrides(
-        ctx, "ppo", sft_checkpoint=ctx.summary("sft")["out_dir"], reward_checkpoint=ctx.summary("reward")["out_dir"],
+    return _train_overrides(
+        ctx, stage, sft_checkpoint=ctx.summary("sft")["out_dir"], reward_checkpoint=ctx.summary("reward")["out_dir"],
         prompts=str(world / "ppo_prompts.jsonl"), eval_prompts=str(world / "eval.jsonl"),
         eval_max_prompts=min(64, b.n_eval), max_steps=b.ppo_steps, rollout_batch_size=b.rollout_batch,
-        mini_batch_size=b.mini_batch, ppo_epochs=b.ppo_epochs, lr=b.ppo_lr, beta=b.beta,
-        max_new_tokens=b.max_new_tokens, ckpt_interval=max(1, b.ppo_steps // 4)))
-    return ppo(cfg)
+        mini_batch_size=b.mini_batch, ppo_epochs=b.ppo_epochs, lr=b.ppo_lr,
+        max_new_tokens=b.max_new_tokens, ckpt_interval=max(1, b.ppo_steps // 4), **extra)
+
+
+def stage_ppo(ctx: Context) -> dict[str, Any]:
+    from ..stages.ppo import PPOConfig, ppo
+    return ppo(build_config(PPOConfig, overrides=on_policy_overrides(ctx, "ppo", beta=ctx.budget.beta)))
 
 
 def stage_evaluate(ctx: Context) -> dict[str, Any]:
