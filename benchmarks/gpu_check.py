@@ -60,17 +60,20 @@ class Section:
 
 
 # The GPU slices sum to 410 s: with start-up the run stays under 7 minutes.  Sections usually
-# finish early; optional rows (cold torch.compile) run only if their estimate fits the slice.
+# finish early; optional rows (cold torch.compile) run only if their estimate fits the slice
+# (pretrain's compiled row after its eager one: 75 s leaves ~9 s for the eager row).
 # The rehearsal's slices are ~3x what an idle 2-core machine needs: a cut there is a hang.
 SECTIONS = [
     Section("correctness", "", 70, 120),
     Section("compile", "bench_compile", 25, 90),
     Section("attention", "bench_attention", 70, 150),
     Section("losses", "bench_losses", 45, 120),
-    Section("pretrain", "bench_pretrain", 110, 120),
+    Section("pretrain", "bench_pretrain", 75, 120),
     Section("sft_reward", "bench_sft_reward", 20, 120),
     Section("generation", "bench_generation", 45, 120),
     Section("ppo", "bench_ppo", 25, 90),
+    Section("dpo", "bench_dpo", 15, 40),
+    Section("grpo", "bench_grpo", 20, 40),
 ]
 TUNE = Section("tune", "bench_tune", 120, 120)
 # The CUDA-graph decode loop against the plain one (benchmarks/bench_generation.py's A/B).

@@ -21,7 +21,7 @@ import gc
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -137,3 +137,15 @@ def free_memory(device: torch.device | str) -> None:
 def error_text(exc: BaseException) -> str:
     """One line for a row's ``error`` field."""
     return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+
+
+def record_rows(benchmark: Any, rows: list[dict], positive: tuple[str, ...] = ()) -> None:
+    """Keep a section's rows in a pytest-benchmark record (their timings are our own, so the
+    benchmark fixture times nothing); every row must have run, and each ``positive`` field of
+    it must be > 0."""
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    for r in rows:
+        assert "error" not in r, r["error"]
+        for key in positive:
+            assert r[key] > 0, (key, r)
+    benchmark.extra_info.update({r["impl"]: r for r in rows})

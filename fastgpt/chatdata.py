@@ -258,11 +258,11 @@ def read_comparisons(path: str | Path, strict: bool = True) -> list[Comparison]:
 class EpochOrder:
     """Epoch-based data order: every item once per epoch, reshuffled each epoch from
     (seed, epoch), so the position ``(epoch, pos)`` alone restores the exact order on resume.
-    Under DDP each rank walks its own interleaved share of the same permutation."""
+    Under data parallelism every process walks the same order and takes every ``world_size``-th
+    packed batch from its ``rank`` on (:meth:`take`), so N processes train on the batches one
+    process would pack in their place."""
 
     def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
-        if n < world_size:
-            raise DataError(f"{n} training items cannot be shared among {world_size} processes")
         self.n, self.seed, self.rank, self.world_size, self.shuffle = n, seed, rank, world_size, shuffle
         self.epoch, self.pos = 0, 0
         self._perm = self._permutation()
@@ -272,9 +272,9 @@ class EpochOrder:
         ids = np.arange(self.n)
         if self.shuffle:
             ids = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        return ids[self.rank::self.world_size].tolist()
+        return ids.tolist()
 
-    def window(self, lengths: list[int], capacity: int) -> list[int]:
+    def window(self, group_lengths: list[list[int]], capacity: int) -> list[int]:
         """The next items, just enough of them to overflow ``capacity`` tokens (or the epoch's
         rest); starts a new epoch when this one is used up."""
         if self.pos >= len(self._perm):
@@ -283,10 +283,25 @@ class EpochOrder:
         out, total = [], 0
         for i in self._perm[self.pos:]:
             out.append(i)
-            total += lengths[i]
+            total += sum(group_lengths[i])
             if total > capacity:
                 break
         return out
+
+    def take(self, group_lengths: list[list[int]], n_rows: int, row_len: int) -> list[int]:
+        """The items of this process's next batch of whole groups (``group_lengths[i]``: the
+        lengths of item i's examples) packed first-fit into ``n_rows`` rows of ``row_len``; the
+        other processes' batches are counted from the lengths alone, never packed."""
+        mine: list[int] = []
+        for turn in range(self.world_size):
+            window = self.window(group_lengths, n_rows * row_len)
+            used = complete_groups([group_lengths[i] for i in window], n_rows, row_len)
+            if used == 0:
+                raise DataError(f"item {window[0]} does not fit in one batch of {n_rows} x {row_len} tokens")
+            if turn == self.rank:
+                mine = window[:used]
+            self.advance(used)
+        return mine
 
     def advance(self, count: int) -> None:
         self.pos += count
@@ -307,24 +322,28 @@ class EpochOrder:
 Example = tuple[list[int], list[int] | None]  # (input ids, labels or None)
 
 
-def pack_groups(groups: list[list[Example]], n_rows: int, row_len: int, pad_id: int):
-    """Pack whole groups (a conversation, or all K responses of one prompt) into one batch.
-
-    Returns (PackedBatch, groups used). A group is never split across batches: if the packer
-    stops inside one, the batch is rebuilt from the complete groups before it (first-fit is
-    prefix-stable, so their layout does not change).
-    """
-    flat = [ex for g in groups for ex in g]
-    batch, used = pack_rows(flat, n_rows, row_len, pad_id)
-    complete, seen = 0, 0
-    for g in groups:
-        if seen + len(g) > used:
+def complete_groups(group_lengths: list[list[int]], n_rows: int, row_len: int) -> int:
+    """How many leading groups first-fit packs whole into ``n_rows`` rows of ``row_len``."""
+    placed = len(first_fit([n for g in group_lengths for n in g], n_rows, row_len)[0])
+    complete = seen = 0
+    for g in group_lengths:
+        if seen + len(g) > placed:
             break
         seen += len(g)
         complete += 1
-    if seen != used:
-        batch, _ = pack_rows(flat[:seen], n_rows, row_len, pad_id)
-    return batch, complete
+    return complete
+
+
+def pack_groups(groups: list[list[Example]], n_rows: int, row_len: int, pad_id: int):
+    """Pack whole groups (a conversation, or all K responses of one prompt) into one batch.
+
+    Returns (PackedBatch, groups used). A group is never split across batches: the batch holds
+    the complete groups that fit (first-fit is prefix-stable, so their layout is the one they
+    would have with the rest packed after them).
+    """
+    used = complete_groups([[len(ids) for ids, _ in g] for g in groups], n_rows, row_len)
+    batch, _ = pack_rows([ex for g in groups[:used] for ex in g], n_rows, row_len, pad_id)
+    return batch, used
 
 
 def fits_one_batch(lengths: list[int], n_rows: int, row_len: int) -> bool:

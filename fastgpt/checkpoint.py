@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from . import files
 from .config import ConfigError, ModelConfig
+from .lora import strip_adapters
 from .model import GPT, ScalarModel
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
@@ -48,15 +49,17 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, model_kind: str, model_config: ModelConfig,
-                    tokenizer: Tokenizer, stage: str, **state: Any) -> Path:
-    """Atomically write a checkpoint; ``state`` holds optimizer, trainer, rng, task, config, extra."""
+                    tokenizer: Tokenizer, stage: str, weights: dict[str, torch.Tensor] | None = None,
+                    **state: Any) -> Path:
+    """Atomically write a checkpoint; ``state`` holds optimizer, trainer, rng, task, config, extra.
+    ``weights``: the model's whole state when ``model`` holds only a shard of it."""
     path = checkpoint_path(path)
     payload = {
         "format": FORMAT,
         "stage": stage,
         "model_kind": model_kind,
         "model_config": vars(model_config).copy(),
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": {k: v.detach().cpu() for k, v in (model.state_dict() if weights is None else weights).items()},
         "tokenizer": tokenizer.to_dict(),
         **state,
     }
@@ -91,6 +94,13 @@ MODEL_KINDS = {"gpt": GPT, "scalar": ScalarModel}
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Load weights, failing with one line if the architecture differs."""
+    check_architecture(model, state, where)
+    model.load_state_dict(state)
+
+
+def check_architecture(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Fail with one line unless ``state`` has exactly the weights of ``model`` (names and whole
+    shapes: a sharded model's parameters report their unsharded shape)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -99,22 +109,23 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: s
         detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
                   else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
         raise CheckpointError(f"{where}: checkpoint is for another architecture ({detail})")
-    model.load_state_dict(state)
 
 
 def load_model(path: str | Path, kind: str = "gpt", device: str | torch.device = "cpu"
                ) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
     """Rebuild a model from any stage's checkpoint.
 
-    ``kind`` is what the caller wants: "gpt" (a language model; from a PPO checkpoint this is
-    the policy) or "scalar" (reward / value model). Returns (model in eval mode, tokenizer, ckpt).
+    ``kind`` is what the caller wants: "gpt" (a language model; from a PPO, DPO or GRPO
+    checkpoint this is the policy) or "scalar" (reward / value model). Returns (model in eval
+    mode, tokenizer, ckpt). A LoRA run's checkpoint loads as the plain model, adapters merged.
     """
     path = checkpoint_path(path)
     ckpt = load_checkpoint(path)
     cfg = model_config_of(ckpt)
-    state = ckpt["model"]
+    state = strip_adapters(ckpt["model"])
     saved = ckpt["model_kind"]
-    if saved == "policy_value":  # PPO: the policy is a GPT under "policy.", the value under "value."
+    # PPO: the policy is a GPT under "policy.", the value under "value."; DPO, GRPO: "policy." only
+    if saved in ("policy_value", "policy"):
         prefix = "policy." if kind == "gpt" else "value."
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if kind == "scalar" and "value_config" in ckpt.get("extra", {}):

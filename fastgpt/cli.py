@@ -8,6 +8,7 @@ Errors the user can fix are printed as one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -31,10 +32,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "; every ranking given so far is saved: run the same command to continue"),
     "reward": ("fastgpt.commands.train", "stage 3a: train a reward model on rankings (or --score)", RESUMES),
     "ppo": ("fastgpt.commands.train", "stage 3b: optimise the policy with PPO against the reward model", RESUMES),
+    "dpo": ("fastgpt.commands.train", "stage 3 without a reward model: DPO / IPO on rankings or chosen/rejected pairs",
+            RESUMES),
+    "grpo": ("fastgpt.commands.train", "stage 3b without a value model: GRPO / RLOO, K samples per prompt", RESUMES),
     "chat": ("fastgpt.commands.generate", "chat with any stage's checkpoint in the terminal", ""),
     "demo": ("fastgpt.commands.demo", "run every stage end to end on built-in data and report",
              "; finished stages are kept and the current one resumes from its checkpoint: run the same "
              "command to continue"),
+    "compare-methods": ("fastgpt.commands.demo", "the demo with PPO, DPO and GRPO over several seeds: one table",
+                        "; finished seeds and stages are kept: run the same command to continue"),
     "inspect-data": ("fastgpt.commands.models", "show how conversations are tokenized for a model; warn about bugs",
                      ""),
     "export": ("fastgpt.commands.models", "write a checkpoint as a Hugging Face folder (transformers from_pretrained)",
@@ -86,8 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fastgpt {name}: error: {e}", file=sys.stderr)
         return 2
     run = getattr(module, f"run_{function}")
+    # under torchrun every process runs the command; only rank 0 prints (errors still reach stderr)
+    quiet = int(os.environ.get("RANK", "0")) > 0
     try:
-        code = run(args)
+        with open(os.devnull, "w") if quiet else contextlib.nullcontext(sys.stdout) as out, \
+                contextlib.redirect_stdout(out):
+            code = run(args)
     except FastGPTError as e:
         print(f"fastgpt {name}: error: {e}", file=sys.stderr)
         return 2

@@ -170,6 +170,7 @@ class TrainConfig:
     adam_eps: PositiveFloat = 1e-8  # AdamW epsilon
     grad_clip: NonNegativeFloat = 1.0  # clip the gradient norm to this; 0 disables
     grad_checkpointing: bool = False  # recompute each block in backward instead of keeping its activations
+    fsdp: bool = False              # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
     eval_interval: NonNegative = 200  # steps between evaluations (0: only at the end)
     log_interval: Positive = 10     # steps between metrics.jsonl records
     ckpt_interval: Positive = 500   # steps between checkpoints (the last step always saves)
@@ -183,8 +184,12 @@ class TrainConfig:
     # never what it learns from (max_steps extends or shortens the schedule). Every other setting
     # must match the checkpoint's, or the trainer refuses to resume.
     RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({
-        "out_dir", "device", "compile", "grad_checkpointing", "max_steps", "eval_interval", "log_interval",
+        "out_dir", "device", "compile", "grad_checkpointing", "fsdp", "max_steps", "eval_interval", "log_interval",
         "ckpt_interval", "max_bad_steps", "resume", "progress", "tensorboard", "wandb"})
+
+    # Sizes of one process's share of a step: a run resumed on another number of processes may
+    # change them so that value x processes stays the same (the same global batch).
+    PER_PROCESS: ClassVar[frozenset[str]] = frozenset({"grad_accum"})
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -211,10 +211,15 @@ def dataset_tokenizer(data_dir: str | Path) -> Tokenizer:
 
 
 class TokenLoader:
-    """Random (batch, block_size) windows from a split's shards; resumable via state_dict."""
+    """Random (batch, block_size) windows from a split's shards; resumable via state_dict.
+
+    Under data parallelism every process draws the same stream of batches and keeps every
+    ``world_size``-th one from its ``rank`` on (the others' windows are drawn, never read): N
+    processes train on the batches one process would draw in their place."""
 
     def __init__(self, data_dir: str | Path, split: str, block_size: int, batch_size: int,
-                 vocab_size: int, seed: int = 0, rank: int = 0, device: torch.device | str = "cpu") -> None:
+                 vocab_size: int, seed: int = 0, rank: int = 0, device: torch.device | str = "cpu",
+                 world_size: int = 1) -> None:
         meta = load_meta(data_dir)
         names = meta["shards"].get(split, [])
         if not names:
@@ -234,16 +239,20 @@ class TokenLoader:
         self.block_size, self.batch_size, self.vocab_size = block_size, batch_size, vocab_size
         self.device = torch.device(device)
         self.data_dir, self.split = Path(data_dir), split
-        self.rng = np.random.default_rng([seed, rank])
+        self.rank, self.world_size = rank, world_size
+        self.rng = np.random.default_rng([seed, 0])
+
+    def _windows(self) -> list[tuple[int, int]]:
+        """(shard, start) of the next batch's rows in the stream."""
+        which = self.rng.choice(len(self.shards), size=self.batch_size, p=self.weights)
+        return [(int(s), int(self.rng.integers(0, int(self.sizes[s]) - self.block_size))) for s in which]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.block_size
-        which = self.rng.choice(len(self.shards), size=self.batch_size, p=self.weights)
+        windows = [self._windows() for _ in range(self.world_size)][self.rank]
         rows = np.empty((self.batch_size, T + 1), dtype=np.int64)
-        for i, s in enumerate(which):
-            tokens = self.shards[s][0]
-            start = int(self.rng.integers(0, len(tokens) - T))
-            rows[i] = tokens[start:start + T + 1]
+        for i, (s, start) in enumerate(windows):
+            rows[i] = self.shards[s][0][start:start + T + 1]
         if rows.max() >= self.vocab_size:
             raise DataError(f"{self.data_dir}: token id {int(rows.max())} in '{self.split}' is beyond the "
                             f"model's vocabulary of {self.vocab_size}")

@@ -1,5 +1,6 @@
-"""Stage losses as pure functions of tensors: the K-wise ranking loss (reward model) here, and
-the RL pieces (KL estimate, GAE, clipped PPO losses) below it."""
+"""Stage losses as pure functions of tensors: the K-wise ranking loss (reward model), the DPO
+family on the same pairs, group-relative advantages (GRPO, RLOO), and the RL pieces (KL
+estimate, GAE, clipped PPO losses)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -26,19 +27,91 @@ def ranking_loss(scores: torch.Tensor, better: torch.Tensor, worse: torch.Tensor
     Returns (loss, per-pair correctness as float).
     """
     margin = scores[better] - scores[worse]
-    per_pair = -F.logsigmoid(margin)
+    return prompt_mean(-F.logsigmoid(margin), prompt, n_prompts), (margin > 0).float()
+
+
+def prompt_mean(per_pair: torch.Tensor, prompt: torch.Tensor, n_prompts: int) -> torch.Tensor:
+    """Mean over prompts of the mean over each prompt's pairs: a prompt's C(K, 2) pairs are one
+    batch element, so a prompt with many responses does not outweigh one with two."""
     per_prompt = torch.zeros(n_prompts, dtype=per_pair.dtype, device=per_pair.device).index_add_(0, prompt, per_pair)
     counts = torch.zeros(n_prompts, dtype=per_pair.dtype, device=per_pair.device).index_add_(
         0, prompt, torch.ones_like(per_pair))
-    loss = (per_prompt / counts.clamp(min=1)).sum() / max(1, int((counts > 0).sum()))
-    return loss, (margin > 0).float()
+    return (per_prompt / counts.clamp(min=1)).sum() / max(1, int((counts > 0).sum()))
+
+
+# ------------------------------------------------------------------------------ DPO family
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+def dpo_loss(logratios: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, prompt: torch.Tensor,
+             n_prompts: int, beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preference losses on the implicit reward ``beta * (log pi(y|x) - log pi_ref(y|x))``.
+
+    ``logratios`` (R,) is each response's sequence log-ratio to the reference, each response
+    counted once however many pairs it is in; ``better``/``worse``/``prompt`` (P,) index the
+    pairs as in :func:`ranking_loss`, and pairs are averaged per prompt the same way. With
+    h = logratio(better) - logratio(worse):
+
+    * sigmoid (DPO): -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h); eps =
+      ``label_smoothing`` > 0 is conservative DPO (a share eps of the labels assumed flipped);
+    * ipo (IPO, Azar et al. 2023): (h - 1 / (2 beta))^2, which stops pushing once the margin is
+      reached instead of driving h to infinity on deterministic preferences.
+
+    Sequence log-probs are sums over the response's tokens for both (IPO's paper uses sums; some
+    libraries average per token, which changes the scale of beta). Returns (loss, per-pair
+    margins beta * h).
+    """
+    if kind not in DPO_LOSSES:
+        raise ValueError(f"dpo loss {kind!r}: expected one of {', '.join(DPO_LOSSES)}")
+    if beta <= 0:
+        raise ValueError(f"beta={beta}: expected > 0")
+    h = logratios[better] - logratios[worse]
+    if kind == "ipo":
+        if label_smoothing:
+            raise ValueError("label_smoothing (conservative DPO) applies to the sigmoid loss only")
+        per_pair = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        per_pair = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return prompt_mean(per_pair, prompt, n_prompts), (beta * h).detach()
+
+
+# --------------------------------------------------------------------------- GRPO / RLOO
+ADVANTAGES = ("grpo", "rloo")
+
+
+def group_advantages(rewards: torch.Tensor, kind: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
+    """Advantages of (P, K) rewards, K samples of each of P prompts, with the group as baseline.
+
+    grpo: (r - mean of the group) / (std of the group + eps), std unbiased as in the GRPO paper;
+    rloo: r - mean of the other K - 1 samples (REINFORCE leave-one-out; unbiased, unscaled).
+    A group whose samples all score the same gives zero advantages: it carries no signal.
+    """
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be (prompts, K >= 2), got {tuple(rewards.shape)}")
+    K = rewards.shape[1]
+    mean = rewards.mean(1, keepdim=True)
+    if kind == "grpo":
+        return (rewards - mean) / (rewards.std(1, keepdim=True) + eps)
+    if kind == "rloo":
+        return (rewards - (rewards.sum(1, keepdim=True) - rewards) / (K - 1))
+    raise ValueError(f"advantage {kind!r}: expected one of {', '.join(ADVANTAGES)}")
 
 
 # ---------------------------------------------------------------------------------- RL (PPO)
 # Every RL tensor below is (N, T) over response tokens with a bool/0-1 ``mask`` of real tokens
 # (1-D works too); means are over masked tokens only, so padding never moves a statistic.
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, level: str = "token") -> torch.Tensor:
+    """Mean of x over masked tokens. ``level="sequence"`` averages each row (sequence) first, then
+    the rows: every response weighs the same, so each token of a short response weighs more than
+    one of a long response (GRPO's original normalisation; see :mod:`fastgpt.stages.grpo`)."""
     m = mask.to(x.dtype)
+    if level == "sequence":
+        rows = m.sum(-1)
+        per_row = (x * m).sum(-1) / rows.clamp(min=1)
+        return (per_row * (rows > 0)).sum() / (rows > 0).sum().clamp(min=1)
+    if level != "token":
+        raise ValueError(f"loss level {level!r}: expected 'token' or 'sequence'")
     return (x * m).sum() / m.sum().clamp(min=1)
 
 
@@ -95,9 +168,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip: float = 0.2
+                    mask: torch.Tensor, clip: float = 0.2, level: str = "token"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate: mean of max(-A r, -A clip(r, 1-eps, 1+eps)), r = exp(logp - old).
+    """PPO's clipped surrogate: mean of max(-A r, -A clip(r, 1-eps, 1+eps)), r = exp(logp - old),
+    over tokens or per sequence first (``level``, as :func:`masked_mean`).
 
     Returns (loss, fraction of tokens where the clipped term won, approx KL(old || new) as the
     k3 estimate mean((r - 1) - log r), the quantity early stopping watches).
@@ -106,7 +180,7 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, level)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).to(logp.dtype), mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)

@@ -371,6 +371,16 @@ class ScalarModel(nn.Module):
         self.head = nn.Linear(cfg.n_embd, 1)
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(cfg.n_embd + 1))
         nn.init.zeros_(self.head.bias)
+        self.trainable()
+
+    def trainable(self) -> "ScalarModel":
+        """Every parameter trainable except an untied ``lm_head``: the scalar head reads the
+        hidden states, so it never gets a gradient (DDP would wait for one forever)."""
+        for p in self.parameters():
+            p.requires_grad_(True)
+        if not self.config.tie_embeddings:
+            self.gpt.lm_head.weight.requires_grad_(False)
+        return self
 
     @property
     def config(self) -> ModelConfig:

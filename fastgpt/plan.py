@@ -15,6 +15,12 @@ The estimate counts the bytes fastgpt itself holds, term by term, for the way it
 * PPO's rollouts add the KV cache: layers x rows x (prompt + answer) x key/value heads x head
   size x 2 (keys and values) x 2 bytes (bf16).
 
+``fsdp=N`` counts one of N GPUs of a sharded run (``--fsdp`` under torchrun): weights, AdamW
+state and gradients of the trained models are split N ways; what is whole on a GPU at a time is
+the root's parameters (embeddings, final norm, heads) and two blocks (the one computing and the
+one being gathered), in bf16, and their fp32 gradients before they are reduce-scattered. Frozen
+models stay whole on every GPU, and PPO's generation adds an unsharded bf16 copy of the policy.
+
 ``backend="reference"`` counts what the CPU path holds instead (fp32, the reference attention's
 expanded keys and values, full logits and their gradient); a test checks that estimate against
 the process's measured peak memory on the CPU, and ``benchmarks``-style GPU runs against CUDA's
@@ -94,11 +100,17 @@ def parse_size(text: str) -> float:
 
 def num_params(cfg: ModelConfig) -> int:
     """Parameters of fastgpt's GPT for ``cfg`` (tied embeddings once), sized on the meta device."""
+    return sum(param_split(cfg))
+
+
+def param_split(cfg: ModelConfig) -> tuple[int, int]:
+    """(parameters outside the blocks, parameters of all blocks), sized on the meta device."""
     import torch
     from .model import GPT
     with torch.device("meta"):
         model = GPT(cfg)
-    return sum(p.numel() for p in model.parameters())
+    blocks = sum(p.numel() for p in model.blocks.parameters())
+    return sum(p.numel() for p in model.parameters()) - blocks, blocks
 
 
 # --------------------------------------------------------------------------- activations
@@ -184,6 +196,8 @@ class MemoryPlan:
     per_row: dict[str, float] = field(default_factory=dict)     # per micro-batch row
     workspace: float = 0.0                                      # the loss's, once per step
     rollout_per_row: float = 0.0                                # PPO: KV cache per rollout row
+    generation_copy: float = 0.0                                # PPO under FSDP: the whole policy, bf16
+    fsdp: int = 0                                               # GPUs the trained models are sharded over
 
     def total(self, rows: int) -> float:
         forward = self.weight_copies + rows * sum(self.per_row.values()) + self.workspace
@@ -200,15 +214,16 @@ class MemoryPlan:
 
     @property
     def max_rollout_rows(self) -> int:
-        room = self.budget - sum(self.static.values())
+        room = self.budget - sum(self.static.values()) - self.generation_copy
         return max(0, int(room // self.rollout_per_row)) if self.rollout_per_row else 0
 
 
 def plan(cfg: ModelConfig, stage: str, *, seq_len: int = 2048, budget: float = 80 * GB, model_name: str = "",
          amp: bool = True, backend: str = "fused", grad_checkpointing: bool = False,
-         value_model: str = "reward", dropout: float | None = None) -> MemoryPlan:
+         value_model: str = "reward", dropout: float | None = None, fsdp: int = 0) -> MemoryPlan:
     """Memory of ``stage`` for a model of config ``cfg`` at ``seq_len`` tokens per row (PPO: the
-    prompt and the answer); ``dropout`` defaults to the stage's (SFT 0.1, PPO none)."""
+    prompt and the answer) on one GPU, or on one of ``fsdp`` GPUs sharding the trained models;
+    ``dropout`` defaults to the stage's (SFT 0.1, PPO none)."""
     if stage not in STAGES:
         raise PlanError(f"--stage {stage}: expected one of {', '.join(STAGES)}")
     if seq_len < 1:
@@ -226,6 +241,15 @@ def plan(cfg: ModelConfig, stage: str, *, seq_len: int = 2048, budget: float = 8
                                                                                    - sum(trained[stage]))
     p.gradients = 4.0 * sum(trained[stage])
     p.weight_copies = copy * sum(trained[stage])
+    if fsdp > 1:
+        root, blocks = param_split(cfg)
+        whole = len(trained[stage]) * (root + 2 * blocks / cfg.n_layer)  # what is unsharded at a time
+        p.fsdp = fsdp
+        p.static["fp32 weights and AdamW state"] /= fsdp
+        p.gradients = p.gradients / fsdp + 4.0 * whole
+        p.weight_copies = (copy or 4.0) * whole
+        if stage == "ppo":
+            p.generation_copy = (2.0 if amp else 4.0) * n
     if stage in ("pretrain", "sft"):
         p.per_row["activations"] = token_bytes(cfg, lm_loss=True, **act) * seq_len
         p.workspace = loss_bytes(cfg, amp, backend)[1]
@@ -248,7 +272,8 @@ def _gb(x: float) -> str:
 def format_plan(p: MemoryPlan, cfg: ModelConfig) -> str:
     lines = [f"{p.model}: {p.params / 1e6:,.1f}M parameters ({cfg.n_layer} layers x {cfg.n_embd}, "
              f"{cfg.n_head}/{cfg.kv_heads} query/key-value heads, vocabulary {cfg.vocab_size:,}); stage {p.stage}, "
-             f"rows of {p.seq_len:,} tokens, budget {_gb(p.budget)}"]
+             f"rows of {p.seq_len:,} tokens, budget {_gb(p.budget)}"
+             + (f" on each of {p.fsdp} GPUs sharding the trained models (fsdp)" if p.fsdp else "")]
     for name, value in p.static.items():
         lines.append(f"  {name:<42} {_gb(value):>12}")
     lines.append(f"  {'fp32 gradients (from backward to the step)':<42} {_gb(p.gradients):>12}")
@@ -260,11 +285,13 @@ def format_plan(p: MemoryPlan, cfg: ModelConfig) -> str:
     lines.append(f"  {'loss workspace':<42} {_gb(p.workspace):>12}")
     if p.rollout_per_row:
         lines.append(f"  {'KV cache per rollout row':<42} {_gb(p.rollout_per_row):>12}")
+    if p.generation_copy:
+        lines.append(f"  {'whole policy for generation (bf16)':<42} {_gb(p.generation_copy):>12}")
     rows = p.max_rows
     if rows:
         lines.append(f"largest micro-batch: {rows} rows ({rows * p.seq_len:,} tokens), {_gb(p.total(rows))}")
     else:
         lines.append(f"does not fit: one row needs {_gb(p.total(1))}")
     if p.rollout_per_row:
-        lines.append(f"largest rollout batch: {p.max_rollout_rows} rows")
+        lines.append(f"largest rollout batch: {p.max_rollout_rows} rows" + (" per GPU" if p.fsdp else ""))
     return "\n".join(lines)

@@ -4,8 +4,10 @@ A stage hands the :class:`Trainer` a model and a :class:`Task`; the task knows t
 and loss, the trainer knows everything else: AdamW (fused on CUDA), warmup + cosine schedule,
 gradient accumulation, clipping, bf16 autocast on CUDA / fp32 on CPU, optional ``torch.compile``,
 periodic evaluation, a progress bar with loss, tokens/s and MFU, ``metrics.jsonl``, atomic
-checkpoints and exact resume (model, optimizer, step, every RNG and the task's data position),
-and DDP when launched with ``torchrun`` (NCCL on CUDA, gloo on CPU).
+checkpoints and exact resume (model, optimizer, step, every RNG and the task's data position).
+Launched by ``torchrun`` it trains data-parallel (DDP), or sharded with ``fsdp`` (FSDP2, sharded
+checkpoints that resume on any number of processes): see :mod:`fastgpt.distributed`. Every
+process trains; metrics are averaged over processes and only rank 0 writes files.
 
 Non-finite losses never reach the weights: the step is skipped and counted, and after
 ``max_bad_steps`` the run stops with a clear message, leaving the last good checkpoint in place.
@@ -30,10 +32,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpoint import (BEST_NAME, BEST_RECORD, CHECKPOINT_NAME, CheckpointError, load_checkpoint,
+from .checkpoint import (BEST_NAME, BEST_RECORD, CHECKPOINT_NAME, CheckpointError, check_architecture, load_checkpoint,
                          load_state_strict, remove_stale_temporaries, save_checkpoint)
 from .config import TrainConfig
 from .console import Progress, plural
+from . import distributed as parallel
+from .distributed import DistInfo, distributed_env
 from .files import atomic_write, content_digest
 from .metrics import MetricsLogger, open_loggers
 from .model import GPT
@@ -91,23 +95,6 @@ class DataPlan:
 
 MANY_EPOCHS = 10     # more passes than this over the training data memorise it
 FEW_HELD_OUT = 20    # a held-out metric over fewer items than this is mostly noise
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def distributed_env() -> DistInfo:
-    """Rank information from torchrun's environment (1 process when not launched by it)."""
-    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                    int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def resolve_device(name: str, dist_info: DistInfo | None = None) -> torch.device:
@@ -207,9 +194,8 @@ class Trainer:
         self.plan, self.extra_loggers = plan, list(loggers)
         self.loggers: list[MetricsLogger] = []  # opened by fit
         self.dist = distributed_env()
-        if self.dist.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
         self.device = resolve_device(cfg.device, self.dist)
+        parallel.init_process_group(self.dist, self.device, cfg.fsdp)
         if self.device.type == "cuda" and self.device.index is not None:  # plain "cuda" is the current one
             torch.cuda.set_device(self.device)
         self.amp_dtype = amp_dtype(self.device, cfg.dtype)
@@ -217,6 +203,8 @@ class Trainer:
         for module in self.model.modules():
             if isinstance(module, GPT):
                 module.grad_checkpointing = cfg.grad_checkpointing
+        if cfg.fsdp:  # in place: self.model is the sharded model from here on
+            parallel.shard_model(self.model, self.device)
         self.flops_per_token = flops_per_token
         self.out_dir = Path(cfg.out_dir)
         self.data = {name: {"path": str(path), "sha256": content_digest(path)}
@@ -239,45 +227,49 @@ class Trainer:
         self.train_model: nn.Module = self.model
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
-        if self.dist.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DDP(self.train_model, device_ids=ids)
+        if self.dist.world_size > 1 and not cfg.fsdp:
+            self.train_model = parallel.data_parallel(self.train_model, self.device)
 
     # ----------------------------------------------------------------- precision
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast_context(self.device, self.cfg.dtype)
 
     # --------------------------------------------------------------- checkpoints
-    def _gather(self, obj: Any) -> list[Any]:
-        if self.dist.world_size == 1:
-            return [obj]
-        out: list[Any] = [None] * self.dist.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
     def save(self, seconds: float = 0.0) -> None:
         """Every rank contributes its RNG and data position; rank 0 writes the file atomically.
+        A sharded run first writes its sharded model and optimizer state (every rank its shards);
+        checkpoint.pt then names that folder and holds the whole model for later stages.
         ``seconds``: training time of this run so far."""
-        rngs = self._gather(rng_state())
-        tasks = self._gather(self.task.state_dict())
+        rngs = parallel.gather_objects(rng_state())
+        tasks = parallel.gather_objects(self.task.state_dict())
+        state: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen, "bad_steps": self.bad_steps,
+                                 "world_size": self.dist.world_size}
+        if self.cfg.fsdp:
+            state["sharded"] = parallel.save_sharded(self.out_dir, self.step, self.model, self.optimizer)
+            weights, optimizer = parallel.full_model_state(self.model), {}
+        else:
+            weights, optimizer = None, {"optimizer": self.optimizer.state_dict()}
         if self.dist.is_main:
             model_config = getattr(self.model, "config")
-            save_checkpoint(self.out_dir, model=self.model, model_kind=self.model_kind,
+            save_checkpoint(self.out_dir, model=self.model, weights=weights, model_kind=self.model_kind,
                             model_config=model_config, tokenizer=self.tokenizer, stage=self.stage,
-                            optimizer=self.optimizer.state_dict(),
-                            trainer={"step": self.step, "tokens_seen": self.tokens_seen,
-                                     "bad_steps": self.bad_steps, "world_size": self.dist.world_size},
-                            seconds=self.seconds_before + seconds, rng=rngs, task=tasks, config=asdict(self.cfg),
-                            data=self.data, extra=self.extra, history=self.history)
-        if self.dist.world_size > 1:
+                            trainer=state, seconds=self.seconds_before + seconds, rng=rngs, task=tasks,
+                            config=asdict(self.cfg), data=self.data, extra=self.extra, history=self.history,
+                            **optimizer)
+            parallel.remove_other_shards(self.out_dir, state.get("sharded", ""))
+        if parallel.active():
             dist.barrier()
 
     def _check_resume(self, ckpt: dict[str, Any], path: Path) -> None:
         """Refuse, in one line, to resume a checkpoint trained with other data or settings than
-        ``self.cfg`` (only the config's RESUME_SAFE settings may change), or past max_steps."""
+        ``self.cfg`` (only the config's RESUME_SAFE settings may change, and its PER_PROCESS ones
+        when the number of processes changes in proportion), or past max_steps."""
         saved, now = ckpt.get("config", {}), asdict(self.cfg)
-        safe = getattr(type(self.cfg), "RESUME_SAFE", frozenset())
+        safe = set(getattr(type(self.cfg), "RESUME_SAFE", frozenset()))
+        # per-process sizes may change with the number of processes if the whole step stays the same
+        saved_world = ckpt["trainer"].get("world_size", 1)
+        safe |= {key for key in getattr(type(self.cfg), "PER_PROCESS", ()) if key in saved and
+                 saved[key] * saved_world == now[key] * self.dist.world_size}
         saved_data = ckpt.get("data")  # None: a checkpoint from before data digests; compare paths then
         by_digest = set(self.data) | set(saved_data or {}) if saved_data is not None else set()
         changes = []
@@ -310,19 +302,26 @@ class Trainer:
         if ckpt["stage"] != self.stage:
             raise CheckpointError(f"{path}: is a {ckpt['stage']} checkpoint, cannot resume it as {self.stage} "
                                   f"(use another out_dir or resume=false)")
-        load_state_strict(self.model, ckpt["model"], str(path))
-        self._check_resume(ckpt, path)
-        if "optimizer" not in ckpt:
-            raise CheckpointError(f"{path}: has no optimizer state to resume from")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
         t = ckpt["trainer"]
-        if t["world_size"] != self.dist.world_size:
-            raise CheckpointError(f"{path}: written by {plural(t['world_size'], 'process', 'processes')}, resuming with "
-                                  f"{self.dist.world_size}")
+        check_architecture(self.model, ckpt["model"], str(path))
+        self._check_resume(ckpt, path)
+        # any number of processes, sharded or not, resumes either kind of checkpoint
+        if t.get("sharded"):
+            parallel.load_sharded(self.out_dir / t["sharded"], self.model, self.optimizer)
+        else:
+            if "optimizer" not in ckpt:
+                raise CheckpointError(f"{path}: has no optimizer state to resume from")
+            if self.cfg.fsdp:  # a plain checkpoint holds everything whole: the processes shard it
+                parallel.load_whole(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"])
+            else:
+                load_state_strict(self.model, ckpt["model"], str(path))
+                self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step, self.tokens_seen, self.bad_steps = t["step"], t["tokens_seen"], t["bad_steps"]
         self.seconds_before = float(ckpt.get("seconds", 0.0))
-        set_rng_state(ckpt["rng"][self.dist.rank])
-        self.task.load_state_dict(ckpt["task"][self.dist.rank])
+        # every rank draws from the same data streams (their positions agree), so a run resumed
+        # on another number of processes continues the data exactly; RNGs wrap around
+        set_rng_state(ckpt["rng"][self.dist.rank % len(ckpt["rng"])])
+        self.task.load_state_dict(ckpt["task"][self.dist.rank % len(ckpt["task"])])
         self.extra.update(ckpt.get("extra", {}))
         self.history = list(ckpt.get("history", []))
         self.resumed_from = self.step
@@ -360,6 +359,7 @@ class Trainer:
         step = plan.step or (f"micro-batch {plural(cfg.batch_size, 'row')} x "
                              f"{mconf.block_size if mconf is not None else '?':,} tokens")
         lines.append(f"{step}, grad_accum {cfg.grad_accum}" + (f", {world} processes" if world > 1 else "")
+                     + (" sharded (fsdp)" if cfg.fsdp else "")
                      + f": {'up to ' if plan.packed else ''}{plan.tokens_per_step:,} tokens per step")
         epochs = cfg.max_steps / max(plan.steps_per_epoch, 1e-9)
         held = f"; {plural(plan.val_size, plan.val_unit)} held out" if plan.val_unit else ""
@@ -383,20 +383,28 @@ class Trainer:
         return metrics
 
     def _keep_best(self, metrics: dict[str, float]) -> None:
-        """Write best.pt (weights only) and best.json when this evaluation beats every earlier one."""
+        """Write best.pt (weights only) and best.json when this evaluation beats every earlier one.
+        Rank 0 decides, by its own evaluation and the best.json it wrote, and every process
+        follows: a sharded model is gathered by all of them."""
         select = getattr(self.task, "selection_score", None)
-        score = select(metrics) if select is not None else None
-        if score is None or not math.isfinite(score) or not self.dist.is_main:
+        if select is None:  # a stage that ranks no evaluations
             return
-        record = self.best_record()
-        if record is not None and record["score"] >= score:
+        record = None
+        if self.dist.is_main:
+            score = select(metrics)
+            best = self.best_record()
+            if score is not None and math.isfinite(score) and (best is None or score > best["score"]):
+                record = {"step": self.step, "score": score}
+        record = parallel.from_main(record)
+        if record is None:
             return
-        record = {"step": self.step, "score": score}
-        save_checkpoint(self.out_dir / BEST_NAME, model=self.model, model_kind=self.model_kind,
-                        model_config=getattr(self.model, "config"), tokenizer=self.tokenizer, stage=self.stage,
-                        config=asdict(self.cfg), extra={**self.extra, "best": record})
-        with atomic_write(self.out_dir / BEST_RECORD) as f:
-            f.write(json.dumps(record))
+        weights = parallel.full_model_state(self.model) if self.cfg.fsdp else None
+        if self.dist.is_main:
+            save_checkpoint(self.out_dir / BEST_NAME, model=self.model, weights=weights, model_kind=self.model_kind,
+                            model_config=getattr(self.model, "config"), tokenizer=self.tokenizer, stage=self.stage,
+                            config=asdict(self.cfg), extra={**self.extra, "best": record})
+            with atomic_write(self.out_dir / BEST_RECORD) as f:
+                f.write(json.dumps(record))
 
     def best_record(self) -> dict[str, Any] | None:
         """{"step", "score"} of best.pt in out_dir, or None before any (read from best.json, so a
@@ -414,8 +422,7 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             batch = self.task.next_batch()
             last = micro == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or self.dist.world_size == 1 else self.train_model.no_sync()
-            with sync:
+            with parallel.no_sync(self.train_model, last):
                 with self.autocast():
                     loss, metrics = self.task.loss(self.train_model, batch)
                 (loss / cfg.grad_accum).backward()
@@ -426,18 +433,20 @@ class Trainer:
         return total / cfg.grad_accum, sums, tokens
 
     def _optimizer_step(self) -> tuple[float, dict[str, float], int] | None:
-        """One optimizer step at the scheduled learning rate: (loss, metrics, tokens), or None when
-        the loss was not finite and the step was skipped (every rank agrees to skip)."""
+        """One optimizer step at the scheduled learning rate: (loss, metrics, tokens of every
+        process), or None when the loss was not finite and the step was skipped (every rank agrees
+        to skip)."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss, metrics, tokens = self._backward_step()
         loss_value = float(loss)
-        if self.dist.world_size > 1:
-            flag = torch.tensor([0.0 if math.isfinite(loss_value) else 1.0], device=self.device)
-            dist.all_reduce(flag)
-            finite = flag.item() == 0
+        if self.dist.world_size > 1:  # one all-reduce: does any rank skip, and every rank's tokens
+            totals = torch.tensor([0.0 if math.isfinite(loss_value) else 1.0, tokens], dtype=torch.float64,
+                                  device=self.device)
+            dist.all_reduce(totals)
+            finite, tokens = totals[0].item() == 0, int(totals[1].item())
         else:
             finite = math.isfinite(loss_value)
         if not finite:
@@ -451,14 +460,15 @@ class Trainer:
             return None
         metrics = {"loss": loss_value, "lr": lr, **metrics}
         if cfg.grad_clip > 0:
-            metrics["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            metrics["grad_norm"] = float(parallel.full_value(norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.step += 1
-        self.tokens_seen += tokens * self.dist.world_size
-        return loss_value, metrics, tokens * self.dist.world_size
+        self.tokens_seen += tokens
+        return loss_value, metrics, tokens
 
     def _start(self) -> None:
         """Open the metric sinks (rank 0) and print what this run is about to train."""
@@ -504,6 +514,8 @@ class Trainer:
                         window[k] = window.get(k, 0.0) + v
                         counts[k] = counts.get(k, 0) + 1
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                    if self.dist.world_size > 1:
+                        window, counts = parallel.reduce_windows(window, counts)
                     record = {"step": self.step, "lr": step_metrics["lr"],
                               **{k: v / counts[k] for k, v in window.items() if k != "lr"}}
                     record["tokens_per_s"] = window_tokens / max(window_time, 1e-9)

@@ -81,7 +81,7 @@ def workspace(tmp_path_factory, corpus_jsonl):
 
 def test_help():
     proc = fastgpt("--help", check=True)
-    for cmd in ("prepare", "pretrain", "sample", "sft", "reward", "ppo"):
+    for cmd in ("prepare", "pretrain", "sample", "sft", "reward", "ppo", "dpo", "grpo", "compare-methods"):
         assert cmd in proc.stdout
     proc = fastgpt("pretrain", "--help", check=True)
     for flag in ("--preset", "--config", "--fresh", "--lr", "--model.n_layer", "--data", "--max_steps"):
@@ -96,7 +96,7 @@ def help_entries(text: str) -> dict[str, str]:
     for line in text.splitlines():
         if line.startswith("  --"):
             flag = line.split()[0].rstrip(",")
-            entries[flag] = line.split("  ", 2)[-1].strip() if "   " in line.strip() else ""
+            entries[flag] = line.strip().split("  ", 1)[1].strip() if "  " in line.strip() else ""
         elif flag and line.startswith(" " * 10):
             entries[flag] = (entries[flag] + " " + line.strip()).strip()
         else:
@@ -104,12 +104,12 @@ def help_entries(text: str) -> dict[str, str]:
     return entries
 
 
-@pytest.mark.parametrize("command", ["pretrain", "sft", "reward", "ppo"])
+@pytest.mark.parametrize("command", ["pretrain", "sft", "reward", "ppo", "dpo", "grpo"])
 def test_every_setting_has_a_description_choices_and_its_default(command, cli):
     from fastgpt.commands.settings import config_fields
     from fastgpt.stages import configs
     cls = {"pretrain": configs.PretrainConfig, "sft": configs.SFTConfig, "reward": configs.RewardConfig,
-           "ppo": configs.PPOConfig}[command]
+           "ppo": configs.PPOConfig, "dpo": configs.DPOConfig, "grpo": configs.GRPOConfig}[command]
     proc = cli(command, "--help")
     assert proc.returncode == 0
     entries = help_entries(proc.stdout)
@@ -118,6 +118,10 @@ def test_every_setting_has_a_description_choices_and_its_default(command, cli):
         assert description and text.startswith(description.split()[0]) and "(default: " in text, (name, text)
     if command == "ppo":
         assert "{reward,head}" in proc.stdout and "{k1,k3}" in proc.stdout
+    if command == "dpo":
+        assert "{sigmoid,ipo}" in proc.stdout and "--lora_rank" in proc.stdout
+    if command == "grpo":
+        assert "{grpo,rloo}" in proc.stdout and "{token,sequence}" in proc.stdout
     if command == "pretrain":
         for choices in ("{layernorm,rmsnorm}", "{gelu,swiglu}", "{learned,rope}", "{auto,bf16,fp32}"):
             assert choices in proc.stdout

@@ -220,10 +220,11 @@ def test_loader_exact_block_size_plus_one(tmp_path):
 def test_loader_determinism_and_resume(tiny_data):
     a = TokenLoader(tiny_data, "train", 16, 4, 320, seed=7)
     b = TokenLoader(tiny_data, "train", 16, 4, 320, seed=7)
-    c = TokenLoader(tiny_data, "train", 16, 4, 320, seed=7, rank=1)
+    c = TokenLoader(tiny_data, "train", 16, 4, 320, seed=7, rank=1, world_size=2)
     first = [a.next_batch()[0] for _ in range(3)]
     assert all(torch.equal(f, b.next_batch()[0]) for f in first)
-    assert not torch.equal(first[0], c.next_batch()[0])  # ranks draw different windows
+    # rank 1 of 2 takes the single-process stream's batches 1, 3, ...
+    assert torch.equal(first[1], c.next_batch()[0]) and not torch.equal(first[0], first[1])
     state = json.loads(json.dumps(a.state_dict()))  # plain data, survives serialisation
     after = [a.next_batch()[0] for _ in range(3)]
     d = TokenLoader(tiny_data, "train", 16, 4, 320, seed=99)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fastgpt.cli import main
+from fastgpt.demo.methods import METHODS
 from fastgpt.demo.pipeline import BUDGETS, DONE, STAGES, run_pipeline
 from fastgpt.demo.report import format_table
 
@@ -21,10 +22,10 @@ QUICK = 0.05
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> tuple[Path, float]:
-    """One quick demo through the CLI, as a user runs it; returns (folder, seconds)."""
-    out = tmp_path_factory.mktemp("demo") / "run"
+    """One quick demo through the CLI, as a user runs it, with every method; returns (folder, seconds)."""
+    out = tmp_path_factory.mktemp("demo") / "seed-1"  # the folder compare-methods gives seed 1
     start = time.perf_counter()
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--seed", "1"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--seed", "1", "--methods", "ppo,dpo,grpo"]) == 0
     return out, time.perf_counter() - start
 
 
@@ -37,7 +38,7 @@ def test_every_stage_wrote_its_outputs(demo_run):
                  "dev_prompts.jsonl"):
         assert (out / "world" / name).stat().st_size > 0
     assert (out / "prepare" / "data" / "meta.json").exists()
-    for stage in ("pretrain", "sft", "reward", "ppo"):
+    for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo"):
         run = out / stage / "run"
         assert (run / "checkpoint.pt").exists() and (run / "metrics.jsonl").exists(), stage
     comparisons = [json.loads(line) for line in (out / "compare" / "comparisons.jsonl").read_text().splitlines()]
@@ -73,15 +74,47 @@ def test_report_has_table_plots_and_figures(demo_run):
     assert curve[0]["step"] == 0 and curve[0]["kl"] == 0 and len(curve) >= 2
     assert fig["ppo"]["best"]["step"] in [p["step"] for p in curve[1:]]
     assert (out / "ppo" / "run" / "best.pt").exists()
+    # GRPO shares PPO's demo settings: the same dev prompts and gold judge pick its best.pt
+    grpo = json.loads((out / "grpo" / DONE).read_text())["summary"]
+    assert "gold_score_greedy" in grpo["eval"] and (out / "grpo" / "run" / "best.pt").exists()
     assert set(fig["stage_seconds"]) == set(STAGES) - {"report"}
     assert "PPO" in format_table(fig)
+    # the methods table: every method from the same SFT model, judged by the labeler
+    assert "## Methods compared" in md and set(fig["methods"]) == {"sft", *METHODS}
+    for name in METHODS:
+        m = fig["methods"][name]
+        assert m["kl_to_sft"] == m["kl_to_sft"] and m["seconds"] > 0 and m["peak_mb"] > 0 and 0 <= m["win_rate"] <= 1
+    assert f"| {'GRPO'} |" in md
+
+
+def test_compare_methods_aggregates_seeds(tmp_path):
+    from fastgpt.demo.methods import aggregate, aggregate_table
+    runs = {0: {"dpo": {"gold_score": 1.0, "accuracy": 0.5}}, 1: {"dpo": {"gold_score": 2.0, "accuracy": 0.7}}}
+    agg = aggregate(runs)
+    assert agg["dpo"]["gold_score"] == {"mean": 1.5, "sd": pytest.approx(0.7071, abs=1e-4), "n": 2}
+    assert "+1.50 ± 0.71" in "\n".join(aggregate_table(agg))
+
+
+def test_compare_methods_command_tables_the_seeds(demo_run, capsys):
+    """compare-methods resumes each seed's demo run in <out>/seed-N (here the finished quick run)
+    and writes the methods table over the seeds."""
+    out, _ = demo_run
+    assert main(["compare-methods", "--out", str(out.parent), "--seeds", "1", "--scale", str(QUICK),
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "compare-methods: 1 seed; table in" in printed
+    table = (out.parent / "methods.md").read_text()
+    for row in ("| SFT (start) |", "| PPO |", "| DPO |", "| GRPO |"):
+        assert row in table and row in printed, row
+    saved = json.loads((out.parent / "methods.json").read_text())
+    assert saved["run"]["seeds"] == [1] and set(saved["aggregate"]) == {"sft", *METHODS}
 
 
 def test_rerun_resumes_by_skipping_finished_stages(demo_run, capsys):
     out, first = demo_run
     before = {s: (out / s / DONE).stat().st_mtime_ns for s in STAGES}
     start = time.perf_counter()
-    run_pipeline(out, "tiny", "cpu", seed=1, scale=QUICK)
+    run_pipeline(out, "tiny", "cpu", seed=1, scale=QUICK, methods=METHODS)
     assert time.perf_counter() - start < max(5.0, first / 10)
     assert {s: (out / s / DONE).stat().st_mtime_ns for s in STAGES} == before
     assert capsys.readouterr().out.count("skipped") == len(STAGES)
@@ -91,7 +124,7 @@ def test_a_lost_stage_is_redone_and_later_ones_kept(demo_run, capsys):
     out, _ = demo_run
     (out / "report" / DONE).unlink()
     (out / "report.md").unlink()
-    run_pipeline(out, "tiny", "cpu", seed=1, scale=QUICK)
+    run_pipeline(out, "tiny", "cpu", seed=1, scale=QUICK, methods=METHODS)
     assert (out / "report.md").exists() and (out / "report" / DONE).exists()
     assert capsys.readouterr().out.count("skipped") == len(STAGES) - 1
 

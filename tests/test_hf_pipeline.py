@@ -70,3 +70,40 @@ def test_import_sft_reward_ppo_export(tmp_path, arch, capsys):
     with torch.no_grad():
         bias = float(rm.head.bias)
         assert abs(float(hf_rm(ids).logits[0, 0]) + bias - float(rm(ids)[0, -1])) <= 1e-4
+
+
+def test_dpo_and_grpo_start_from_an_import_with_lora_and_export_merged(tmp_path):
+    """The preference stages take a Hugging Face folder as their start (its tokenizer and chat
+    template carried through), train LoRA adapters only, and export the merged model:
+    transformers reloads it with the same outputs as fastgpt's checkpoint, and they differ from
+    the imported base (the adapters are in the weights)."""
+    from fastgpt.hf import load_hf_model
+    from fastgpt.stages.dpo import DPOConfig, dpo
+    from fastgpt.stages.grpo import GRPOConfig, grpo
+    folder = tmp_path / "hf"
+    write_model(folder, "smollm", seed=3)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": f"what is {w}", "chosen": f"{w} is the cat", "rejected": "thanks"} for w in WORDS[:12]])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"what is {w}"} for w in WORDS[:8]])
+    lora = dict(lora_rank=2, lora_alpha=4.0, lr=1e-2)
+    dpo(DPOConfig(init_from=f"hf:{folder}", data=str(pairs), out_dir=str(tmp_path / "dpo"), epochs=0, max_steps=2,
+                  batch_size=4, block_size=80, eval_interval=0, **lora, **COMMON))
+
+    def longer_is_better(prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        return torch.tensor([float(len(r)) for r in responses])
+    grpo(GRPOConfig(sft_checkpoint=f"hf:{folder}", prompts=str(prompts), out_dir=str(tmp_path / "grpo"),
+                    group_size=2, rollout_batch_size=4, mini_batch_size=4, max_new_tokens=6, max_steps=2,
+                    eval_max_prompts=2, **lora, **COMMON), reward_fn=longer_is_better)
+
+    tok = load_tokenizer(folder)
+    base, _ = load_hf_model(folder)
+    ids = torch.tensor([encode_chat(tok, conversations(1)[0]["messages"])[0]])
+    for stage in ("dpo", "grpo"):
+        policy, stage_tok, ckpt = load_model(tmp_path / stage, kind="gpt")
+        assert stage_tok.to_dict() == tok.to_dict() and ckpt["model_kind"] == "policy"
+        assert main(["export", str(tmp_path / stage), "--hf", str(tmp_path / f"out_{stage}")]) == 0
+        hf_policy = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"out_{stage}").eval()
+        with torch.no_grad():
+            ours = policy(ids)[0]
+            assert (hf_policy(ids).logits - ours).abs().max().item() <= 1e-4
+            assert (base(ids)[0] - ours).abs().max().item() > 1e-5

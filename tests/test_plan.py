@@ -37,6 +37,23 @@ def test_largest_micro_batch_is_the_largest_that_fits():
     assert ppo.max_rollout_rows > ppo.max_rows and "frozen reference and reward model (bf16)" in ppo.static
 
 
+def test_sharded_plan_splits_what_fsdp_splits():
+    """--fsdp N: the trained models' weights, AdamW state and gradients split N ways, activations
+    and the frozen PPO models whole, plus the policy's generation copy; an 8B model that does not
+    fit one 80 GB GPU fits each of 8."""
+    cfg = model_config("Llama-3.1-8B")
+    one, eight = plan(cfg, "sft"), plan(cfg, "sft", fsdp=8)
+    key = "fp32 weights and AdamW state"
+    assert eight.static[key] == pytest.approx(one.static[key] / 8)
+    assert one.gradients / 8 < eight.gradients < one.gradients / 2
+    assert eight.weight_copies < one.weight_copies / 4 and eight.per_row == one.per_row
+    assert one.max_rows == 0 < eight.max_rows and plan(cfg, "sft", fsdp=1).total(1) == one.total(1)
+    ppo_one, ppo = plan(cfg, "ppo", seq_len=1024), plan(cfg, "ppo", seq_len=1024, fsdp=8)
+    frozen = "frozen reference and reward model (bf16)"
+    assert ppo.static[frozen] == ppo_one.static[frozen] and ppo.generation_copy == 2 * ppo.params
+    assert ppo_one.generation_copy == 0
+
+
 def test_sizes_and_model_names():
     assert parse_size("80GB") == 80e9 and parse_size("24GiB") == 24 * 2**30 and parse_size("80") == 80e9
     with pytest.raises(PlanError, match="expected a size"):

@@ -117,15 +117,15 @@ def test_epoch_order_covers_each_item_and_resumes_exactly():
     order = EpochOrder(10, seed=3)
     seen = []
     for _ in range(5):
-        w = order.window([1] * 10, 1)
+        w = order.window([[1]] * 10, 1)
         seen += w[:2]
         order.advance(2)
     assert sorted(seen) == list(range(10))
     state = order.state_dict()
-    nxt = order.window([1] * 10, 3)
+    nxt = order.window([[1]] * 10, 3)
     again = EpochOrder(10, seed=3)
     again.load_state_dict(state)
-    assert again.window([1] * 10, 3) == nxt and again.epoch == 1
+    assert again.window([[1]] * 10, 3) == nxt and again.epoch == 1
 
 
 def test_task_batches_resume_identically(tmp_path):

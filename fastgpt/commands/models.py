@@ -1,6 +1,6 @@
 """The commands about models and their data rather than training: ``inspect-data`` (how a
 conversations file is tokenized for a model), ``export`` (a checkpoint as a Hugging Face folder)
-and ``plan`` (memory of a stage on one GPU)."""
+and ``plan`` (memory of a stage on one GPU, or on each GPU of a sharded run)."""
 from __future__ import annotations
 
 import argparse
@@ -61,12 +61,14 @@ def add_plan_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per row (PPO: prompt and answer)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="with activation checkpointing")
     parser.add_argument("--value-model", default="reward", choices=("reward", "head"), help="PPO's value model")
+    parser.add_argument("--fsdp", type=int, default=0, metavar="GPUS", help="one of GPUS GPUs of a sharded run "
+                        "(the stages' --fsdp true under torchrun)")
 
 
 def run_plan(args: argparse.Namespace) -> int:
     from ..plan import format_plan, model_config, parse_size, plan
     cfg = model_config(args.model)
     p = plan(cfg, args.stage, seq_len=args.seq_len, budget=parse_size(args.gpu_memory), model_name=args.model,
-             grad_checkpointing=args.grad_checkpointing, value_model=args.value_model)
+             grad_checkpointing=args.grad_checkpointing, value_model=args.value_model, fsdp=args.fsdp)
     print(format_plan(p, cfg))
     return 0

@@ -1,4 +1,4 @@
-"""The training stage commands: ``pretrain``, ``sft``, ``reward`` and ``ppo``.
+"""The training stage commands: ``pretrain``, ``sft``, ``reward``, ``ppo``, ``dpo`` and ``grpo``.
 
 Each builds its stage's config from flags (:mod:`.settings`), fills data the user left out
 with the built-in world (:func:`fastgpt.demo.builtin.fill_builtin_data`, the one place that
@@ -19,8 +19,16 @@ NAN = float("nan")
 
 
 def _stage_config(cls: type, args: argparse.Namespace) -> Any:
+    """The stage's config from flags, with the built-in world's files for data left out; under
+    torchrun rank 0 writes those files before the other processes read them."""
     from ..demo.builtin import fill_builtin_data
-    return fill_builtin_data(config_from_args(cls, args))
+    from ..distributed import distributed_env, init_process_group, main_first
+    from ..trainer import resolve_device
+    cfg = config_from_args(cls, args)
+    info = distributed_env()
+    init_process_group(info, resolve_device(cfg.device, info), cfg.fsdp)
+    with main_first(info):
+        return fill_builtin_data(cfg)
 
 
 def _steps(summary: dict[str, Any]) -> str:
@@ -107,7 +115,12 @@ def add_ppo_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ())
 def run_ppo(args: argparse.Namespace) -> int:
     from ..stages.configs import PPOConfig
     from ..stages.ppo import ppo
-    summary = ppo(_stage_config(PPOConfig, args))
+    print(_policy_summary("ppo", ppo(_stage_config(PPOConfig, args))))
+    return 0
+
+
+def _policy_summary(stage: str, summary: dict[str, Any]) -> str:
+    """The one-line summary of an RL stage (PPO, GRPO): the final policy's held-out scores vs the SFT start."""
     ev, sft = summary["eval"], summary["sft"]
     if summary["held_out_prompts"]:
         scores = (f"held-out score on {plural(summary['held_out_prompts'], 'prompt')} (greedy) "
@@ -116,6 +129,35 @@ def run_ppo(args: argparse.Namespace) -> int:
                   f"{ev.get('kl_to_ref', NAN):.3f} nats/response")
     else:
         scores = "no held-out prompts, so no held-out score (give --eval_prompts, or --eval_fraction above 0)"
-    print(f"ppo: {_steps(summary)}, {plural(summary['rollouts'], 'rollout')}; {scores}; "
-          f"checkpoint in {summary['out_dir']}")
+    return f"{stage}: {_steps(summary)}, {plural(summary['rollouts'], 'rollout')}; {scores}; " \
+           f"checkpoint in {summary['out_dir']}"
+
+
+# ----------------------------------------------------------------------------- dpo
+def add_dpo_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> None:
+    from ..stages.configs import DPOConfig
+    add_config_arguments(parser, DPOConfig, argv)
+
+
+def run_dpo(args: argparse.Namespace) -> int:
+    from ..stages.configs import DPOConfig
+    from ..stages.dpo import dpo
+    summary = dpo(config_from_args(DPOConfig, args))
+    ev, d = summary["eval"], summary["data"]
+    print(f"dpo: {_steps(summary)} on {plural(d['train'], 'ranked prompt')} ({d['val']:,} held out, "
+          f"{d['skipped']:,} skipped, {plural(d['truncated'], 'response')} truncated); held-out reward accuracy "
+          f"{ev.get('val_accuracy', NAN):.3f}, margin {ev.get('val_margin', NAN):.3f}; checkpoint in {summary['out_dir']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- grpo
+def add_grpo_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> None:
+    from ..stages.configs import GRPOConfig
+    add_config_arguments(parser, GRPOConfig, argv)
+
+
+def run_grpo(args: argparse.Namespace) -> int:
+    from ..stages.configs import GRPOConfig
+    from ..stages.grpo import grpo
+    print(_policy_summary("grpo", grpo(_stage_config(GRPOConfig, args))))
     return 0

@@ -44,19 +44,19 @@ def fill_builtin_data(cfg: Any) -> Any:
     """Point the empty data fields of a stage config at the built-in world; returns ``cfg``.
 
     pretrain: ``data`` -> the built-in corpus (``builtin_documents`` documents, seed ``seed``);
-    sft: ``data`` -> the world's demonstrations (seed ``seed``); ppo without ``prompts``: the
-    world's PPO prompts, and its held-out evaluation prompts unless ``eval_prompts`` is given (a
-    user's own prompts get a held-out slice of themselves instead, in the stage). The reward
-    stage has no built-in data: rankings come from a person or the demo's labeler.
+    sft: ``data`` -> the world's demonstrations (seed ``seed``); ppo and grpo without ``prompts``:
+    the world's PPO prompts, and its held-out evaluation prompts unless ``eval_prompts`` is given
+    (a user's own prompts get a held-out slice of themselves instead, in the stage). The reward
+    and DPO stages have no built-in data: rankings come from a person or the demo's labeler.
     """
-    from ..stages.configs import PPOConfig, PretrainConfig, SFTConfig
+    from ..stages.configs import GRPOConfig, PPOConfig, PretrainConfig, SFTConfig
     folder = Path(cfg.out_dir) / "builtin"
     if isinstance(cfg, PretrainConfig) and not cfg.data:
         cfg.data = str(builtin_dataset(cfg.out_dir, cfg.builtin_documents, cfg.seed))
     elif isinstance(cfg, SFTConfig) and not cfg.data:
         from .world import make_world
         cfg.data = _write_once(folder / f"sft-seed{cfg.seed}.jsonl", make_world(cfg.seed, n_pretrain=0).sft)
-    elif isinstance(cfg, PPOConfig) and not cfg.prompts:
+    elif isinstance(cfg, (PPOConfig, GRPOConfig)) and not cfg.prompts:
         from .world import make_world
         world = make_world(cfg.world_seed, n_pretrain=0)
         cfg.prompts = _write_once(folder / f"ppo_prompts-seed{cfg.world_seed}.jsonl",

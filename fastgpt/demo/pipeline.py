@@ -10,7 +10,8 @@ checkpoint (the trainer's exact resume), so a killed demo loses at most a few st
 
 PPO trains on the reward model alone: the simulated labeler ranks the SFT model's samples (as a
 person would with ``fastgpt rank``), and is PPO's gold judge only on its held-out dev prompts (the
-over-optimisation curve and the choice of best.pt), never on a rollout. It judges the held-out
+over-optimisation curve and the choice of best.pt), never on a rollout; with ``--methods``, GRPO's
+too, on the same dev prompts and settings (:func:`on_policy_overrides`). It judges the held-out
 evaluation answers at the end.
 
 Budgets are per preset (:data:`BUDGETS`); ``tiny`` is sized to finish in under 10 minutes on
@@ -33,7 +34,9 @@ from ..console import plural
 from ..errors import FastGPTError
 from ..files import atomic_write
 
-STAGES = ("world", "prepare", "pretrain", "sft", "compare", "rank", "reward", "ppo", "evaluate", "report")
+STAGES = ("world", "prepare", "pretrain", "sft", "compare", "rank", "reward", "ppo", "dpo", "grpo", "evaluate",
+          "methods", "report")
+OPTIONAL = {"dpo", "grpo", "methods"}  # run with --methods (see demo/methods.py)
 DONE = "done.json"
 
 
@@ -77,6 +80,11 @@ class Budget:
     ppo_evals: int = 10              # held-out evaluations (proxy, gold, KL) over the run
     warn_kl: float = 8.0             # PPO warns past this KL to SFT (nats / response) ...
     warn_length_ratio: float = 2.0   # ... or when its mean length changes by more than this factor
+    # dpo and grpo (--methods): from the same SFT model, on the same rankings / prompts / reward model
+    dpo_epochs: float = 2.0          # as the reward model's
+    dpo_lr: float = 3e-5
+    dpo_beta: float = 0.1
+    grpo_beta: float = 0.04          # GRPO paper; the rest of GRPO's budget is PPO's (same samples and steps)
     # evaluation
     eval_batch: int = 64
     best_of: tuple[int, ...] = (1, 4, 16)  # best-of-N baselines (N SFT samples, the RM's favourite kept)
@@ -112,6 +120,7 @@ class Context:
     device: str
     seed: int
     scale: float = 1.0
+    methods: tuple[str, ...] = ("ppo",)
 
     def dir(self, stage: str) -> Path:
         return self.out / stage
@@ -224,22 +233,33 @@ def stage_reward(ctx: Context) -> dict[str, Any]:
     return train_reward(cfg)
 
 
-def stage_ppo(ctx: Context) -> dict[str, Any]:
-    from ..stages.ppo import PPOConfig, ppo
-    from .labeler import SimulatedLabeler
+def on_policy_overrides(ctx: Context, stage: str, **extra: Any) -> dict[str, Any]:
+    """The settings PPO and GRPO share in the demo: the same SFT start, reward model, prompts,
+    steps, rollout size, learning rate and guards, and the same dev prompts for their held-out
+    curves and best.pt, so that the methods table compares like with like."""
     b = ctx.budget
     world = ctx.dir("world")
-    cfg = build_config(PPOConfig, overrides=_train_overrides(
-        ctx, "ppo", sft_checkpoint=ctx.summary("sft")["out_dir"], reward_checkpoint=ctx.summary("reward")["out_dir"],
+    return _train_overrides(
+        ctx, stage, sft_checkpoint=ctx.summary("sft")["out_dir"], reward_checkpoint=ctx.summary("reward")["out_dir"],
         prompts=str(world / "ppo_prompts.jsonl"), eval_prompts=str(world / "dev_prompts.jsonl"),
         eval_max_prompts=b.n_dev, eval_interval=max(1, b.ppo_steps // b.ppo_evals), max_steps=b.ppo_steps,
         rollout_batch_size=b.rollout_batch, mini_batch_size=b.mini_batch, ppo_epochs=b.ppo_epochs, lr=b.ppo_lr,
-        beta=b.beta, max_new_tokens=b.max_new_tokens, ckpt_interval=max(1, b.ppo_steps // 4),
-        warn_kl=b.warn_kl, warn_length_ratio=b.warn_length_ratio, length_penalty=b.length_penalty))
-    # The labeler as PPO's gold judge: it scores the dev answers at each evaluation (the
-    # over-optimisation curve, and which checkpoint becomes best.pt). PPO still trains on the
-    # reward model alone: the judge never reaches a rollout.
-    return ppo(cfg, gold=SimulatedLabeler(seed=ctx.seed).judge)
+        max_new_tokens=b.max_new_tokens, ckpt_interval=max(1, b.ppo_steps // 4),
+        warn_kl=b.warn_kl, warn_length_ratio=b.warn_length_ratio, length_penalty=b.length_penalty, **extra)
+
+
+def gold_judge(ctx: Context) -> Callable[..., dict[str, list[float]]]:
+    """The labeler as the on-policy stages' gold judge: it scores their dev answers at each
+    evaluation (the over-optimisation curve, and which checkpoint becomes best.pt). They still
+    train on the reward model alone: the judge never reaches a rollout."""
+    from .labeler import SimulatedLabeler
+    return SimulatedLabeler(seed=ctx.seed).judge
+
+
+def stage_ppo(ctx: Context) -> dict[str, Any]:
+    from ..stages.ppo import PPOConfig, ppo
+    return ppo(build_config(PPOConfig, overrides=on_policy_overrides(ctx, "ppo", beta=ctx.budget.beta)),
+               gold=gold_judge(ctx))
 
 
 def stage_evaluate(ctx: Context) -> dict[str, Any]:
@@ -258,15 +278,26 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
 
 def stage_report(ctx: Context) -> dict[str, Any]:
     from .report import write_report
-    summaries = {s: json.loads((ctx.dir(s) / DONE).read_text()) for s in STAGES if s != "report"}
+    summaries = {s: json.loads((ctx.dir(s) / DONE).read_text()) for s in STAGES
+                 if s != "report" and (ctx.dir(s) / DONE).exists()}
     paths = write_report(ctx.out, summaries, run_info(ctx))
     return {k: str(v) for k, v in paths.items()}
+
+
+def _method_stage(name: str) -> Callable[[Context], dict[str, Any]]:
+    def run(ctx: Context) -> dict[str, Any]:
+        from . import methods
+        if name == "methods":
+            return methods.stage_methods(ctx, ctx.methods)
+        return getattr(methods, f"stage_{name}")(ctx)
+    return run
 
 
 STAGE_FNS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "world": stage_world, "prepare": stage_prepare, "pretrain": stage_pretrain, "sft": stage_sft,
     "compare": stage_compare, "rank": stage_rank, "reward": stage_reward, "ppo": stage_ppo,
     "evaluate": stage_evaluate, "report": stage_report,
+    **{name: _method_stage(name) for name in OPTIONAL},
 }
 
 
@@ -291,21 +322,23 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def run_stage(ctx: Context, name: str, index: int) -> tuple[dict[str, Any], bool]:
-    """Run one stage unless its done.json exists; returns (its record, whether it ran now)."""
+def run_stage(ctx: Context, name: str, index: int, total: int, redo: bool = False) -> tuple[dict[str, Any], bool]:
+    """Run one stage unless its done.json exists (or ``redo``); returns (its record, whether it ran now)."""
+    from .methods import stage_memory
     folder = ctx.dir(name)
     marker = folder / DONE
-    head = f"[{index + 1}/{len(STAGES)}] {name}"
-    if marker.exists():
+    head = f"[{index + 1}/{total}] {name}"
+    if marker.exists() and not redo:
         record = json.loads(marker.read_text())
         print(f"{head}: done earlier ({record['seconds']:.0f}s), skipped", flush=True)
         return record, False
     print(f"{head} ...", flush=True)
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    summary = STAGE_FNS[name](ctx)
+    with stage_memory(ctx.device) as memory:
+        summary = STAGE_FNS[name](ctx)
     record = {"stage": name, "seconds": time.perf_counter() - start, "device": device_name(ctx.device),
-              "summary": _jsonable(summary)}
+              "peak_mb": memory["peak_mb"], "summary": _jsonable(summary)}
     with atomic_write(marker) as f:  # written last and atomically: a stage is done only when all of it is
         f.write(json.dumps(record, indent=2))
     sys.stderr.flush()
@@ -321,12 +354,14 @@ def _headline(name: str, s: dict[str, Any]) -> str:
         return f" (val_loss {ev['val_loss']:.3f}{extra})"
     if name == "reward" and "val_accuracy" in ev:
         return f" (held-out pairwise accuracy {ev['val_accuracy']:.3f})"
-    if name == "ppo" and "score_greedy" in ev:
+    if name in ("ppo", "grpo") and "score_greedy" in ev:
         sft = s.get("sft", {})
         gold = (f", labeler score {sft.get('gold_score_greedy', math.nan):+.2f} -> {ev['gold_score_greedy']:+.2f}"
                 if "gold_score_greedy" in ev else "")
         return (f" (dev: RM score {sft.get('score_greedy', math.nan):+.2f} -> {ev['score_greedy']:+.2f}{gold}, "
                 f"KL {ev.get('kl_to_ref', math.nan):.2f})")
+    if name == "dpo" and "val_accuracy" in ev:
+        return f" (held-out implicit-reward accuracy {ev['val_accuracy']:.3f})"
     if name == "compare":
         return f" ({plural(s['prompts'], 'prompt')} x {s['k']}, {s['finished_fraction']:.0%} finished)"
     if name == "rank":
@@ -335,11 +370,12 @@ def _headline(name: str, s: dict[str, Any]) -> str:
 
 
 def run_pipeline(out: str | Path = "runs/demo", preset: str = "tiny", device: str = "auto", seed: int = 0,
-             scale: float = 1.0, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the whole demo; returns the report's figures (report.json)."""
+             scale: float = 1.0, progress: bool = True, methods: tuple[str, ...] = ("ppo",)) -> dict[str, Any]:
+    """Run (or resume) the whole demo; returns the report's figures (report.json). ``methods``
+    beyond PPO (dpo, grpo) add their stages and the methods table (a finished run can add them)."""
     if preset not in BUDGETS:
         raise FastGPTError(f"unknown demo preset {preset!r} (expected one of {sorted(BUDGETS)})")
-    ctx = Context(Path(out), preset, BUDGETS[preset].scaled(scale), device, seed, scale)
+    ctx = Context(Path(out), preset, BUDGETS[preset].scaled(scale), device, seed, scale, tuple(methods))
     settings = {"preset": preset, "seed": seed, "scale": scale}
     saved = ctx.out / "settings.json"
     if saved.exists():
@@ -351,7 +387,10 @@ def run_pipeline(out: str | Path = "runs/demo", preset: str = "tiny", device: st
     with atomic_write(saved) as f:
         f.write(json.dumps(settings))
     start = time.perf_counter()
-    for i, name in enumerate(STAGES):
-        run_stage(ctx, name, i)
+    stages = [s for s in STAGES if s not in OPTIONAL or s in methods or (s == "methods" and set(methods) - {"ppo"})]
+    ran = False
+    for i, name in enumerate(stages):
+        # the report and the methods table are rebuilt whenever a stage before them ran
+        ran |= run_stage(ctx, name, i, len(stages), redo=ran and name in ("methods", "report"))[1]
     print(f"demo: finished in {time.perf_counter() - start:.0f}s this run; report in {ctx.out / 'report.md'}")
     return json.loads((ctx.out / "report.json").read_text())

@@ -359,6 +359,14 @@ def write_report(out: str | Path, records: dict[str, dict[str, Any]], run: dict[
            for p in ppo["overoptimisation"]]
     md += ["", "## Bars", ""]
     md += [f"- {k}: {v if isinstance(v, bool) else f'{v:+.1%}'}" for k, v in fig["bars"].items()]
+    if "methods" in records:  # fastgpt demo --methods: PPO, DPO, GRPO from the same SFT model and labels
+        from .methods import methods_table
+        fig["methods"] = records["methods"]["summary"]["methods"]
+        (out / "report.json").write_text(json.dumps(fig, indent=2, default=str))
+        md += ["", "## Methods compared (same SFT model, same labels)", "",
+               f"Held-out prompts ({records['methods']['summary']['n_prompts']}), greedy answers judged by the "
+               f"simulated labeler; KL on {records['methods']['summary']['kl_prompts']} sampled answers; wall time "
+               "and peak memory of the method's stage.", "", *methods_table(fig["methods"])]
     md += ["", "## Time", "", f"Device: {run['device']}.", "", "| stage | seconds |", "|---|---|"]
     md += [f"| {k} | {v:.1f} |" for k, v in fig["stage_seconds"].items()]
     md += [f"| **total** | **{fig['total_seconds']:.1f}** |", "", "## Curves", ""]

@@ -1,15 +1,17 @@
 """Pieces every stage needs around the trainer: start-from models, their settings, tokenizer
-checks, the micro-batch size, vocabulary sizing, held-out splits and the data plan of packed
-stages."""
+checks, the micro-batch size, vocabulary sizing, held-out splits, the data plan of packed stages,
+LoRA adapters and the frozen reference of the preference and RL stages."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import math
 import random
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -17,6 +19,8 @@ import torch.nn as nn
 from ..chatdata import batches_per_epoch
 from ..checkpoint import CheckpointError, load_model
 from ..config import START_SETTINGS, ConfigError, ModelConfig, TrainConfig
+from ..data import IGNORE_INDEX
+from ..lora import AdaptersOff, adapters_off, apply_lora, has_adapters, trainable_parameters
 from ..model import GPT
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..trainer import DataPlan, distributed_env
@@ -154,6 +158,63 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def add_lora(model: nn.Module, cfg: Any, stage: str) -> nn.Module:
+    """Rank-``cfg.lora_rank`` adapters on ``model`` (in place; nothing when it is 0): only they
+    train from here on. Says how many parameters that leaves to train."""
+    if cfg.lora_rank <= 0:
+        return model
+    layers = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    trainable, total = trainable_parameters(model)
+    print(f"{stage}: LoRA rank {cfg.lora_rank} (alpha {cfg.lora_alpha:g}) on {layers} layers: "
+          f"{trainable:,} of {total:,} parameters train", flush=True)
+    return model
+
+
+Reference = GPT | AdaptersOff  # what a stage reads reference log-probs from (``token_logprobs``)
+
+
+def reference_model(policy: GPT) -> Reference:
+    """The frozen reference of a policy about to train: with LoRA, the policy itself with its
+    adapters off (one copy of the weights); else a frozen copy, in bf16 on CUDA (forward only)."""
+    if has_adapters(policy):
+        return AdaptersOff(policy)
+    ref = freeze(copy.deepcopy(policy))
+    if next(ref.parameters()).device.type == "cuda":
+        cast_parameters(ref, torch.bfloat16)
+    return ref
+
+
+@contextlib.contextmanager
+def reference_generator(policy: GPT, ref: Reference) -> Iterator[GPT]:
+    """A GPT that generates as the reference does: the frozen copy, or the policy with its
+    adapters off for the length of the block."""
+    if isinstance(ref, AdaptersOff):
+        with adapters_off(policy):
+            yield policy
+    else:
+        yield ref
+
+
+class Policy(nn.Module):
+    """The trainable module of DPO and GRPO: a GPT whose forward returns per-token (log
+    p(target), entropy) of packed rows, each (B, T) fp32, through the fused log-prob kernel (a
+    forward, so DDP sees the pass). Checkpoint kind ``policy``: ``load_model(kind="gpt")`` reads
+    the GPT, so chat, later stages and export take it as a plain model."""
+
+    def __init__(self, policy: GPT) -> None:
+        super().__init__()
+        self.policy = policy
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.policy.config
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.policy.token_logprobs(idx, targets, cu_seqlens=cu_seqlens, temperature=temperature,
+                                          ignore_index=IGNORE_INDEX)
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -10,14 +10,25 @@ command line fills it with the built-in world first (``fastgpt.demo.builtin``), 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from ..config import (Fraction, ModelConfig, NonNegative, NonNegativeFloat, Positive, PositiveFloat, Ratio,
+from ..config import (Fraction, ModelConfig, NonNegative, NonNegativeFloat, Positive, PositiveFloat, Range, Ratio,
                       TrainConfig)
 
 
 @dataclass
-class PretrainConfig(TrainConfig):
+class LoRAConfig:
+    """LoRA settings every training stage takes (:mod:`fastgpt.lora`): with ``lora_rank`` > 0 only
+    low-rank adapters train, and the reference of PPO, DPO and GRPO is the same weights with the
+    adapters off. Checkpoints hold the merged weights (they load as plain models)."""
+
+    lora_rank: NonNegative = 0              # 0 = full fine-tuning; r >= 1: rank-r adapters only
+    lora_alpha: PositiveFloat = 16.0        # adapter output scale is lora_alpha / lora_rank
+    lora_targets: str = "qkv,proj,up,down"  # comma-separated layers that get adapters, of qkv,proj,up,down (not the lm_head)
+
+
+@dataclass
+class PretrainConfig(LoRAConfig, TrainConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: str = ""              # dataset folder from `fastgpt prepare` (command line: the built-in corpus if empty)
     # a fastgpt checkpoint or "hf:<folder>" (a Hugging Face model) brings its own model settings, of
@@ -31,7 +42,7 @@ class PretrainConfig(TrainConfig):
 
 
 @dataclass
-class SFTConfig(TrainConfig):
+class SFTConfig(LoRAConfig, TrainConfig):
     # The architecture comes from init_from, so there is no nested ModelConfig to set here.
     out_dir: str = "runs/sft"
     init_from: str = ""            # required: a fastgpt checkpoint or "hf:<Hugging Face model folder>"
@@ -55,7 +66,7 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
-class RewardConfig(TrainConfig):
+class RewardConfig(LoRAConfig, TrainConfig):
     # The architecture comes from init_from, so there is no nested ModelConfig to set here.
     out_dir: str = "runs/reward"
     init_from: str = ""            # required: the SFT checkpoint (any language-model checkpoint, or hf:<folder>)
@@ -74,20 +85,54 @@ class RewardConfig(TrainConfig):
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class OnPolicyConfig(TrainConfig):
+    """Trainer defaults that suit on-policy RL (InstructGPT / lm-human-preferences): PPO's and GRPO's."""
+
+    max_steps: Positive = 200
+    lr: PositiveFloat = 1e-5
+    warmup_steps: NonNegative = 0
+    min_lr_ratio: Ratio = 1.0         # constant learning rate
+    weight_decay: NonNegativeFloat = 0.0
+    adam_eps: PositiveFloat = 1e-5
+    eval_interval: NonNegative = 0
+    log_interval: Positive = 1
+    ckpt_interval: Positive = 50
+
+    PER_PROCESS: ClassVar[frozenset[str]] = TrainConfig.PER_PROCESS | {"rollout_batch_size"}
+
+
+@dataclass
+class RewardGuardConfig:
+    """Guards against over-optimising a learned reward, which the on-policy stages (PPO, GRPO)
+    share: a reward-model ensemble, a length penalty, drift warnings, and how best.pt is chosen
+    (:mod:`fastgpt.stages.policy_eval`)."""
+
+    reward_ensemble: str = ""         # more reward checkpoints, comma-separated, scored with reward_checkpoint
+    ensemble_mode: Literal["mean", "min", "lcb"] = "mean"  # how ensemble scores combine (lcb = mean - std)
+    length_penalty: NonNegativeFloat = 0.0  # score -= length_penalty * |tokens - length_target| / length_target
+    length_target: NonNegativeFloat = 0.0  # tokens; 0 = the first rollout's mean response length (the SFT policy's)
+    # warnings when the policy drifts (0 = off), and which evaluation is kept as best.pt
+    warn_kl: NonNegativeFloat = 0.0   # warn when a rollout's KL to the reference passes this (nats / response)
+    warn_length_ratio: NonNegativeFloat = 0.0  # warn when mean length leaves [first / r, first * r] of the first rollout's
+    best_max_kl: NonNegativeFloat = 0.0  # no gold judge: best.pt is the best greedy RM score with KL <= this (0: any)
+
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"warn_kl", "warn_length_ratio"})  # warnings only
+
+
+@dataclass
+class PPOConfig(LoRAConfig, RewardGuardConfig, OnPolicyConfig):
     out_dir: str = "runs/ppo"
     sft_checkpoint: str = ""          # required: the policy's start and its frozen KL reference (or hf:<folder>)
     reward_checkpoint: str = ""       # required: the frozen reward model (fastgpt reward)
-    reward_ensemble: str = ""         # more reward checkpoints, comma-separated, scored with reward_checkpoint
-    ensemble_mode: Literal["mean", "min", "lcb"] = "mean"  # how ensemble scores combine (lcb = mean - std)
     prompts: str = ""                 # JSONL of {"prompt"} or {"messages"} (command line: the built-in world's)
     eval_prompts: str = ""            # held-out prompts for the summary ("" = hold out eval_fraction of prompts)
     eval_fraction: Fraction = 0.1     # share of prompts held out (not trained on) when eval_prompts is ""
     world_seed: int = 0               # seed of the built-in world (match the SFT/RM data)
     eval_max_prompts: NonNegative = 64  # held-out prompts scored for the summary, at most
     # rollout
-    rollout_batch_size: Positive = 64  # prompts answered per rollout
-    mini_batch_size: Positive = 16    # sequences per trainer step (x grad_accum)
+    rollout_batch_size: Positive = 64  # prompts answered per rollout (per process under torchrun)
+    generation_batch_size: NonNegative = 0  # prompts sampled at once, each batch with its own seed; 0 = all
+    mini_batch_size: Positive = 16    # sequences per trainer step (x grad_accum, per process)
     ppo_epochs: Positive = 4          # passes over each rollout's minibatches
     max_new_tokens: Positive = 64     # longest sampled response
     temperature: PositiveFloat = 1.0  # sampling temperature of rollouts (log-probs use the same)
@@ -100,12 +145,6 @@ class PPOConfig(TrainConfig):
     reward_clip: NonNegativeFloat = 0.0  # clip normalised scores to +-this; 0 = off
     missing_eos_penalty: float = -1.0  # score of a response that never ended its turn; 0 = off
     whiten_rewards: bool = False      # whiten per-token rewards within each rollout
-    length_penalty: NonNegativeFloat = 0.0  # score -= length_penalty * |tokens - length_target| / length_target
-    length_target: NonNegativeFloat = 0.0  # tokens; 0 = the first rollout's mean response length (the SFT policy's)
-    # guards: warnings when the policy drifts (0 = off), and which evaluation is kept as best.pt
-    warn_kl: NonNegativeFloat = 0.0   # warn when a rollout's KL to the reference passes this (nats / response)
-    warn_length_ratio: NonNegativeFloat = 0.0  # warn when mean length leaves [first / r, first * r] of the first rollout's
-    best_max_kl: NonNegativeFloat = 0.0  # no gold judge: best.pt is the best greedy RM score with KL <= this (0: any)
     # PPO
     gamma: Ratio = 1.0                # discount in GAE
     lam: Ratio = 0.95                 # GAE lambda
@@ -123,16 +162,67 @@ class PPOConfig(TrainConfig):
     ptx_coef: NonNegativeFloat = 0.0  # weight of the pre-training loss (PPO-ptx)
     ptx_batch_size: Positive = 4      # pre-training rows per step
     max_bad_rollouts: NonNegative = 3  # rollouts with non-finite rewards tolerated before stopping
-    # trainer defaults that suit PPO (InstructGPT/lm-human-preferences)
-    max_steps: Positive = 200
-    lr: PositiveFloat = 1e-5
-    warmup_steps: NonNegative = 0
-    min_lr_ratio: Ratio = 1.0         # constant learning rate
-    weight_decay: NonNegativeFloat = 0.0
-    adam_eps: PositiveFloat = 1e-5
-    eval_interval: NonNegative = 0
-    log_interval: Positive = 1
-    ckpt_interval: Positive = 50
 
-    RESUME_SAFE: ClassVar[frozenset[str]] = TrainConfig.RESUME_SAFE | {"eval_max_prompts", "max_bad_rollouts",
-                                                                     "warn_kl", "warn_length_ratio"}
+    RESUME_SAFE: ClassVar[frozenset[str]] = (TrainConfig.RESUME_SAFE | RewardGuardConfig.RESUME_SAFE
+                                             | {"eval_max_prompts", "max_bad_rollouts"})
+
+
+@dataclass
+class DPOConfig(LoRAConfig, TrainConfig):
+    """Direct preference optimisation (Rafailov et al. 2023) and its relatives on the reward
+    stage's data: chosen/rejected pairs or K-wise rankings (all C(K, 2) pairs of a prompt)."""
+
+    out_dir: str = "runs/dpo"
+    init_from: str = ""            # required: the SFT checkpoint, the policy's start and its reference (or hf:<folder>)
+    block_size: NonNegative = 0    # context to train at, up to the model's; 0 = the model's
+    data: str = ""                 # rankings (fastgpt rank) or {"prompt", "chosen", "rejected"} pairs, JSONL
+    val_fraction: Fraction = 0.1   # prompts held out for the pairwise reward accuracy
+    epochs: NonNegativeFloat = 1.0  # > 0 sets max_steps to this many passes over the data
+    min_steps: NonNegative = 50    # with epochs: train at least this many steps (a small file is a few steps an epoch)
+    max_bad_fraction: Ratio = 0.1  # more bad records than this share fails the run
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO; ipo: squared loss towards a margin of 1/(2 beta)
+    beta: PositiveFloat = 0.1      # strength of the implicit KL constraint to the reference
+    label_smoothing: Annotated[float, Range(0, 0.5, high_open=True)] = 0.0  # conservative DPO: share of labels assumed flipped (sigmoid only)
+    precompute_ref: bool = True    # reference log-probs once before training (else every step, no grad)
+    lr: PositiveFloat = 1e-6       # the DPO paper's; LoRA runs usually take 10-100x more
+    warmup_steps: NonNegative = 10
+    min_lr_ratio: Ratio = 1.0      # constant after warmup, as in the DPO paper
+    weight_decay: NonNegativeFloat = 0.0
+    eval_interval: NonNegative = 50
+
+    RESUME_SAFE: ClassVar[frozenset[str]] = TrainConfig.RESUME_SAFE | {"epochs", "min_steps", "precompute_ref"}
+
+
+@dataclass
+class GRPOConfig(LoRAConfig, RewardGuardConfig, OnPolicyConfig):
+    """Group-relative policy optimisation (Shao et al. 2024) and RLOO (Ahmadian et al. 2024):
+    K samples per prompt, the group's other samples as the baseline, no value model."""
+
+    out_dir: str = "runs/grpo"
+    sft_checkpoint: str = ""          # required: the policy's start and its frozen KL reference (or hf:<folder>)
+    reward_checkpoint: str = ""       # required: the frozen reward model (fastgpt reward; Python: or a reward_fn)
+    prompts: str = ""                 # JSONL of {"prompt"} or {"messages"} (command line: the built-in world's)
+    eval_prompts: str = ""            # held-out prompts for the summary ("" = hold out eval_fraction of prompts)
+    eval_fraction: Fraction = 0.1     # share of prompts held out (not trained on) when eval_prompts is ""
+    world_seed: int = 0               # seed of the built-in world (match the SFT/RM data)
+    eval_max_prompts: NonNegative = 64  # held-out prompts scored for the summary, at most
+    # rollout
+    group_size: Annotated[int, Range(2)] = 4  # K samples per prompt (the group is the baseline)
+    rollout_batch_size: Positive = 64  # sequences per rollout, a multiple of group_size (per process under torchrun)
+    generation_batch_size: NonNegative = 0  # sequences sampled at once (whole groups), each batch with its own seed; 0 = all
+    mini_batch_size: Positive = 16    # sequences per trainer step (x grad_accum, per process)
+    ppo_epochs: Positive = 1          # passes over each rollout (1: the GRPO paper's mu = 1)
+    max_new_tokens: Positive = 64     # longest sampled response
+    temperature: PositiveFloat = 1.0  # sampling temperature of rollouts (log-probs use the same)
+    # objective
+    advantage: Literal["grpo", "rloo"] = "grpo"  # grpo: (r - group mean) / group std; rloo: r - mean of the other K-1
+    loss_level: Literal["token", "sequence"] = "token"  # token: mean over all tokens; sequence: per response first
+    clip_range: PositiveFloat = 0.2   # policy ratio clip
+    beta: NonNegativeFloat = 0.04     # weight of the KL(policy || reference) term in the loss; 0 = off
+    kl_estimator: Literal["k1", "k3"] = "k3"  # per-token KL in the loss: k1 = log ratio, k3 = unbiased, >= 0 (GRPO's)
+    reward_clip: NonNegativeFloat = 0.0  # clip scores to +-this before the group statistics; 0 = off
+    missing_eos_penalty: float = -1.0  # score of a response that never ended its turn; 0 = off
+    max_bad_rollouts: NonNegative = 3  # rollouts with non-finite rewards tolerated before stopping
+
+    RESUME_SAFE: ClassVar[frozenset[str]] = (TrainConfig.RESUME_SAFE | RewardGuardConfig.RESUME_SAFE
+                                             | {"eval_max_prompts", "max_bad_rollouts"})

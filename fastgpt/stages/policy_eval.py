@@ -1,4 +1,4 @@
-"""Held-out evaluation of a policy during PPO: proxy reward, gold score, KL, length.
+"""Held-out evaluation of a policy during PPO or GRPO: proxy reward, gold score, KL, length.
 
 Optimising a learned reward model eventually hurts: the proxy (reward-model) score keeps rising
 while the true quality peaks and falls (Gao et al., "Scaling laws for reward model
@@ -30,6 +30,7 @@ from ..engine import SamplingParams, generate
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from ..trainer import autocast_context
+from .common import Reference
 
 # reward_fn(prompts, responses) -> normalised score per sequence, (N,) float tensor.
 RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
@@ -37,7 +38,7 @@ GoldJudge = Callable[[list[Any], list[str], list[bool]], dict[str, Sequence[floa
 
 
 @torch.no_grad()
-def evaluate_policy(policy: GPT, ref: GPT, tok: Tokenizer, prompts: list[list[int]], reward_fn: RewardFn, *,
+def evaluate_policy(policy: GPT, ref: Reference, tok: Tokenizer, prompts: list[list[int]], reward_fn: RewardFn, *,
                     max_new_tokens: int, temperature: float, seed: int, batch_size: int, dtype: str = "auto",
                     gold: GoldJudge | None = None, prompt_records: Sequence[Any] = ()) -> dict[str, float]:
     """Greedy and sampled answers to ``prompts`` (the same samples at every call: fixed seed).
@@ -70,7 +71,7 @@ def evaluate_policy(policy: GPT, ref: GPT, tok: Tokenizer, prompts: list[list[in
 
 
 @torch.no_grad()
-def sequence_kl(policy: GPT, ref: GPT, prompts: list[list[int]], responses: list[list[int]],
+def sequence_kl(policy: GPT, ref: Reference, prompts: list[list[int]], responses: list[list[int]],
                 temperature: float, dtype: str = "auto") -> float:
     """Mean over responses of sum_t log p(y_t) - log q(y_t): the k1 KL estimate per response."""
     device = policy.wte.weight.device

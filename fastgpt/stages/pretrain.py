@@ -11,7 +11,8 @@ from ..data import TokenLoader, dataset_tokenizer, load_meta
 from ..model import GPT
 from ..hf import resize_vocab
 from ..trainer import DataPlan, Trainer, distributed_env, resolve_device, seed_everything
-from .common import apply_start_settings, load_language_model, micro_batch_rows, padded_vocab, require_same_tokenizer
+from .common import (add_lora, apply_start_settings, load_language_model, micro_batch_rows, padded_vocab,
+                     require_same_tokenizer)
 from .configs import PretrainConfig
 
 
@@ -22,7 +23,8 @@ class PretrainTask:
         dist = distributed_env()
         T = cfg.model.block_size
         self.cfg, self.vocab_size, self.device = cfg, vocab_size, device
-        self.train = TokenLoader(cfg.data, "train", T, cfg.batch_size, vocab_size, cfg.seed, dist.rank, device)
+        self.train = TokenLoader(cfg.data, "train", T, cfg.batch_size, vocab_size, cfg.seed, dist.rank, device,
+                                 dist.world_size)
         self.val_args = (cfg.data, "val", T, cfg.batch_size, vocab_size)
         TokenLoader(*self.val_args, seed=0, device=device)  # fail now, not at the first eval
 
@@ -67,8 +69,12 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         apply_start_settings(model, cfg.model, cfg.init_from)
         cfg.model = model.config
     else:
+        if cfg.lora_rank:
+            raise ConfigError("lora_rank needs init_from: adapters on a randomly initialised model learn on top "
+                              "of noise (LoRA continues the pre-training of an existing model)")
         cfg.model.vocab_size = padded_vocab(tokenizer)
         model = GPT(cfg.model)
+    add_lora(model, cfg, "pretrain")
     cfg.batch_size = micro_batch_rows(cfg, cfg.model, "pretrain", cfg.model.block_size, device)
     task = PretrainTask(cfg, cfg.model.vocab_size, device)
     trainer = Trainer(cfg, model, task, stage="pretrain", tokenizer=tokenizer, data={"data": cfg.data},

@@ -26,13 +26,13 @@ from ..chatdata import (
 from ..checkpoint import load_model
 from ..config import ConfigError
 from ..console import plural
-from ..data import PackedBatch
+from ..data import IGNORE_INDEX, PackedBatch
 from ..losses import ranking_loss, ranking_pairs
 from ..model import ScalarModel
 from ..tokenizer import Message, Tokenizer, encode_prompt
-from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
+from ..trainer import DataPlan, Trainer, distributed_env, resolve_device, seed_everything
 from .configs import RewardConfig
-from .common import load_start_model, micro_batch_rows, packed_plan, shorten_context, split_holdout
+from .common import add_lora, load_start_model, micro_batch_rows, packed_plan, shorten_context, split_holdout
 
 
 # ---------------------------------------------------------------------------- data
@@ -42,29 +42,44 @@ class RankedGroup:
 
     examples: list[Example]
     pairs: list[tuple[int, int]]
+    ref_logps: list[float] | None = None  # DPO: the reference's log-prob of each response, once computed
+
+
+def split_response(tok: Tokenizer, prompt_ids: list[int], response: str, finished: bool,
+                   block_size: int) -> tuple[list[int], list[int], bool]:
+    """(prompt ids, response ids (+ the end-of-turn id if finished), truncated), cut to the context: the
+    prompt loses its start first (down to half the context), then the response loses its end."""
+    resp = tok.encode(response) + ([tok.end_id] if finished else [])
+    if len(prompt_ids) + len(resp) <= block_size:
+        return prompt_ids, resp, False
+    keep = max(block_size - len(resp), min(len(prompt_ids), block_size // 2))
+    prompt_ids = prompt_ids[len(prompt_ids) - keep:]
+    return prompt_ids, resp[:block_size - len(prompt_ids)], True
 
 
 def encode_response(tok: Tokenizer, prompt_ids: list[int], response: str, finished: bool,
                     block_size: int) -> tuple[list[int], bool]:
-    """Prompt + response ids (+ the end-of-turn id if finished), cut to the context: the prompt loses its
-    start first (down to half the context), then the response loses its end."""
-    resp = tok.encode(response) + ([tok.end_id] if finished else [])
-    if len(prompt_ids) + len(resp) <= block_size:
-        return prompt_ids + resp, False
-    keep = max(block_size - len(resp), min(len(prompt_ids), block_size // 2))
-    prompt_ids = prompt_ids[len(prompt_ids) - keep:]
-    return prompt_ids + resp[:block_size - len(prompt_ids)], True
+    """Prompt + response ids, cut to the context as :func:`split_response` does."""
+    prompt_ids, resp, cut = split_response(tok, prompt_ids, response, finished, block_size)
+    return prompt_ids + resp, cut
 
 
 def encode_comparison(tok: Tokenizer, c: Comparison, block_size: int) -> tuple[list[Example], int]:
-    """(examples, how many were truncated) for every response of a comparison."""
+    """(examples, how many were truncated) for every response of a comparison. An example's
+    labels mark its response tokens (what DPO scores; the reward model reads only the last token)."""
     prompt_ids = encode_prompt(tok, c.messages)
     out, truncated = [], 0
     for response, finished in zip(c.responses, c.finished):
-        ids, cut = encode_response(tok, prompt_ids, response, finished, block_size)
-        out.append((ids, None))
+        kept, resp, cut = split_response(tok, prompt_ids, response, finished, block_size)
+        out.append((kept + resp, response_labels(len(kept), resp)))
         truncated += cut
     return out, truncated
+
+
+def response_labels(prompt_len: int, response: list[int]) -> list[int]:
+    """Next-token labels of prompt + response that train on the response only (the position
+    before each response token predicts it)."""
+    return [IGNORE_INDEX] * (prompt_len - 1) + response + [IGNORE_INDEX]
 
 
 def load_preferences(path: str, tok: Tokenizer, block_size: int, n_rows: int, max_bad_fraction: float
@@ -90,7 +105,8 @@ def load_preferences(path: str, tok: Tokenizer, block_size: int, n_rows: int, ma
 
 
 def pack_ranked(groups: list[RankedGroup], n_rows: int, row_len: int, pad_id: int) -> tuple[PackedBatch, int]:
-    """Pack whole groups; ``extras`` holds the pair tensors indexing the batch's responses."""
+    """Pack whole groups; ``extras`` holds the pair tensors indexing the batch's responses (and
+    their reference log-probs when the groups carry them)."""
     batch, used = pack_groups([g.examples for g in groups], n_rows, row_len, pad_id)
     better, worse, prompt, offset = [], [], [], 0
     for p, g in enumerate(groups[:used]):
@@ -100,6 +116,8 @@ def pack_ranked(groups: list[RankedGroup], n_rows: int, row_len: int, pad_id: in
         offset += len(g.examples)
     batch.extras = {"better": torch.tensor(better), "worse": torch.tensor(worse),
                     "prompt": torch.tensor(prompt), "n_prompts": used}
+    if used and all(g.ref_logps is not None for g in groups[:used]):
+        batch.extras["ref_logp"] = torch.tensor([r for g in groups[:used] for r in g.ref_logps])
     return batch, used
 
 
@@ -109,38 +127,42 @@ def last_token_scores(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
     return values.reshape(-1)[batch.last_positions()]
 
 
-def _pair_loss(model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x = batch.extras
-    device = batch.idx.device
-    better, worse = x["better"].to(device), x["worse"].to(device)
-    scores = last_token_scores(model, batch)
-    loss, correct = ranking_loss(scores, better, worse, x["prompt"].to(device), x["n_prompts"])
-    return loss, correct, (scores[better] - scores[worse]).detach()
+def pair_tensors(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(better, worse, prompt, n_prompts) of a :func:`pack_ranked` batch, on its device."""
+    x, device = batch.extras, batch.idx.device
+    return x["better"].to(device), x["worse"].to(device), x["prompt"].to(device), x["n_prompts"]
 
 
 # ---------------------------------------------------------------------------- task
 class RewardTask:
-    """Packed ranked responses; InstructGPT's K-wise ranking loss."""
+    """Packed ranked responses; InstructGPT's K-wise ranking loss. DPO's task is this one with
+    another :meth:`pair_loss` (the data, its order and the evaluation are the same)."""
 
     def __init__(self, cfg: RewardConfig, train: list[RankedGroup], val: list[RankedGroup], pad_id: int,
                  block_size: int, device: torch.device) -> None:
         dist = distributed_env()
         self.cfg, self.train, self.val, self.pad_id = cfg, train, val, pad_id
         self.block_size, self.device = block_size, device
-        self.lengths = [sum(len(ids) for ids, _ in g.examples) for g in train]
+        self.lengths = [[len(ids) for ids, _ in g.examples] for g in train]
         self.order = EpochOrder(len(train), cfg.seed, dist.rank, dist.world_size)
 
     def next_batch(self) -> PackedBatch:
-        T, rows = self.block_size, self.cfg.batch_size
-        window = self.order.window(self.lengths, rows * T)
-        batch, used = pack_ranked([self.train[i] for i in window], rows, T, self.pad_id)
-        self.order.advance(used)
+        items = self.order.take(self.lengths, self.cfg.batch_size, self.block_size)
+        batch, _ = pack_ranked([self.train[i] for i in items], self.cfg.batch_size, self.block_size, self.pad_id)
         return batch.to(self.device)
 
+    def pair_loss(self, model: nn.Module, batch: PackedBatch
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(loss, per-pair margin of the better response's reward, other metrics)."""
+        better, worse, prompt, n_prompts = pair_tensors(batch)
+        scores = last_token_scores(model, batch)
+        loss, _ = ranking_loss(scores, better, worse, prompt, n_prompts)
+        return loss, (scores[better] - scores[worse]).detach(), {}
+
     def loss(self, model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, correct, margin = _pair_loss(model, batch)
-        return loss, {"accuracy": float(correct.mean()), "margin": float(margin.mean()),
-                      "packing_efficiency": batch.efficiency}
+        loss, margin, metrics = self.pair_loss(model, batch)
+        return loss, {"accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()),
+                      "packing_efficiency": batch.efficiency, **metrics}
 
     def tokens(self, batch: PackedBatch) -> int:
         return batch.n_real
@@ -149,14 +171,14 @@ class RewardTask:
         """Held-out pairwise accuracy, mean margin and loss (every pair of every val prompt)."""
         if not self.val:
             return {}
-        losses, correct, margins = [], [], []
+        losses, margins = [], []
         for batch, used in iter_batches(self.val, pack_ranked, self.cfg.batch_size, self.block_size, self.pad_id):
-            loss, c, m = _pair_loss(model, batch.to(self.device))
+            loss, m, _ = self.pair_loss(model, batch.to(self.device))
             losses.append(float(loss) * used)
-            correct.append(c)
             margins.append(m)
-        return {"val_loss": sum(losses) / len(self.val), "val_accuracy": float(torch.cat(correct).mean()),
-                "val_margin": float(torch.cat(margins).mean())}
+        margin = torch.cat(margins)
+        return {"val_loss": sum(losses) / len(self.val), "val_accuracy": float((margin > 0).float().mean()),
+                "val_margin": float(margin.mean())}
 
     def state_dict(self) -> dict[str, Any]:
         return self.order.state_dict()
@@ -216,6 +238,27 @@ def load_reward_model(path: str, device: str | torch.device = "cpu") -> tuple[Sc
 
 
 # --------------------------------------------------------------------------- stage
+def preference_data(cfg: Any, tok: Tokenizer, block_size: int, stage: str
+                    ) -> tuple[list[RankedGroup], list[RankedGroup], list[RankedGroup], LoadReport, DataPlan]:
+    """(every group read, train groups, held-out groups, load report, data plan) of ``cfg.data``
+    for a stage on rankings (reward, DPO); with ``cfg.epochs`` > 0 it also sets ``cfg.max_steps``
+    (at least ``cfg.min_steps``)."""
+    every, report = load_preferences(cfg.data, tok, block_size, cfg.batch_size, cfg.max_bad_fraction)
+    groups = [g for g in every if g.pairs]
+    train_ids, val_ids = split_holdout(len(groups), cfg.val_fraction, cfg.seed)
+    train = [groups[i] for i in train_ids]
+    if cfg.epochs > 0 and cfg.max_steps != type(cfg).max_steps:
+        raise ConfigError(f"{stage}: set either epochs ({cfg.epochs}) or max_steps ({cfg.max_steps}), "
+                          f"not both (epochs=0 uses max_steps)")
+    plan = packed_plan(cfg, [[len(ids) for ids, _ in g.examples] for g in train], block_size, "ranked prompt",
+                       len(val_ids))
+    if cfg.epochs > 0 and cfg.max_steps < cfg.min_steps:
+        plan.notes.append(f"{cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'} of {plural(len(train), 'ranked prompt')} "
+                          f"would be only {plural(cfg.max_steps, 'step')}: training min_steps={cfg.min_steps} instead")
+        cfg.max_steps = cfg.min_steps
+    return every, train, [groups[i] for i in val_ids], report, plan
+
+
 def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     """Train a reward model from ``cfg.init_from`` on ``cfg.data``, normalise it on the file's
     responses and return the trainer's summary (plus ``data`` and ``reward_offset/scale``)."""
@@ -225,22 +268,12 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
         shorten_context(lm, cfg.block_size, f"block_size={cfg.block_size}")
     model = ScalarModel(lm.config)
     model.gpt.load_state_dict(lm.state_dict())
+    add_lora(model.gpt, cfg, "reward")  # the scalar head is new: it always trains
     T = model.config.block_size
     device = resolve_device(cfg.device, distributed_env())
     cfg.batch_size = micro_batch_rows(cfg, lm.config, "reward", T, device)
-    every, report = load_preferences(cfg.data, tok, T, cfg.batch_size, cfg.max_bad_fraction)
-    groups = [g for g in every if g.pairs]
-    train_ids, val_ids = split_holdout(len(groups), cfg.val_fraction, cfg.seed)
-    train = [groups[i] for i in train_ids]
-    if cfg.epochs > 0 and cfg.max_steps != RewardConfig.max_steps:
-        raise ConfigError(f"reward: set either epochs ({cfg.epochs}) or max_steps ({cfg.max_steps}), "
-                          f"not both (epochs=0 uses max_steps)")
-    plan = packed_plan(cfg, [[len(ids) for ids, _ in g.examples] for g in train], T, "ranked prompt", len(val_ids))
-    if cfg.epochs > 0 and cfg.max_steps < cfg.min_steps:
-        plan.notes.append(f"{cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'} of {plural(len(train), 'ranked prompt')} "
-                          f"would be only {plural(cfg.max_steps, 'step')}: training min_steps={cfg.min_steps} instead")
-        cfg.max_steps = cfg.min_steps
-    task = RewardTask(cfg, train, [groups[i] for i in val_ids], tok.pad_id, T, device)
+    every, train, val, report, plan = preference_data(cfg, tok, T, "reward")
+    task = RewardTask(cfg, train, val, tok.pad_id, T, device)
     trainer = Trainer(cfg, model, task, stage="reward", tokenizer=tok, model_kind="scalar", data={"data": cfg.data},
                       plan=plan, flops_per_token=model.gpt.flops_per_token(T))
     summary = trainer.fit()
@@ -251,7 +284,7 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
                                       tok.pad_id))
     trainer.extra.update(reward_offset=float(raw.mean()), reward_scale=float(raw.std().clamp(min=1e-6)))
     trainer.save()
-    summary["data"] = {"train": len(train), "val": len(val_ids), "skipped": len(report.bad),
+    summary["data"] = {"train": len(train), "val": len(val), "skipped": len(report.bad),
                        "truncated": report.truncated, "responses": len(raw)}
     summary.update(reward_offset=trainer.extra["reward_offset"], reward_scale=trainer.extra["reward_scale"])
     return summary

@@ -24,9 +24,11 @@ from ..chatdata import (
 )
 from ..config import ConfigError
 from ..data import IGNORE_INDEX, DataError, PackedBatch
+from ..distributed import unsharded_gpt
 from ..tokenizer import Message, Tokenizer, encode_chat, encode_prompt
 from ..trainer import Trainer, distributed_env, resolve_device, seed_everything
-from .common import load_start_model, micro_batch_rows, packed_plan, set_dropout, shorten_context, split_holdout
+from .common import (add_lora, load_start_model, micro_batch_rows, packed_plan, set_dropout, shorten_context,
+                     split_holdout)
 from .configs import SFTConfig
 
 
@@ -77,14 +79,12 @@ class SFTTask:
         dist = distributed_env()
         self.cfg, self.train, self.val, self.val_prompts = cfg, train, val, val_prompts
         self.tok, self.block_size, self.device = tok, block_size, device
-        self.lengths = [len(ids) for ids, _ in train]
+        self.lengths = [[len(ids)] for ids, _ in train]
         self.order = EpochOrder(len(train), cfg.seed, dist.rank, dist.world_size)
 
     def next_batch(self) -> PackedBatch:
-        T, rows = self.block_size, self.cfg.batch_size
-        window = self.order.window(self.lengths, rows * T)
-        batch, used = pack_groups([[self.train[i]] for i in window], rows, T, self.tok.pad_id)
-        self.order.advance(used)
+        items = self.order.take(self.lengths, self.cfg.batch_size, self.block_size)
+        batch, _ = pack_groups([[self.train[i]] for i in items], self.cfg.batch_size, self.block_size, self.tok.pad_id)
         return batch.to(self.device)
 
     def loss(self, model: nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -99,8 +99,8 @@ class SFTTask:
         if self.val:
             out["val_loss"] = packed_loss(model, self.val, self.cfg.batch_size, self.block_size, self.tok.pad_id)
         if self.cfg.eval_format_prompts and self.val_prompts:
-            out["format_rate"] = format_rate(model, self.tok, self.val_prompts[:self.cfg.eval_format_prompts],
-                                             self.cfg.eval_max_new_tokens)
+            prompts = self.val_prompts[:self.cfg.eval_format_prompts]
+            out["format_rate"] = format_rate(unsharded_gpt(model), self.tok, prompts, self.cfg.eval_max_new_tokens)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -146,6 +146,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     set_dropout(model, cfg.dropout)
     if cfg.block_size:
         shorten_context(model, cfg.block_size, f"block_size={cfg.block_size}")
+    add_lora(model, cfg, "sft")
     T = model.config.block_size
     device = resolve_device(cfg.device, distributed_env())
     cfg.batch_size = micro_batch_rows(cfg, model.config, "sft", T, device)
