@@ -49,7 +49,7 @@ class Budget:
     qa_fraction: float = 0.9         # share of corpus sentences written as "question? answer."
     n_sft: int = 2000                # demonstrations
     n_compare: int = 900             # prompts the SFT model answers K times for ranking
-    n_ppo: int = 400                 # PPO training prompts
+    n_ppo: int = 200                 # PPO training prompts (each is drawn ~50 times over the run)
     n_eval: int = 260                # held-out evaluation prompts
     n_dev: int = 64                  # PPO's own held-out prompts: its curves and the choice of best.pt
     # pretrain (model shape comes from the preset)

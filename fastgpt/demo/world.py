@@ -337,7 +337,6 @@ class LastLetter(WordFamily):
 
 class Length(WordFamily):
     name = "length"
-    slip_rate = SLIP_OFTEN
     templates = ("How many letters has the word {w}?", "Count the letters the word {w} has.",
                  "Tell me how many letters the word {w} has.")
 
@@ -402,8 +401,116 @@ class Smallest(ListFamily):
         return str(max(self._numbers(args)))
 
 
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+class Neighbour(Family):
+    """The next or previous item of a sequence (digits or the alphabet): a lookup the model
+    learns from pre-training; the slip is the neighbour on the other side."""
+
+    step = 1
+    kind = "number"
+    items: tuple[str, ...] = ()
+
+    def all_args(self) -> Iterable[Args]:
+        for x in self.items:
+            if self.result({"x": x}) is not None and self.slip({"x": x}) is not None:
+                yield {"x": x}
+
+    def _at(self, x: str, delta: int) -> str | None:
+        raise NotImplementedError
+
+    def result(self, args: Args) -> str | None:
+        return self._at(args["x"], self.step)
+
+    def slip(self, args: Args) -> str:
+        return self._at(args["x"], -self.step)  # type: ignore[return-value]
+
+    def canonical(self, args: Args, result: str) -> str:
+        side = "after" if self.step > 0 else "before"
+        return f"The {self.kind} {side} {args['x']} is {result}."
+
+
+class NumberNeighbour(Neighbour):
+    fields = {"x": r"\d{1,2}"}
+    items = tuple(str(n) for n in range(100))
+
+    def _at(self, x: str, delta: int) -> str | None:
+        n = int(x) + delta
+        return str(n) if 0 <= n <= 99 else None
+
+
+class LetterNeighbour(Neighbour):
+    fields = {"x": r"[a-z]"}
+    items = tuple(LETTERS)
+    case_sensitive = True
+
+    def canonical(self, args: Args, result: str) -> str:
+        # Not "The letter after ...": answers that open like the first/last-letter families'
+        # ("The last letter of ...") get confused with them by a model this small.
+        side = "after" if self.step > 0 else "before"
+        return f"In the alphabet, the one {side} {args['x']} is {result}."
+
+    def _at(self, x: str, delta: int) -> str | None:
+        i = LETTERS.index(x) + delta
+        return LETTERS[i] if 0 <= i < len(LETTERS) else None
+
+
+class NextNumber(NumberNeighbour):
+    name = "next_number"
+    templates = ("What number comes after {x}?", "Which number follows {x}?", "Tell me the number after {x}.",
+                 "Counting up, what number comes after {x}?")
+
+
+class PreviousNumber(NumberNeighbour):
+    name = "previous_number"
+    step = -1
+    slip_rate = SLIP_OFTEN
+    templates = ("What number comes before {x}?", "Which number is just before {x}?",
+                 "Tell me the number before {x}.", "Counting down, what number comes before {x}?")
+
+
+class NextLetter(LetterNeighbour):
+    name = "next_letter"
+    slip_rate = SLIP_OFTEN
+    templates = ("What comes after {x} in the alphabet?", "In the alphabet, what comes after {x}?",
+                 "Tell me what comes after {x} in the alphabet.", "Say what follows {x} in the alphabet.",
+                 "Which comes after {x} in the alphabet?", "In the alphabet, what follows {x}?",
+                 "Tell me what follows {x} in the alphabet.", "Name what comes after {x} in the alphabet.")
+
+
+class PreviousLetter(LetterNeighbour):
+    name = "previous_letter"
+    step = -1
+    templates = ("What comes before {x} in the alphabet?", "In the alphabet, what comes before {x}?",
+                 "Tell me what comes before {x} in the alphabet.", "Say what precedes {x} in the alphabet.",
+                 "Which comes before {x} in the alphabet?", "In the alphabet, what precedes {x}?",
+                 "Tell me what precedes {x} in the alphabet.", "Name what comes before {x} in the alphabet.")
+
+
+class Parity(Family):
+    name = "parity"
+    slip_rate = SLIP_OFTEN
+    fields = {"x": r"\d{1,2}"}
+    templates = ("Is {x} odd or even?", "Tell me if {x} is odd or even.", "Say whether {x} is odd or even.")
+
+    def all_args(self) -> Iterable[Args]:
+        for n in range(100):
+            yield {"x": str(n)}
+
+    def result(self, args: Args) -> str | None:
+        return "even" if int(args["x"]) % 2 == 0 else "odd"
+
+    def slip(self, args: Args) -> str:
+        return "odd" if self.result(args) == "even" else "even"
+
+    def canonical(self, args: Args, result: str) -> str:
+        return f"The number {args['x']} is {result}."
+
 FAMILIES: list[Family] = [
-    Add(), Sub(), Bigger(), Largest(), Smallest(), FirstLetter(), LastLetter(), Length(),
+    NextNumber(), PreviousNumber(), NextLetter(), PreviousLetter(), Parity(), FirstLetter(), LastLetter(),
+    Length(),
 ]
 FAMILY_BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
 
@@ -476,7 +583,8 @@ def _style_list(n: int, mix: dict[str, float], rng: random.Random) -> list[str]:
     return styles
 
 
-def _allocate(sizes: list[int], caps: list[float], rng: random.Random) -> list[list[str]]:
+def _allocate(sizes: list[int], caps: list[float], rng: random.Random,
+              last_takes_rest: bool = False) -> list[list[str]]:
     """Split the prompt space into disjoint sets of the given sizes.
 
     Each set takes prompts round-robin over families, so every set covers every
@@ -490,6 +598,8 @@ def _allocate(sizes: list[int], caps: list[float], rng: random.Random) -> list[l
         rng.shuffle(prompts)
         pools[fam.name] = prompts
     capacity = {name: len(p) for name, p in pools.items()}
+    if last_takes_rest:
+        sizes = [*sizes[:-1], sum(capacity.values()) - sum(sizes[:-1])]
     if sum(sizes) > sum(capacity.values()):
         raise ValueError(f"asked for {sum(sizes)} prompts; the world has {sum(capacity.values())}")
     out = []
@@ -570,9 +680,20 @@ def make_world(
     # its per-family numbers stay balanced; SFT takes whatever is left. The dev
     # set is PPO's own held-out set: choosing best.pt on it leaves the
     # evaluation prompts untouched by any choice.
-    eval_prompts, dev, ppo, compare, sft_prompts = _allocate(
-        [n_eval, n_dev, n_ppo, n_compare, n_sft], [0.25, 0.1, 0.2, 0.2, 1.0], rng
-    )
+    # SFT keeps whatever the other sets leave (the comparison set may take up to 45% of a family);
+    # the world has fewer prompts than demonstrations, so each family's remaining prompts are
+    # demonstrated in turn (by different demonstrators: other styles, sometimes the slip) until
+    # every family has the same share of the demonstrations.
+    eval_prompts, dev, ppo, compare, sft_pool = _allocate(
+        [n_eval, n_dev, n_ppo, n_compare, sum(len(f.all_prompts()) for f in FAMILIES)],
+        [0.25, 0.1, 0.2, 0.45, 1.0], rng, last_takes_rest=True)
+    by_family: dict[str, list[str]] = {}
+    for p in sft_pool:
+        by_family.setdefault(parse_prompt(p)[0].name, []).append(p)  # type: ignore[index]
+    names = sorted(by_family)
+    sft_prompts = [by_family[names[i % len(names)]][(i // len(names)) % len(by_family[names[i % len(names)]])]
+                   for i in range(n_sft)]
+    rng.shuffle(sft_prompts)
     eval_items = []
     for p in eval_prompts:
         fam, args = parse_prompt(p)  # type: ignore[misc]
