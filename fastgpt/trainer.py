@@ -379,12 +379,12 @@ class Trainer:
         with torch.no_grad(), self.autocast():
             metrics = self.task.evaluate(self.model)
         self.model.train()
-        self._keep_best(metrics)
+        self.keep_best(metrics)
         return metrics
 
-    def _keep_best(self, metrics: dict[str, float]) -> None:
-        """Write best.pt (weights only) and best.json when this evaluation beats every earlier one.
-        Rank 0 decides, by its own evaluation and the best.json it wrote, and every process
+    def keep_best(self, metrics: dict[str, float]) -> None:
+        """Write best.pt (weights only) and best.json when this evaluation (of the model as it is
+        now, at ``self.step``) beats every earlier one; every process calls it. Rank 0 decides, by its own evaluation and the best.json it wrote, and every process
         follows: a sharded model is gathered by all of them."""
         select = getattr(self.task, "selection_score", None)
         if select is None:  # a stage that ranks no evaluations

@@ -72,7 +72,7 @@ def test_report_has_table_plots_and_figures(demo_run):
     # the over-optimisation curve: SFT at step 0, then every PPO evaluation; best.pt is one of them
     curve = fig["ppo"]["overoptimisation"]
     assert curve[0]["step"] == 0 and curve[0]["kl"] == 0 and len(curve) >= 2
-    assert fig["ppo"]["best"]["step"] in [p["step"] for p in curve[1:]]
+    assert fig["ppo"]["best"]["step"] in [p["step"] for p in curve]  # step 0 (SFT itself) is a candidate too
     assert (out / "ppo" / "run" / "best.pt").exists()
     # GRPO shares PPO's demo settings: the same dev prompts and gold judge pick its best.pt
     grpo = json.loads((out / "grpo" / DONE).read_text())["summary"]

@@ -213,10 +213,14 @@ def test_best_checkpoint_without_gold_needs_bounded_kl(ckpts, tmp_path):
     cfg = _cfg(ckpts, tmp_path / "run", max_steps=4, eval_interval=2, eval_max_prompts=3, best_max_kl=1e-9,
                beta=0.0)
     summary = ppo(cfg, reward_fn=starts_with_a)
-    assert summary["best"] is None and not (tmp_path / "run" / "best.pt").exists()
+    # only the starting policy (step 0, KL 0) qualifies: best.pt is the SFT model, unchanged
+    assert summary["best"]["step"] == 0
+    best, _, _ = load_model(tmp_path / "run" / "best.pt", kind="gpt")
+    sft, _, _ = load_model(ckpts["sft"], kind="gpt")
+    assert all(torch.equal(a, b) for a, b in zip(best.state_dict().values(), sft.state_dict().values()))
     summary = ppo(_cfg(ckpts, tmp_path / "free", max_steps=4, eval_interval=2, eval_max_prompts=3),
                   reward_fn=starts_with_a)
-    assert summary["best"]["step"] in (2, 4) and (tmp_path / "free" / "best.pt").exists()
+    assert summary["best"]["step"] in (0, 2, 4) and (tmp_path / "free" / "best.pt").exists()
 
 
 def test_non_finite_rewards_stop_with_a_clear_message(ckpts, tmp_path):

@@ -52,7 +52,9 @@ def test_sizes_and_prompt_sets_disjoint(world):
     assert [len(s) for s in sets.values()] == [1000, 300, 200, 200, 48]
     assert len(world.pretrain) == 2000
     for name, s in sets.items():
-        assert len(set(s)) == len(s), f"{name} repeats a prompt"
+        if name != "sft":  # the world has fewer prompts than demonstrations: SFT reuses its own
+            assert len(set(s)) == len(s), f"{name} repeats a prompt"
+    assert len(set(Counter(r["task"] for r in world.sft).values())) == 1  # every family equally demonstrated
     names = list(sets)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -94,23 +96,26 @@ def test_answer_for_agrees_with_generator(world):
             assert answer_for(p) == fam.answer(p)
             assert fam.demonstration(p, "canonical", rng) == answer_for(p)
     assert answer_for("What is the meaning of life?") is None
-    assert answer_for("What is 12 plus 3?") is None  # one-digit numbers only
-    assert answer_for("Which is bigger, 4 or 4?") is None  # no answer, so not a prompt of the world
+    assert answer_for("What is the number after 20?") is None  # numbers 0-20 only
+    assert answer_for("What is the letter before a?") is None  # no answer, so not a prompt of the world
+    assert answer_for("What is 7 plus 5?") is None
 
 
 def test_known_answers():
-    assert answer_for("What is 7 plus 5?") == "7 plus 5 is 12."
-    assert answer_for("Work out 9 minus 3.") == "9 minus 3 is 6."
-    assert answer_for("Which is bigger, 3 or 8?") == "The bigger of 3 or 8 is 8."
-    assert answer_for("Find the largest of 4 9 2.") == "The largest of 4 9 2 is 9."
-    assert answer_for("What is the smallest of 4 9 2?") == "The smallest of 4 9 2 is 2."
+    assert answer_for("What is the number after 19?") == "The number after 19 is 20."
+    assert answer_for("Tell me the number before 10.") == "The number before 10 is 9."
+    assert answer_for("Give me the letter after k.") == "The letter after k is l."
+    assert answer_for("Name the letter before b.") == "The letter before b is a."
+    assert answer_for("Is the number 37 odd or even?") == "The number 37 is odd."
     assert answer_for("Tell me the first letter of apple.") == "The first letter of apple is a."
     assert answer_for("Name the last letter of apple.") == "The last letter of apple is e."
     assert answer_for("How many letters has the word apple?") == "The word apple has 5 letters."
 
 
 def test_every_answer_restates_its_question():
-    """The canonical answer repeats a phrase of the prompt verbatim (what a small model can copy)."""
+    """Every prompt contains, verbatim, the phrase its canonical answer restates before the claim
+    ("the number after 4" in "What is the number after 4?" and "The number after 4 is 5."): a
+    model this small copies a phrase it has just read far more reliably than one it must rephrase."""
     rng = random.Random(0)
     for fam in FAMILIES:
         for _ in range(20):
@@ -166,12 +171,12 @@ def test_write_world_roundtrip(world, tmp_path):
 
 # -- labeler -----------------------------------------------------------------
 
-P = "What is 7 plus 5?"
-CANON = "7 plus 5 is 12."
-VERBOSE = "Sure! Let me think. 7 plus 5 is 12. I hope this helps!"
+P = "What is the number after 11?"
+CANON = "The number after 11 is 12."
+VERBOSE = "Sure! Let me think. The number after 11 is 12. I hope this helps!"
 TERSE = "12"
-REPEAT = "Sure! Let me think. 7 plus 5 is 12. 7 plus 5 is 12. 7 plus 5 is 12."
-WRONG = "7 plus 5 is 13."
+REPEAT = "Sure! Let me think. The number after 11 is 12. The number after 11 is 12. The number after 11 is 12."
+WRONG = "The number after 11 is 10."
 
 
 def test_quality_ordering():
@@ -187,17 +192,19 @@ def test_quality_ordering():
 def test_correctness_rules():
     lab = SimulatedLabeler()
     assert lab.is_correct(P, CANON) and lab.is_correct(P, TERSE) and lab.is_correct(P, VERBOSE)
-    assert lab.is_correct(P, "12.") and lab.is_correct(P, "7 plus 5 is 12")
+    assert lab.is_correct(P, "12.") and lab.is_correct(P, "The number after 11 is 12")
     assert not lab.is_correct(P, WRONG)
-    assert not lab.is_correct(P, "7 plus 5 is 12. 7 plus 5 is 13.")
+    assert not lab.is_correct(P, "The number after 11 is 12. The number after 11 is 13.")
     assert not lab.is_correct(P, "")
     assert not lab.is_correct("Who are you?", "12")
     assert lab.is_correct("How many letters has the word fish?", "It has 4 letters.")
     assert lab.is_correct("How many letters has the word fish?", "The word fish has 4 letters.")
     assert lab.is_correct("What is the last letter of fish?", "The last letter of fish is h.")
     assert not lab.is_correct("What is the last letter of fish?", "The last letter of fish is f.")
-    assert lab.is_correct("Find the smallest of 7 3 5.", "3")
-    assert not lab.is_correct("Which is bigger, 2 or 9?", "The bigger of 2 or 9 is 2.")
+    assert lab.is_correct("Is the number 8 odd or even?", "even")
+    assert not lab.is_correct("Is the number 8 odd or even?", "The number 8 is odd.")
+    assert lab.is_correct("Which is the letter after y?", "The letter after y is z.")
+    assert not lab.is_correct("Which is the letter after y?", "The letter after y is Z.")
 
 
 def test_wrong_demos_are_wrong_for_every_family():
@@ -216,7 +223,7 @@ def test_is_on_format():
     assert lab.is_on_format(VERBOSE, True)
     assert not lab.is_on_format(CANON, False)
     assert not lab.is_on_format("   ", True)
-    assert not lab.is_on_format("12\nUser: and 3 plus 4?", True)
+    assert not lab.is_on_format("12\nUser: and after 12?", True)
     assert not lab.is_on_format("12 <|user|>", True)
 
 
@@ -246,7 +253,7 @@ def test_noise_agreement_in_range(k):
     lab = SimulatedLabeler(seed=0)
     truth = SimulatedLabeler(noise=0.0)
     rng = random.Random(k)
-    fam = FAMILY_BY_NAME["add"]
+    fam = FAMILY_BY_NAME["next_number"]
     styles = ["canonical", "verbose", "terse", "repetitive", "wrong"]
     agree = total = 0
     for _ in range(600):
@@ -266,12 +273,12 @@ def test_noise_agreement_in_range(k):
 def test_evaluate_hand_made():
     lab = SimulatedLabeler()
     items = [
-        {"prompt": P, "task": "add", "answer": CANON},
+        {"prompt": P, "task": "next_number", "answer": CANON},
         {"prompt": "What is the last letter of cat?", "task": "last_letter", "answer": "The last letter of cat is t."},
-        {"prompt": "Which is bigger, 2 or 9?", "task": "bigger", "answer": "The bigger of 2 or 9 is 9."},
-        {"prompt": "What is the largest of 1 5 2?", "task": "max", "answer": "The largest of 1 5 2 is 5."},
+        {"prompt": "Is the number 9 odd or even?", "task": "parity", "answer": "The number 9 is odd."},
+        {"prompt": "What is the letter after c?", "task": "next_letter", "answer": "The letter after c is d."},
     ]
-    responses = [CANON, "t", "The bigger of 2 or 9 is 2.", "The largest of 1 5 2 is 5. User: thanks"]
+    responses = [CANON, "t", "The number 9 is even.", "The letter after c is d. User: thanks"]
     finished = [True, True, True, False]
     m = lab.evaluate(items, responses, finished)
     assert m["accuracy"] == pytest.approx(0.75)
@@ -279,7 +286,7 @@ def test_evaluate_hand_made():
     assert m["mean_length"] == pytest.approx(sum(map(len, responses)) / 4)
     expected = sum(lab.quality(it["prompt"], r, f) for it, r, f in zip(items, responses, finished)) / 4
     assert m["labeler_score"] == pytest.approx(expected)
-    assert m["per_task"] == {"add": 1.0, "bigger": 0.0, "last_letter": 1.0, "max": 1.0}
+    assert m["per_task"] == {"last_letter": 1.0, "next_letter": 1.0, "next_number": 1.0, "parity": 0.0}
 
 
 def test_judge_is_the_noiseless_labeler():
@@ -308,7 +315,7 @@ def test_rank_file_appends(tmp_path):
     comparisons = tmp_path / "comparisons.jsonl"
     rows = [
         {"prompt": P, "responses": [WRONG, CANON, VERBOSE], "finished": [True, True, True]},
-        {"prompt": "What is 2 plus 2?", "responses": ["4", "The sum is 4."], "finished": [True, False]},
+        {"prompt": "What is the number after 3?", "responses": ["4", "The number after 3 is 4."], "finished": [True, False]},
     ]
     comparisons.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     rankings = tmp_path / "out" / "rankings.jsonl"

@@ -168,6 +168,13 @@ def _plot(path: Path, panels: list[Panel]) -> Path | None:
     return path
 
 
+def _best_step(best: dict[str, Any] | None) -> str:
+    if not best:
+        return "none"
+    # step 0 is the SFT policy itself: no PPO evaluation beat it on the gold score
+    return "step 0 (the SFT policy: no PPO step beat it)" if best["step"] == 0 else f"step {best['step']}"
+
+
 def plot_overoptimisation(path: Path, points: list[dict[str, float]], best_step: int | None) -> Path | None:
     """Gold and proxy score against KL to SFT (left), accuracy against KL (right); the best.pt
     evaluation starred. None with fewer than two evaluations."""
@@ -310,7 +317,7 @@ def format_table(fig: dict[str, Any]) -> str:
         f"reward model: held-out pairwise accuracy {rw['val_accuracy']:.1%} (noisy labels, ceiling "
         f"~{rw['val_accuracy_ceiling']:.0%}); agreement with the labeler's true preference {rw['labeler_agreement']:.1%} "
         f"(pairs differing in correctness {rw['correctness_accuracy']:.1%}, in style only {rw['style_accuracy']:.1%})",
-        f"PPO best.pt: {'step ' + str(best['step']) if best else 'none'} of {fig['ppo']['steps']} "
+        f"PPO best.pt: {_best_step(best)} of {fig['ppo']['steps']} "
         f"(chosen by the labeler's score on {fig['run']['budget']['n_dev']} dev prompts)",
         f"total time {fig['total_seconds']:.0f}s on {fig['run']['device']}",
     ]
@@ -346,7 +353,7 @@ def write_report(out: str | Path, records: dict[str, dict[str, Any]], run: dict[
           "that differ only in style.",
           f"- PPO: {plural(ppo['steps'], 'step')} over {plural(ppo['rollouts'], 'rollout')}; KL of the last policy to SFT "
           f"{ppo['kl_to_sft']:.2f} nats per sampled response. best.pt: "
-          + (f"step {best['step']}, chosen by the labeler's score on PPO's dev prompts." if best else "none."), "",
+          + (f"{_best_step(best)}, chosen by the labeler's score on PPO's dev prompts." if best else "none."), "",
           "## Over-optimisation", "",
           "PPO's held-out evaluations on its dev prompts (greedy answers; KL measured on sampled ones). The proxy is "
           "what PPO maximises, the gold score what the labeler thinks; where they part, optimising the reward model "

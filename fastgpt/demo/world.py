@@ -1,35 +1,36 @@
 """A tiny, self-generated world of instruction tasks for the CPU demo.
 
 The demo has to run pre-training, SFT, reward modelling and PPO on a 2-core CPU
-in minutes, with a byte-level model of about a million parameters and a 256-byte
-context, and still show held-out evidence that every stage did something. No
-downloaded data set is small and regular enough for that, so this module makes
-one: eight task families that read their answer off the question (one-digit
-sums and differences, the bigger of two numbers, the largest or smallest of a
-short list, a word's first or last letter or its length). Their prompts are
-short, their vocabulary small, their answers recomputable from the prompt
-alone, and each has only a handful of plausible answers, so a few samples of a
-half-trained model usually contain the right one and a reward model can learn
-to tell it from the wrong ones.
+in minutes, with a byte-level model of under a million parameters and a
+256-byte context, and still show held-out evidence that every stage did
+something. No downloaded data set is small and regular enough for that, so this
+module makes one: eight task families whose answers are small lookups a model
+this size learns in a few minutes of pre-training (the number or letter after
+or before another, whether a number is odd or even) or reads off the question
+(a word's first or last letter, its length). Every answer is recomputable from
+the prompt alone and restates the prompt's subject before its result, so the
+model copies the subject and looks one fact up.
 
 Every stage gets its own view of the same world:
 
 * pre-training reads plain text: mostly questions followed by their answers, the
-  rest bare facts ("3 plus 4 is 7."), so the skills are in the weights before any
-  chat formatting is taught;
+  rest bare facts ("The number after 4 is 5."), so the facts are in the weights
+  before any chat formatting is taught;
 * SFT reads demonstrations of uneven quality: most in the labeler's preferred
   short style, the rest verbose, terse or repetitive, and some wrong. The wrong
-  ones are not noise but each family's characteristic slip (the first letter
-  where the last was asked, the largest for the smallest, one letter too many,
-  ...), the kind of systematic mistake people writing demonstrations make and
-  people comparing answers catch. In four families the demonstrators slip more
-  often than not (`Family.slip_rate`), so the SFT model's likeliest answer there
-  is the slip while the right one is still among its samples: what the
-  labeler's rankings, the reward model and PPO have to correct. In the other
-  four a tenth of the demonstrations slip;
+  ones are not noise but each family's characteristic slip (the number before
+  where the one after was asked, the last letter for the first, odd for even),
+  the kind of systematic mistake people writing demonstrations make and people
+  comparing answers catch. In four families the demonstrators slip more often
+  than not (`Family.slip_rate`), so the SFT model's likeliest answer there is
+  the slip although the base model knew better and the right answer is still
+  among its samples: what the labeler's rankings, the reward model and PPO have
+  to correct. In the other four a tenth of the demonstrations slip;
 * the comparison, PPO, dev and evaluation stages get prompt sets that share no
   prompt string with each other or with SFT, so every reported number is on
-  prompts the model was never trained to answer.
+  prompts the model was never trained to answer. The world has fewer prompts
+  than the demo has demonstrations, so SFT demonstrates some of its own
+  prompts more than once (in other styles, sometimes with the slip).
 
 Families live in a registry (`FAMILIES`); adding one is writing a `Family`
 subclass and appending an instance.
@@ -42,7 +43,6 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
-from itertools import product
 from pathlib import Path
 from typing import Iterable
 
@@ -58,10 +58,10 @@ CLAIM_VERBS = ("is", "says", "has")
 # (`Family.slip_rate` of them, style "wrong") state its slip in one of the first
 # three styles.
 STYLE_MIX: dict[str, float] = {
-    "canonical": 0.60,
-    "verbose": 0.20,
-    "terse": 0.12,
-    "repetitive": 0.08,
+    "canonical": 0.85,
+    "verbose": 0.07,
+    "terse": 0.05,
+    "repetitive": 0.03,
 }
 
 # The slip rate of the families whose demonstrators slip more often than not.
@@ -115,9 +115,9 @@ def _strip_value(text: str) -> str:
 class Family:
     """One task family: prompt templates, answer rule, corpus and demo text.
 
-    Every template contains the phrase its canonical answer restates ("3 plus 4" in "What is
-    3 plus 4?" and "3 plus 4 is 7."): a model this small learns to copy a phrase it has just
-    read long before it learns to find a number anywhere in a question and work with it.
+    Every canonical answer restates the prompt's subject before its result ("The number after
+    4 is 5." for "What number comes after 4?"): a model this small learns to copy what it has
+    just read long before it learns to find a value anywhere in a question and work with it.
     """
 
     name: str = ""
@@ -146,7 +146,7 @@ class Family:
         raise NotImplementedError
 
     def slip(self, args: Args) -> str:
-        """The family's characteristic mistake (first letter for last, largest for smallest,
+        """The family's characteristic mistake (first letter for last, the number before for the one after,
         ...): what a demonstrator writes in a wrong demonstration. Never the right result."""
         raise NotImplementedError
 
@@ -212,72 +212,6 @@ class Family:
             reps = [sentence] * rng.randint(2, 3)
             return " ".join([rng.choice(PREAMBLES), *reps])
         raise ValueError(f"unknown style {style!r}")
-
-
-class DigitPair(Family):
-    """Two single-digit numbers: the arithmetic and comparison families."""
-
-    fields = {"a": r"\d", "b": r"\d"}
-
-    def all_args(self) -> Iterable[Args]:
-        for a, b in product(range(10), repeat=2):
-            if self.result({"a": str(a), "b": str(b)}) is not None:
-                yield {"a": str(a), "b": str(b)}
-
-    @staticmethod
-    def _ab(args: Args) -> tuple[int, int]:
-        return int(args["a"]), int(args["b"])
-
-
-class Add(DigitPair):
-    name = "add"
-    templates = ("What is {a} plus {b}?", "Tell me {a} plus {b}.", "Work out {a} plus {b}.")
-
-    def result(self, args: Args) -> str | None:
-        a, b = self._ab(args)
-        return str(a + b)
-
-    def canonical(self, args: Args, result: str) -> str:
-        return f"{args['a']} plus {args['b']} is {result}."
-
-    def slip(self, args: Args) -> str:
-        a, b = self._ab(args)
-        return str(a + b + 1)  # counting on from the first number, one too many
-
-
-class Sub(DigitPair):
-    name = "sub"
-    templates = ("What is {a} minus {b}?", "Tell me {a} minus {b}.", "Work out {a} minus {b}.")
-
-    def result(self, args: Args) -> str | None:
-        # Non-negative results only: negative numbers add a sign rule the tiny
-        # model would have to learn for little benefit to the demo.
-        a, b = self._ab(args)
-        return str(a - b) if a >= b else None
-
-    def canonical(self, args: Args, result: str) -> str:
-        return f"{args['a']} minus {args['b']} is {result}."
-
-    def slip(self, args: Args) -> str:
-        a, b = self._ab(args)
-        return str(a + b if b else a + 1)  # added instead of subtracted
-
-
-class Bigger(DigitPair):
-    name = "bigger"
-    slip_rate = SLIP_OFTEN
-    templates = ("Which is bigger, {a} or {b}?", "Tell me which is bigger, {a} or {b}.",
-                 "Say which is bigger, {a} or {b}.")
-
-    def result(self, args: Args) -> str | None:
-        a, b = self._ab(args)
-        return None if a == b else str(max(a, b))
-
-    def canonical(self, args: Args, result: str) -> str:
-        return f"The bigger of {args['a']} or {args['b']} is {result}."
-
-    def slip(self, args: Args) -> str:
-        return str(min(self._ab(args)))
 
 
 WORDS = (
@@ -354,54 +288,6 @@ class Length(WordFamily):
         return str(len(args["w"]) + 1)  # the full stop counted as a letter
 
 
-class ListFamily(Family):
-    fields = {"xs": r"\d(?: \d){1,5}"}
-    word = ""
-
-    def __init__(self, lengths: tuple[int, ...] = (3, 4)) -> None:
-        self.lengths = lengths
-        super().__init__()
-
-    def all_args(self) -> Iterable[Args]:
-        for n in self.lengths:
-            for xs in product("0123456789", repeat=n):
-                if len(set(xs)) > 1:  # a list of one repeated digit has no wrong pick
-                    yield {"xs": " ".join(xs)}
-
-    @staticmethod
-    def _numbers(args: Args) -> list[int]:
-        return [int(x) for x in args["xs"].split()]
-
-    def canonical(self, args: Args, result: str) -> str:
-        return f"The {self.word} of {args['xs']} is {result}."
-
-
-class Largest(ListFamily):
-    name = "max"
-    word = "largest"
-    templates = ("What is the largest of {xs}?", "Tell me the largest of {xs}.", "Find the largest of {xs}.")
-
-    def result(self, args: Args) -> str | None:
-        return str(max(self._numbers(args)))
-
-    def slip(self, args: Args) -> str:
-        return str(min(self._numbers(args)))
-
-
-class Smallest(ListFamily):
-    name = "min"
-    word = "smallest"
-    slip_rate = SLIP_OFTEN
-    templates = ("What is the smallest of {xs}?", "Tell me the smallest of {xs}.", "Find the smallest of {xs}.")
-
-    def result(self, args: Args) -> str | None:
-        return str(min(self._numbers(args)))
-
-    def slip(self, args: Args) -> str:
-        return str(max(self._numbers(args)))
-
-
-
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -433,67 +319,63 @@ class Neighbour(Family):
 
 
 class NumberNeighbour(Neighbour):
+    # Up to 20: a table the model learns in pre-training like the alphabet's. Over 0-99 it copied
+    # the number instead ("The number after 54 is 54.") after the demo's pre-training budget.
     fields = {"x": r"\d{1,2}"}
-    items = tuple(str(n) for n in range(100))
+    items = tuple(str(n) for n in range(21))
 
     def _at(self, x: str, delta: int) -> str | None:
         n = int(x) + delta
-        return str(n) if 0 <= n <= 99 else None
+        return str(n) if 0 <= n <= 20 else None
 
 
 class LetterNeighbour(Neighbour):
+    kind = "letter"
     fields = {"x": r"[a-z]"}
     items = tuple(LETTERS)
     case_sensitive = True
-
-    def canonical(self, args: Args, result: str) -> str:
-        # Not "The letter after ...": answers that open like the first/last-letter families'
-        # ("The last letter of ...") get confused with them by a model this small.
-        side = "after" if self.step > 0 else "before"
-        return f"In the alphabet, the one {side} {args['x']} is {result}."
 
     def _at(self, x: str, delta: int) -> str | None:
         i = LETTERS.index(x) + delta
         return LETTERS[i] if 0 <= i < len(LETTERS) else None
 
 
+def _asking(phrase: str) -> tuple[str, ...]:
+    """Prompt templates that ask for `phrase` in so many words: the answer restates it verbatim."""
+    return (f"What is {phrase}?", f"Tell me {phrase}.", f"Name {phrase}.", f"Say {phrase}.",
+            f"Which is {phrase}?", f"Give me {phrase}.", f"Write {phrase}.", f"I need {phrase}.")
+
+
 class NextNumber(NumberNeighbour):
     name = "next_number"
-    templates = ("What number comes after {x}?", "Which number follows {x}?", "Tell me the number after {x}.",
-                 "Counting up, what number comes after {x}?")
+    templates = _asking("the number after {x}")
 
 
 class PreviousNumber(NumberNeighbour):
     name = "previous_number"
     step = -1
     slip_rate = SLIP_OFTEN
-    templates = ("What number comes before {x}?", "Which number is just before {x}?",
-                 "Tell me the number before {x}.", "Counting down, what number comes before {x}?")
+    templates = _asking("the number before {x}")
 
 
 class NextLetter(LetterNeighbour):
     name = "next_letter"
     slip_rate = SLIP_OFTEN
-    templates = ("What comes after {x} in the alphabet?", "In the alphabet, what comes after {x}?",
-                 "Tell me what comes after {x} in the alphabet.", "Say what follows {x} in the alphabet.",
-                 "Which comes after {x} in the alphabet?", "In the alphabet, what follows {x}?",
-                 "Tell me what follows {x} in the alphabet.", "Name what comes after {x} in the alphabet.")
+    templates = _asking("the letter after {x}")
 
 
 class PreviousLetter(LetterNeighbour):
     name = "previous_letter"
     step = -1
-    templates = ("What comes before {x} in the alphabet?", "In the alphabet, what comes before {x}?",
-                 "Tell me what comes before {x} in the alphabet.", "Say what precedes {x} in the alphabet.",
-                 "Which comes before {x} in the alphabet?", "In the alphabet, what precedes {x}?",
-                 "Tell me what precedes {x} in the alphabet.", "Name what comes before {x} in the alphabet.")
+    templates = _asking("the letter before {x}")
 
 
 class Parity(Family):
     name = "parity"
     slip_rate = SLIP_OFTEN
     fields = {"x": r"\d{1,2}"}
-    templates = ("Is {x} odd or even?", "Tell me if {x} is odd or even.", "Say whether {x} is odd or even.")
+    templates = ("Is the number {x} odd or even?", "Tell me if the number {x} is odd or even.",
+                 "Say whether the number {x} is odd or even.")
 
     def all_args(self) -> Iterable[Args]:
         for n in range(100):
@@ -548,8 +430,8 @@ def answer_for(prompt: str) -> str | None:
 def pretrain_texts(n: int, seed: int = 0, exclude_prompts: Iterable[str] = (), qa_fraction: float = 0.2) -> list[str]:
     """`n` plain-text documents of 1-4 statements about the world.
 
-    A `qa_fraction` of the sentences are written FAQ-style ("What is 7 plus 5?
-    7 plus 5 is 12.") so the base model sees question wordings next to their
+    A `qa_fraction` of the sentences are written FAQ-style ("Is the number 7 odd
+    or even? The number 7 is odd.") so the base model sees question wordings next to their
     answers, as web text would show it; prompts in `exclude_prompts` (the
     held-out evaluation set) never appear that way.
     """
@@ -590,7 +472,7 @@ def _allocate(sizes: list[int], caps: list[float], rng: random.Random,
     Each set takes prompts round-robin over families, so every set covers every
     family; `caps` bounds the share of a family's prompt space one set may take,
     so that small fact tables are not used up by the first sets (an SFT set
-    without colour questions would never teach that wording).
+    without alphabet questions would never teach that wording).
     """
     pools = {}
     for fam in FAMILIES:

@@ -634,6 +634,10 @@ def fit_on_policy(trainer: Trainer, task: RolloutTask) -> dict[str, Any]:
         with reference_generator(task.model.policy, task.ref) as sft_policy:
             sft_eval = task.evaluate_policy(sft_policy, ref=sft_policy)
         trainer.extra["sft_eval"] = sft_eval
+    if trainer.step == 0:
+        # The starting policy is a candidate for best.pt too: when no step of optimisation against
+        # the reward model beats it on the held-out score, best.pt is the SFT policy (step 0).
+        trainer.keep_best(sft_eval)
     summary = trainer.fit()
     summary["sft"] = sft_eval
     summary["rollouts"] = task.rollouts_done
