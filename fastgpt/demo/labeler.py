@@ -11,13 +11,13 @@ What "good" means, in order of weight (`SimulatedLabeler.quality`):
 
 1. Correct (+3.0). Every sentence that states a result (the text after its
    last "is", "says" or "has"; for a bare reply with no such verb, the last
-   sentence) must state the right one, e.g. "12" for "What is 7 plus 5?".
+   sentence) must state the right one, e.g. "12" for "What is the number after 11?".
    One wrong claim makes the whole response wrong. Prompts outside the world
    cannot be judged and never count as correct.
 2. Ends its turn (-2.0 if not). A response that runs until the token limit
    without emitting end-of-turn is penalised hard, whatever it says.
 3. On-format (+1.0 if it is exactly the canonical sentence, e.g.
-   "The sum is 12."; +0.5 if it contains it among other text).
+   "The number after 11 is 12."; +0.5 if it contains it among other text).
 4. Concise (up to -0.5 for characters beyond the canonical answer's length,
    saturating at 100 extra; -0.25 per filler phrase such as "Sure!" or
    "I hope this helps!", at most -0.75).
@@ -26,10 +26,10 @@ What "good" means, in order of weight (`SimulatedLabeler.quality`):
    like) and not empty (-1.0).
 
 Correct answers always outrank wrong ones among finished responses, so the
-style terms only order responses of equal correctness. Many SFT
-demonstrations are verbose, terse, repetitive or wrong (in four families, most
-of them wrong), so this ordering is something the SFT model does not already
-follow.
+style terms only order responses of equal correctness. Some SFT
+demonstrations are verbose, terse or repetitive, and some wrong (in four
+families, most of them), so this ordering is something the SFT model does not
+already follow.
 
 Rankings add noise: people disagree. The default noise (0.15) is calibrated
 so that two independent simulated labelers agree on about 76% of ordered
