@@ -35,12 +35,12 @@ from typing import Callable, Iterator
 import pytest
 import torch
 
-from bench_ppo import GRAD_CLIP, TINY, _models, _prompts, build_stage, timed_iteration
+from bench_ppo import (GRAD_CLIP, TINY, _models, build_stage, reference_generate, reference_logprobs,
+                       reference_prompts, timed_iteration)
 from fastgpt.config import PRESETS, ModelConfig
 from fastgpt.losses import group_advantages, kl_estimate, masked_mean, ppo_policy_loss
 from fastgpt.model import GPT
 from fastgpt.stages.grpo import GRPOConfig, build_grpo
-from fastgpt.tokenizer import ByteTokenizer
 from measure import Plan, error_text, free_memory, record_rows, sync
 
 
@@ -62,24 +62,17 @@ def reference_iteration(cfg: ModelConfig, batch: int, k: int, mini: int, prompt_
     policy, rm = _models(cfg, device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, eps=1e-5, weight_decay=0.0)
-    tok = ByteTokenizer()
-    prompts = torch.tensor([[tok.role_id("user")] + tok.encode(p)[:prompt_len - 3] + [tok.end_id, tok.role_id("assistant")]
-                            for p in _prompts(batch // k, prompt_len) for _ in range(k)], device=device)
+    prompts = reference_prompts(batch, prompt_len, device, repeat=k)
     P = prompts.shape[1]
     g = torch.Generator(device=device).manual_seed(0)
 
-    def logprobs(model: GPT, s: torch.Tensor) -> torch.Tensor:  # full logits + log_softmax
-        logits, _ = model(s)
-        return torch.log_softmax(logits[:, P - 1:-1].float(), -1).gather(-1, s[:, P:, None]).squeeze(-1)
+    def logprobs(model: GPT, s: torch.Tensor) -> torch.Tensor:
+        return reference_logprobs(model, s, P)
 
     def iteration() -> dict[str, float]:
         sync(device)
         t0 = time.perf_counter()
-        seq = prompts
-        with torch.no_grad():  # generation without a KV cache: recompute everything for each token
-            for _ in range(new_tokens):
-                logits, _ = policy(seq)
-                seq = torch.cat([seq, torch.multinomial(torch.softmax(logits[:, -1].float(), -1), 1, generator=g)], 1)
+        seq = reference_generate(policy, prompts, new_tokens, g)
         sync(device)
         t_gen = time.perf_counter() - t0
         with torch.no_grad():

@@ -105,6 +105,31 @@ def fastgpt_iteration(cfg: ModelConfig, batch: int, mini: int, prompt_len: int, 
 
 
 # -------------------------------------------------------------------------------- reference
+def reference_prompts(batch: int, prompt_len: int, device: torch.device, repeat: int = 1) -> torch.Tensor:
+    """The benchmark prompts through the chat template, each ``repeat`` times in a row, (B, P)."""
+    tok = ByteTokenizer()
+    return torch.tensor([[tok.role_id("user")] + tok.encode(p)[:prompt_len - 3] + [tok.end_id, tok.role_id("assistant")]
+                         for p in _prompts(batch // repeat, prompt_len) for _ in range(repeat)], device=device)
+
+
+def reference_generate(policy: GPT, prompts: torch.Tensor, new_tokens: int, g: torch.Generator) -> torch.Tensor:
+    """Plain sampling at temperature 1 without a KV cache: everything recomputed for each token."""
+    seq = prompts
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits, _ = policy(seq)
+            probs = torch.softmax(logits[:, -1].float(), -1)
+            seq = torch.cat([seq, torch.multinomial(probs, 1, generator=g)], 1)
+    return seq
+
+
+def reference_logprobs(model: GPT, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Per-token log-probs of the response tokens from full logits and log_softmax, (B, T)."""
+    logits, _ = model(seq)
+    lp = torch.log_softmax(logits[:, prompt_len - 1:-1].float(), -1)
+    return lp.gather(-1, seq[:, prompt_len:, None]).squeeze(-1)
+
+
 def reference_iteration(cfg: ModelConfig, batch: int, mini: int, prompt_len: int, new_tokens: int,
                         device: torch.device, beta: float = 0.05, lr: float = 1e-5
                         ) -> Callable[[], dict[str, float]]:
@@ -113,26 +138,17 @@ def reference_iteration(cfg: ModelConfig, batch: int, mini: int, prompt_len: int
     ref, value = copy.deepcopy(policy).eval(), copy.deepcopy(rm)
     params = list(policy.parameters()) + list(value.parameters())
     opt = torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0)
-    tok = ByteTokenizer()
-    prompts = torch.tensor([[tok.role_id("user")] + tok.encode(p)[:prompt_len - 3] + [tok.end_id, tok.role_id("assistant")]
-                            for p in _prompts(batch, prompt_len)], device=device)
+    prompts = reference_prompts(batch, prompt_len, device)
     P = prompts.shape[1]
     g = torch.Generator(device=device).manual_seed(0)
 
-    def logprobs(model: GPT, s: torch.Tensor) -> torch.Tensor:  # full logits + log_softmax
-        logits, _ = model(s)
-        lp = torch.log_softmax(logits[:, P - 1:-1].float(), -1)
-        return lp.gather(-1, s[:, P:, None]).squeeze(-1)
+    def logprobs(model: GPT, s: torch.Tensor) -> torch.Tensor:
+        return reference_logprobs(model, s, P)
 
     def iteration() -> dict[str, float]:
         sync(device)
         t0 = time.perf_counter()
-        seq = prompts
-        with torch.no_grad():  # generation without a KV cache: recompute everything for each token
-            for _ in range(new_tokens):
-                logits, _ = policy(seq)
-                probs = torch.softmax(logits[:, -1].float(), -1)
-                seq = torch.cat([seq, torch.multinomial(probs, 1, generator=g)], 1)
+        seq = reference_generate(policy, prompts, new_tokens, g)
         sync(device)
         t_gen = time.perf_counter() - t0
         with torch.no_grad():
