@@ -465,8 +465,7 @@ def _style_list(n: int, mix: dict[str, float], rng: random.Random) -> list[str]:
     return styles
 
 
-def _allocate(sizes: list[int], caps: list[float], rng: random.Random,
-              last_takes_rest: bool = False) -> list[list[str]]:
+def _allocate(sizes: list[int], caps: list[float], rng: random.Random) -> list[list[str]]:
     """Split the prompt space into disjoint sets of the given sizes.
 
     Each set takes prompts round-robin over families, so every set covers every
@@ -480,8 +479,6 @@ def _allocate(sizes: list[int], caps: list[float], rng: random.Random,
         rng.shuffle(prompts)
         pools[fam.name] = prompts
     capacity = {name: len(p) for name, p in pools.items()}
-    if last_takes_rest:
-        sizes = [*sizes[:-1], sum(capacity.values()) - sum(sizes[:-1])]
     if sum(sizes) > sum(capacity.values()):
         raise ValueError(f"asked for {sum(sizes)} prompts; the world has {sum(capacity.values())}")
     out = []
@@ -558,23 +555,24 @@ def make_world(
     """
     rng = random.Random(seed)
     mix = dict(style_mix or STYLE_MIX)
-    # Evaluation is allocated first and gets the largest per-family share so
-    # its per-family numbers stay balanced; SFT takes whatever is left. The dev
-    # set is PPO's own held-out set: choosing best.pt on it leaves the
-    # evaluation prompts untouched by any choice.
-    # SFT keeps whatever the other sets leave (the comparison set may take up to 45% of a family);
-    # the world has fewer prompts than demonstrations, so each family's remaining prompts are
-    # demonstrated in turn (by different demonstrators: other styles, sometimes the slip) until
-    # every family has the same share of the demonstrations.
+    # Evaluation is allocated first and gets the largest per-family share so its per-family
+    # numbers stay balanced; the comparison set may take up to 45% of a family; SFT keeps whatever
+    # is left. The dev set is PPO's own held-out set: choosing best.pt on it leaves the evaluation
+    # prompts untouched by any choice.
+    rest = sum(len(f.all_prompts()) for f in FAMILIES) - (n_eval + n_dev + n_ppo + n_compare)
     eval_prompts, dev, ppo, compare, sft_pool = _allocate(
-        [n_eval, n_dev, n_ppo, n_compare, sum(len(f.all_prompts()) for f in FAMILIES)],
-        [0.25, 0.1, 0.2, 0.45, 1.0], rng, last_takes_rest=True)
+        [n_eval, n_dev, n_ppo, n_compare, rest], [0.25, 0.1, 0.2, 0.45, 1.0], rng)
+    # The world has fewer prompts than demonstrations: families take turns, and each family's
+    # remaining prompts are demonstrated in turn (by different demonstrators: other styles,
+    # sometimes the slip), so every family gets the same share of the demonstrations.
     by_family: dict[str, list[str]] = {}
     for p in sft_pool:
         by_family.setdefault(parse_prompt(p)[0].name, []).append(p)  # type: ignore[index]
-    names = sorted(by_family)
-    sft_prompts = [by_family[names[i % len(names)]][(i // len(names)) % len(by_family[names[i % len(names)]])]
-                   for i in range(n_sft)]
+    pools = [by_family[name] for name in sorted(by_family)]
+    sft_prompts = []
+    for i in range(n_sft):
+        pool = pools[i % len(pools)]
+        sft_prompts.append(pool[(i // len(pools)) % len(pool)])
     rng.shuffle(sft_prompts)
     eval_items = []
     for p in eval_prompts:
