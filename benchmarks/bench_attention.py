@@ -197,7 +197,8 @@ def unavailable(impl: str, c: dict) -> str | None:
             return "skipped: flash_attn is not installed"
     if impl == "torch_varlen":
         try:
-            import torch.nn.attention.varlen  # noqa: F401
+            # `import torch.nn.attention.varlen` here would make `torch` a local of this function
+            from torch.nn.attention import varlen  # noqa: F401
         except ImportError:
             return "skipped: this torch has no torch.nn.attention.varlen"
     if impl == "sdpa_cudnn" and not cpu:

@@ -171,11 +171,14 @@ def _timed_rows(plan: Plan, grid: dict, tasks: list[tuple], failures: dict) -> I
 
 
 # ------------------------------------------------------------------------- --apply-tune
-def best_entries(rows: list[dict], arch: str, source: str) -> dict[str, dict]:
+def best_entries(rows: list[dict], arch: str, source: str, exclude: frozenset[str] = frozenset()
+                 ) -> dict[str, dict]:
     """Table entries from a sweep's rows: the fastest candidate per bucket, and per kernel the
-    candidate with the least summed time relative to each bucket's fastest."""
-    from fastgpt.kernels.launch import table_key
-    timed = [r for r in rows if "ms" in r and "fields" in r]
+    candidate with the least summed time relative to each bucket's fastest.  Candidates in
+    ``exclude`` ("kernel/d64 64x64 w4 s3", the offline compile's OVER_SM90_LIMITS) are left out."""
+    from fastgpt.kernels.launch import head_dim_class, table_key
+    timed = [r for r in rows if "ms" in r and "fields" in r
+             and f"{r['kernel']}/{head_dim_class(r['head_dim'])} {r['config']}" not in exclude]
     groups: dict[tuple, list[dict]] = {}
     for r in timed:
         groups.setdefault((r["kernel"], r["head_dim"], r["dtype"]), []).append(r)
@@ -216,7 +219,7 @@ def apply_tune(results_json: Path, table_path: Path = table_file.TABLE_PATH) -> 
         raise SystemExit(f"{results_json}: not a GPU run (a rehearsal's timings would not mean anything)")
     arch = "sm" + env["capability"].replace(".", "")
     source = f"measured {env['date'][:10]} on {env['gpu']} (triton {env['triton']})"
-    new = best_entries(rows, arch, source)
+    new = best_entries(rows, arch, source, table_file.load(table_path)[1])
     if not new:
         raise SystemExit(f"{results_json}: no timed tune rows")
     table = {**table_file.load(table_path)[0], **new}
@@ -234,6 +237,10 @@ def test_best_entries_pick_the_fastest_per_bucket():
     assert entries["attn_fwd/d64/16bit/sm90/long"]["block_m"] == 128
     # summed relative time: (128,64): 1/0.9 + 1 = 2.11; (64,64): 1 + 6/5 = 2.2
     assert entries["attn_fwd/d64/16bit/sm90"]["block_m"] == 128
+    for r in rows:
+        r["config"] = f"{r['fields'][0]}x{r['fields'][1]} w{r['fields'][2]} s{r['fields'][3]}"
+    entries = best_entries(rows, "sm90", "test", exclude=frozenset({"attn_fwd/d64 64x64 w4 s2"}))
+    assert entries["attn_fwd/d64/16bit/sm90/short"]["block_m"] == 128  # the faster one is excluded
 
 
 def test_table_file_round_trips(tmp_path):
@@ -261,3 +268,26 @@ def test_apply_tune_merges_a_gpu_run_into_a_table_copy(tmp_path):
     table, _ = table_file.load(path)
     assert table["attn_decode/d128/16bit/sm90/long"]["block_n"] == 128
     assert table["attn_decode/d128/16bit/sm90"]["source"].startswith("measured 2026-12-01 on NVIDIA H100")
+
+
+def test_merge_calls_replaces_rerun_sections(tmp_path):
+    """gpu_check --merge: a later call's section replaces the first call's, with a note."""
+    from gpu_check import merge_calls
+    env = {"date": "2026-11-27T10:00:00+00:00", "mode": "gpu", "gpu": "NVIDIA H200", "torch": "2.11",
+           "triton": "3.6.0", "cuda": "13.0"}
+    first = {"environment": env, "sections": {
+        "ppo": {"status": "cut", "rows": [], "slice_s": 25},
+        "dpo": {"status": "ok", "rows": [{"impl": "fastgpt", "ms": 53.0}], "slice_s": 15}}}
+    later = {"environment": {**env, "date": "2026-11-27T10:05:00+00:00"}, "sections": {
+        "ppo": {"status": "ok", "rows": [{"impl": "fastgpt", "seconds": 1.4}], "slice_s": 60}}}
+    paths = []
+    for i, data in enumerate((first, later)):
+        paths.append(tmp_path / f"call{i}.json")
+        paths[-1].write_text(json.dumps(data))
+    merge_calls(paths, tmp_path / "out")
+    merged = json.loads((tmp_path / "out" / "2026-11-27-NVIDIA-H200.json").read_text())
+    assert merged["sections"]["ppo"]["rows"] == [{"impl": "fastgpt", "seconds": 1.4}]
+    assert "replaces call 1's cut section (0 rows, 25 s slice)" in merged["sections"]["ppo"]["note"]
+    assert merged["sections"]["dpo"] == first["sections"]["dpo"]
+    assert merged["reruns"] == [later["environment"]]
+    assert "## ppo: ok" in (tmp_path / "out" / "2026-11-27-NVIDIA-H200.md").read_text()

@@ -59,25 +59,28 @@ class Section:
     rehearse_s: int  # time slice in the CPU rehearsal
 
 
-# The GPU slices sum to 410 s: with start-up the run stays under 7 minutes.  Sections usually
-# finish early; optional rows (cold torch.compile) run only if their estimate fits the slice
-# (pretrain's compiled row after its eager one: 75 s leaves ~9 s for the eager row).
+# The GPU slices sum to 490 s, sized from the first GPU run (H200, 2026-11-27: sections took
+# compile 30, losses 47, sft_reward 25, ppo 34, dpo 24, grpo 35 s; pretrain's eager row 17 s;
+# generation > 108 s with its cold compile; attention stopped early on a bug), so that the run
+# with its start fits one 10-minute command (--tune adds 120 s: run it when the table is stale).
+# Optional rows (cold torch.compile) run only if their estimate fits what is left of the slice.
 # The rehearsal's slices are ~3x what an idle 2-core machine needs: a cut there is a hang.
 SECTIONS = [
     Section("correctness", "", 70, 120),
-    Section("compile", "bench_compile", 25, 90),
-    Section("attention", "bench_attention", 70, 150),
-    Section("losses", "bench_losses", 45, 120),
-    Section("pretrain", "bench_pretrain", 75, 120),
-    Section("sft_reward", "bench_sft_reward", 20, 120),
-    Section("generation", "bench_generation", 45, 120),
-    Section("ppo", "bench_ppo", 25, 90),
-    Section("dpo", "bench_dpo", 15, 40),
-    Section("grpo", "bench_grpo", 20, 40),
+    Section("compile", "bench_compile", 35, 90),
+    Section("attention", "bench_attention", 100, 150),
+    Section("losses", "bench_losses", 55, 120),
+    Section("pretrain", "bench_pretrain", 30, 120),
+    Section("sft_reward", "bench_sft_reward", 30, 120),
+    Section("generation", "bench_generation", 70, 120),
+    Section("ppo", "bench_ppo", 40, 90),
+    Section("dpo", "bench_dpo", 30, 40),
+    Section("grpo", "bench_grpo", 40, 40),
 ]
 TUNE = Section("tune", "bench_tune", 120, 120)
-# The CUDA-graph decode loop against the plain one (benchmarks/bench_generation.py's A/B).
-GRAPH_TEST = "benchmarks/bench_generation.py::test_cuda_graph_loop_matches_device_loop"
+# The CUDA-graph decode loops against the plain ones: the benchmark's A/B and the engine's.
+GRAPH_TESTS = ["benchmarks/bench_generation.py::test_cuda_graph_loop_matches_device_loop",
+               "tests/test_engine.py::test_cuda_graph_decode_matches_uncaptured_step"]
 # The rehearsal's correctness step: a few fast kernel tests (the suite itself runs in CI) and
 # GPU-only ones that skip, to exercise the per-test outcome records.
 REHEARSAL_TESTS = ("test_single_token_sequences_only or test_decode_single_split or "
@@ -242,7 +245,7 @@ def _child_env(extra: dict | None = None) -> dict:
 def run_correctness(results: Results, rehearse: bool, slice_s: float) -> None:
     outcomes = Path(tempfile.mkstemp(prefix="fastgpt-outcomes-", suffix=".jsonl")[1])
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pytest_outcomes",
-           "-m", "gpu or not slow", "tests/kernels", GRAPH_TEST, "--timeout", "120"]
+           "-m", "gpu or not slow", "tests/kernels", *GRAPH_TESTS, "--timeout", "120"]
     if rehearse:
         cmd += ["-k", REHEARSAL_TESTS]
     elif importlib.util.find_spec("xdist") is not None:
@@ -314,6 +317,28 @@ def section_child(name: str, deadline: float, rehearse: bool) -> int:
     return 0
 
 
+def merge_calls(paths: list[Path], out: Path) -> str:
+    """One results file from the calls of one lease: the first call's file, each section of a
+    later call replacing the earlier one (with a note saying so and what it replaced)."""
+    base = json.loads(paths[0].read_text())
+    for call, path in enumerate(paths[1:], start=2):
+        later = json.loads(path.read_text())
+        base.setdefault("reruns", []).append(later["environment"])
+        for name, sec in later["sections"].items():
+            first = base["sections"].get(name)
+            if first is not None:
+                note = (f"rerun in call {call} of {len(paths)} ({later['environment']['date']}); replaces "
+                        f"call 1's {first['status']} section ({len(first['rows'])} rows, "
+                        f"{first.get('slice_s', '-')} s slice).")
+                sec["note"] = note + (" " + sec["note"] if sec.get("note") else "")
+            base["sections"][name] = sec
+    stem = stem_of(base["environment"], base["environment"].get("mode") != "gpu")
+    results = Results(out, stem, base["environment"], merge=False)
+    results.data = base
+    results.save()
+    return f"merged {len(paths)} calls into {results.json_path} and {results.md_path.name}"
+
+
 # ---------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -329,12 +354,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every time slice")
     parser.add_argument("--apply-tune", metavar="RESULTS_JSON",
                         help="rewrite kernels/launch_table.py from a --tune run's results")
+    parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                        help="merge the JSON of several calls of one lease (later sections replace "
+                             "earlier ones, noted) into <stem>.json/.md in --out")
     parser.add_argument("--section", help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.section:
         return section_child(args.section, args.deadline, args.rehearse)
+    if args.merge:
+        print(merge_calls([Path(p) for p in args.merge], Path(args.out or HERE / "results")))
+        return 0
     if args.apply_tune:
         from bench_tune import apply_tune
         print(apply_tune(Path(args.apply_tune)))

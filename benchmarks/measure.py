@@ -135,8 +135,10 @@ def free_memory(device: torch.device | str) -> None:
 
 
 def error_text(exc: BaseException) -> str:
-    """One line for a row's ``error`` field."""
-    return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+    """One line for a row's ``error`` field: its start and, for a long one (a compiler's
+    traceback), its end, where the cause is."""
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= 1800 else f"{text[:300]} [...] {text[-1500:]}"
 
 
 def record_rows(benchmark: Any, rows: list[dict], positive: tuple[str, ...] = ()) -> None:
