@@ -5,8 +5,13 @@ All rows run the same random-weight GPT-2 (fastgpt's model exported with
 :func:`fastgpt.hf.save_hf_gpt2` and loaded as ``GPT2LMHeadModel``), greedy, equal-length prompts
 of 64 tokens, 128 new tokens (no stop token), bf16 on CUDA; batches 1 / 64 / 512.
 
-    fastgpt             ``fastgpt.engine.generate``: one host sync per step (stop tokens, streaming)
-    fastgpt_compiled    the same with ``compile_decode=True`` (cold compile; only if it fits)
+    fastgpt             ``fastgpt.engine.generate``, its CUDA default: the static decode loop, whose
+                        fixed-shape step is replayed from a captured CUDA graph (sampling and stop
+                        checks stay eager)
+    fastgpt_shrinking   the same with ``decode_loop="shrinking"``: finished rows leave the batch,
+                        one host sync per step (the CPU default)
+    fastgpt_compiled    the static loop with ``compile_decode=True``: the compiled step, captured
+                        (cold compile; only if it fits)
     device_loop         A/B: the same model's prefill + decode steps with the next token fed back
                         on the device -- no host sync until the end (all rows run to the end)
     cuda_graph          A/B: device_loop with each decode step replayed from a captured CUDA graph
@@ -43,7 +48,7 @@ from measure import Plan, error_text, free_memory, sync, time_ms  # noqa: E402
 
 PEAK_BANDWIDTH = 3.35e12  # H100 SXM HBM3, bytes/s
 TINY = ModelConfig(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32)
-IMPLS = ("fastgpt", "device_loop", "cuda_graph", "hf", "fastgpt_compiled")
+IMPLS = ("fastgpt", "fastgpt_shrinking", "device_loop", "cuda_graph", "hf", "fastgpt_compiled")
 COMPILE_ESTIMATE_S = 60  # a cold torch.compile(model.decode, dynamic=True)
 
 
@@ -113,9 +118,12 @@ def device_loop(model: GPT, prompts: list[list[int]], new_tokens: int, graph: bo
 def _generation_runner(impl: str, model: GPT, hf, prompts: torch.Tensor, new_tokens: int,
                        device: torch.device) -> Callable[[], None]:
     lists = prompts.tolist()
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
     if impl in ("fastgpt", "fastgpt_compiled"):
-        params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
-        return lambda: generate(model, lists, params, compile_decode=impl == "fastgpt_compiled")
+        return lambda: generate(model, lists, params, decode_loop="static",
+                                compile_decode=impl == "fastgpt_compiled")
+    if impl == "fastgpt_shrinking":
+        return lambda: generate(model, lists, params, decode_loop="shrinking")
     if impl in ("device_loop", "cuda_graph"):
         return lambda: device_loop(model, lists, new_tokens, graph=impl == "cuda_graph")
     ids = prompts.to(device)
@@ -160,7 +168,7 @@ def generation_rows(plan: Plan, cfg: ModelConfig, batches: tuple[int, ...], prom
                 row["error"] = error_text(exc)
             if plan.rehearse:
                 row["note"] = "rehearsal: tiny fp32 model on the CPU, Triton decode through the interpreter" + (
-                    "; no CUDA: the uncaptured step" if impl == "cuda_graph" else "")
+                    "; no CUDA: the uncaptured step" if impl in ("cuda_graph", "fastgpt") else "")
             free_memory(dev)
             yield row
 

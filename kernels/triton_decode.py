@@ -21,6 +21,7 @@ committed table of :mod:`.launch` (key ``attn_decode/...``); where it has no ent
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -30,7 +31,7 @@ from .launch import INTERPRET, LaunchConfig, head_dim_block, lookup, run
 from .triton_attention import (_dot_precision, _load_tile, _online_softmax_step, _store_tile,
                                check_dtypes_and_heads)
 
-__all__ = ["decode_attention_triton", "decode_launch"]
+__all__ = ["decode_attention_op", "decode_attention_triton", "decode_launch"]
 
 _LOG2E = 1.4426950408889634
 _MIN_SPLIT_KEYS = 16 if INTERPRET else 256  # fewest keys per split before splitting pays off
@@ -218,3 +219,19 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             m_part, l_part, o_part, out, cache_seqlens, chunk, *part_strides,
             out.stride(0), out.stride(1), out.stride(2), num_warps=cfg.num_warps, **meta)
     return out
+
+
+# torch.compile cannot trace into this launcher (its split count and block choice are host-side
+# Python, and Inductor's re-compilation of the kernels failed on the H200, see
+# benchmarks/results/2026-11-27-NVIDIA-H200.md), so compiled code calls it as one opaque op.
+@torch.library.custom_op("fastgpt::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        cache_seqlens: torch.Tensor, softmax_scale: float,
+                        cache_batch_idx: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`decode_attention_triton` as a torch custom op (for graphs traced by torch.compile)."""
+    return decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale, cache_batch_idx)
+
+
+@decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, softmax_scale, cache_batch_idx):
+    return torch.empty_like(q)

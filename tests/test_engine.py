@@ -38,20 +38,25 @@ def greedy_no_cache(model: GPT, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
+LOOPS = ["shrinking", "static"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_kv_cache_matches_recomputation(name):
+def test_kv_cache_matches_recomputation(name, loop):
     model = _model(name)
-    outs = generate(model, PROMPTS, SamplingParams(max_new_tokens=12, temperature=0))
+    outs = generate(model, PROMPTS, SamplingParams(max_new_tokens=12, temperature=0), decode_loop=loop)
     for prompt, out in zip(PROMPTS, outs):
         assert out.tokens == greedy_no_cache(model, prompt, 12)
         assert not out.finished and out.finish_reason == "length"
 
 
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_logprobs_match_recomputed_logprobs(name):
+def test_logprobs_match_recomputed_logprobs(name, loop):
     model = _model(name)
-    params = SamplingParams(max_new_tokens=8, temperature=0.7, seed=3)
-    outs = generate(model, PROMPTS, params, logprobs=True)
+    params = SamplingParams(max_new_tokens=8, temperature=0.7, seed=3, stop_ids=(17,))
+    outs = generate(model, PROMPTS, params, logprobs=True, decode_loop=loop)
     for prompt, out in zip(PROMPTS, outs):
         seq = torch.tensor([prompt + out.tokens])
         targets = torch.tensor([[-100] * (len(prompt) - 1) + out.tokens + [-100]])
@@ -60,25 +65,27 @@ def test_logprobs_match_recomputed_logprobs(name):
         torch.testing.assert_close(torch.tensor(out.logprobs), expect, atol=1e-4, rtol=1e-4)
 
 
-def test_seeded_sampling_is_reproducible():
+@pytest.mark.parametrize("loop", LOOPS)
+def test_seeded_sampling_is_reproducible(loop):
     model = _model("gpt2")
     params = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, seed=7)
-    a = [g.tokens for g in generate(model, PROMPTS, params)]
-    b = [g.tokens for g in generate(model, PROMPTS, params)]
-    c = [g.tokens for g in generate(model, PROMPTS, SamplingParams(max_new_tokens=10, seed=8))]
+    a = [g.tokens for g in generate(model, PROMPTS, params, decode_loop=loop)]
+    b = [g.tokens for g in generate(model, PROMPTS, params, decode_loop=loop)]
+    c = [g.tokens for g in generate(model, PROMPTS, SamplingParams(max_new_tokens=10, seed=8), decode_loop=loop)]
     assert a == b and a != c
     # batching does not change a row's samples only through its seed: split batches are reproducible too
     assert [g.tokens for g in generate(model, PROMPTS, params, batch_size=2)] == \
            [g.tokens for g in generate(model, PROMPTS, params, batch_size=2)]
 
 
-def test_stop_per_row_and_streaming():
+@pytest.mark.parametrize("loop", LOOPS)
+def test_stop_per_row_and_streaming(loop):
     model = _model("gpt2")
-    free = generate(model, PROMPTS, SamplingParams(max_new_tokens=10, temperature=0))
+    free = generate(model, PROMPTS, SamplingParams(max_new_tokens=10, temperature=0), decode_loop=loop)
     stop = free[1].tokens[3]
     streamed: dict[int, list[int]] = {}
     outs = generate(model, PROMPTS, SamplingParams(max_new_tokens=10, temperature=0, stop_ids=(stop,)),
-                    on_token=lambda row, tok: streamed.setdefault(row, []).append(tok))
+                    on_token=lambda row, tok: streamed.setdefault(row, []).append(tok), decode_loop=loop)
     for row, (f, o) in enumerate(zip(free, outs)):
         if stop in f.tokens:
             cut = f.tokens.index(stop) + 1
@@ -89,12 +96,13 @@ def test_stop_per_row_and_streaming():
     assert outs[1].finished and len(outs[1].tokens) <= 4
 
 
-def test_max_new_tokens_and_context_limit():
+@pytest.mark.parametrize("loop", LOOPS)
+def test_max_new_tokens_and_context_limit(loop):
     model = _model("modern")
-    outs = generate(model, PROMPTS, SamplingParams(max_new_tokens=5, temperature=1.0, seed=0))
+    outs = generate(model, PROMPTS, SamplingParams(max_new_tokens=5, temperature=1.0, seed=0), decode_loop=loop)
     assert all(len(o.tokens) == 5 for o in outs)
     near_full = [[3] * 60]
-    out = generate(model, near_full, SamplingParams(max_new_tokens=50, temperature=0))[0]
+    out = generate(model, near_full, SamplingParams(max_new_tokens=50, temperature=0), decode_loop=loop)[0]
     assert len(out.tokens) == 4  # the context (64) runs out first
     with pytest.raises(ValueError):
         SamplingParams(max_new_tokens=0)
@@ -114,6 +122,51 @@ def test_compile_flag_is_ignored_on_cpu():
     params = SamplingParams(max_new_tokens=6, temperature=0)
     assert [g.tokens for g in generate(model, PROMPTS, params, compile_decode=True)] == \
            [g.tokens for g in generate(model, PROMPTS, params)]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_static_loop_equals_shrinking_loop(name):
+    """Greedy, with stop tokens that end rows at different steps, the repetition penalty and a
+    vocabulary limit: the loop that keeps finished rows gives every row the same tokens,
+    finish reasons and log-probs as the one that drops them."""
+    model = _model(name)
+    free = generate(model, PROMPTS, SamplingParams(max_new_tokens=14, temperature=0))
+    stops = (free[0].tokens[2], free[3].tokens[6])
+    params = SamplingParams(max_new_tokens=14, temperature=0, stop_ids=stops, repetition_penalty=1.3)
+    a = generate(model, PROMPTS, params, logprobs=True, vocab_limit=300, decode_loop="shrinking")
+    b = generate(model, PROMPTS, params, logprobs=True, vocab_limit=300, decode_loop="static")
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+    assert [g.finished for g in a] == [g.finished for g in b] and any(g.finished for g in a)
+    assert len({len(g.tokens) for g in a}) > 1  # rows really ended at different steps
+    for x, y in zip(a, b):
+        torch.testing.assert_close(torch.tensor(y.logprobs), torch.tensor(x.logprobs), atol=1e-5, rtol=1e-5)
+    with pytest.raises(GenerationError, match="decode_loop='fast'"):
+        generate(model, PROMPTS, params, decode_loop="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_matches_uncaptured_step():
+    """On CUDA the static loop replays a captured graph: same tokens as the shrinking loop
+    when no row stops early (equal shapes, so bitwise-equal bf16 arithmetic), and a captured run
+    with stops agrees with its own uncaptured prefix."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50304, block_size=128, n_layer=2, n_head=12, n_embd=768)
+    model = GPT(cfg).cuda().eval()
+    prompts = torch.randint(0, 50000, (5, 17)).tolist() + [[7] * 3]
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    static = generate(model, prompts, params, decode_loop="static")
+    shrinking = generate(model, prompts, params, decode_loop="shrinking")
+    assert [g.tokens for g in static] == [g.tokens for g in shrinking]
+    stop = static[0].tokens[5]
+    stopped = generate(model, prompts, SamplingParams(max_new_tokens=24, temperature=0, stop_ids=(stop,)),
+                       decode_loop="static")
+    for free, cut in zip(static, stopped):
+        n = free.tokens.index(stop) + 1 if stop in free.tokens else len(free.tokens)
+        assert cut.tokens == free.tokens[:n] and cut.finished == (stop in free.tokens)
+    sampled = SamplingParams(max_new_tokens=24, temperature=1.0, seed=3)
+    a, b = (generate(model, prompts, sampled, decode_loop="static", logprobs=True) for _ in range(2))
+    assert [g.tokens for g in a] == [g.tokens for g in b]  # seeded: the replay is deterministic
 
 
 # ------------------------------------------------------------ sampling semantics, hand-made logits

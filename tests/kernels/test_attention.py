@@ -306,6 +306,28 @@ def test_decode_matches_reference_with_splits(poison, monkeypatch, dtype, tq):
     assert_close(out, ref, TOL[dtype], "decode out")
 
 
+def test_decode_custom_op_opcheck_and_compiled_fullgraph():
+    """Under torch.compile the decode launcher is one opaque custom op: its fake shape holds,
+    and a traced decode (dynamic shapes, as the engine's compile_decode uses) equals the
+    reference.  (On the H200 Inductor failed re-compiling the kernels traced without it.)"""
+    dec = importlib.import_module("fastgpt.kernels.triton_decode")
+    torch.manual_seed(14)
+    q, kc, vc, seqlens, idx = _decode_case(3, 1, 4, 2, 16, 4, 40, [40, 7, 22], torch.float32,
+                                           batch_idx=[3, 0, 1])
+    torch.library.opcheck(torch.ops.fastgpt.decode_attention.default, (q, kc, vc, seqlens, 0.25, idx))
+    assert_close(dec.decode_attention_op(q, kc, vc, seqlens, 0.25, idx),
+                 decode_attention_reference(q, kc, vc, seqlens, 0.25, idx), 1e-5, "op out")
+
+    def step(q, kc, vc, seqlens, idx):
+        return decode_attention_api(q * 1.0, kc, vc, seqlens, None, idx) + 1.0
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+    for rows in (3, 2):  # a shrinking batch: one graph, dynamic batch size
+        out = compiled(q[:rows], kc, vc, seqlens[:rows], idx[:rows])
+        ref = decode_attention_reference(q[:rows], kc, vc, seqlens[:rows], None, idx[:rows]) + 1.0
+        assert_close(out, ref, 1e-5, "compiled decode out")
+
+
 def test_decode_without_batch_idx_strided_cache_and_scale():
     torch.manual_seed(11)
     B, Tq, Hq, Hkv, D, Tmax = 2, 2, 2, 2, 32, 45
