@@ -19,7 +19,6 @@ from .errors import FastGPTError
 import contextlib
 import json
 import math
-import os
 import random
 import sys
 import time

@@ -2,7 +2,6 @@
 against what a CPU training step really holds (the process's peak resident memory)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
