@@ -176,9 +176,9 @@ def best_entries(rows: list[dict], arch: str, source: str, exclude: frozenset[st
     """Table entries from a sweep's rows: the fastest candidate per bucket, and per kernel the
     candidate with the least summed time relative to each bucket's fastest.  Candidates in
     ``exclude`` ("kernel/d64 64x64 w4 s3", the offline compile's OVER_SM90_LIMITS) are left out."""
-    from fastgpt.kernels.launch import head_dim_class, table_key
+    from fastgpt.kernels.launch import LaunchConfig, head_dim_class, table_key
     timed = [r for r in rows if "ms" in r and "fields" in r
-             and f"{r['kernel']}/{head_dim_class(r['head_dim'])} {r['config']}" not in exclude]
+             and f"{r['kernel']}/{head_dim_class(r['head_dim'])} {LaunchConfig(*r['fields'])}" not in exclude]
     groups: dict[tuple, list[dict]] = {}
     for r in timed:
         groups.setdefault((r["kernel"], r["head_dim"], r["dtype"]), []).append(r)
@@ -237,8 +237,6 @@ def test_best_entries_pick_the_fastest_per_bucket():
     assert entries["attn_fwd/d64/16bit/sm90/long"]["block_m"] == 128
     # summed relative time: (128,64): 1/0.9 + 1 = 2.11; (64,64): 1 + 6/5 = 2.2
     assert entries["attn_fwd/d64/16bit/sm90"]["block_m"] == 128
-    for r in rows:
-        r["config"] = f"{r['fields'][0]}x{r['fields'][1]} w{r['fields'][2]} s{r['fields'][3]}"
     entries = best_entries(rows, "sm90", "test", exclude=frozenset({"attn_fwd/d64 64x64 w4 s2"}))
     assert entries["attn_fwd/d64/16bit/sm90/short"]["block_m"] == 128  # the faster one is excluded
 

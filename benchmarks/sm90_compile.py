@@ -14,7 +14,8 @@ no heavy spills (more than ``SPILL_LIMIT`` bytes of spill stores per thread).
 
 Plans: ``table`` -- every entry of kernels/launch_table.py at its head dims (64 / 128, and 80 for
 the padded path) and dtypes, causal, GQA groups 1 and 4 for bf16; ``tune`` -- every candidate of
-kernels/launch.py's grid that ``gpu_check.py --tune`` times (bf16, hd 64 / 128); ``losses`` --
+kernels/launch.py's grid that ``gpu_check.py --tune`` times (bf16, hd 64 / 128; the backward
+kernels that sum over a GQA group at groups 1 and 4, since the sweep times group 1); ``losses`` --
 the cross-entropy and log-prob kernels at V = 128256 (BLOCK_V 4096) with each option flag.
 Exit status with ``--check``: 1 if a table or loss configuration is over the limits; 3 if this
 triton cannot compile for sm_90 offline (no CUDA backend).  Tune candidates over the limits are
@@ -137,10 +138,15 @@ def plans(subset: str, kernels: tuple[str, ...] | None = None) -> Iterator[tuple
                        "attn_decode"):
             if kernels and kernel not in kernels:
                 continue
+            # the kernels that loop over a GQA group are checked at group 4 too: the sweep times
+            # group 1, and a configuration it picks must not spill where training uses GQA
+            groups = (1, 4) if kernel in ("attn_bwd_dkdv", "attn_bwd_fused") else (1,)
             for hd in (64, 128):
                 for cfg in candidates(kernel, hd, torch.bfloat16, exclude=False):
-                    yield ("tune", f"{kernel} hd{hd} bf16 {cfg} [{table_key(kernel, hd, torch.bfloat16, 'sm90')}]",
-                           attention_launches(kernel, hd, torch.bfloat16, cfg))
+                    for group in groups:
+                        yield ("tune", f"{kernel} hd{hd} bf16 g{group} {cfg} "
+                                       f"[{table_key(kernel, hd, torch.bfloat16, 'sm90')}]",
+                               attention_launches(kernel, hd, torch.bfloat16, cfg, group))
     if kernels and "losses" not in kernels:
         return
     loss_options = [{"grad": True}] if fast else [
@@ -245,6 +251,8 @@ def over_limit_candidates(reports: list[Path]) -> frozenset[str]:
         for r in json.loads(report.read_text())["rows"]:
             if r["plan"] == "tune" and r["verdict"].startswith("over"):
                 kernel, hd, _, config = r["what"].split(" [")[0].split(" ", 3)
+                if re.match(r"g\d+ ", config):  # the GQA group, in reports since 2026-11-27
+                    config = config.split(" ", 1)[1]
                 over.add(f"{kernel}/{head_dim_class(int(hd[2:]))} {config}")
     return frozenset(over)
 
