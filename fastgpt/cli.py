@@ -104,7 +104,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nfastgpt {name}: interrupted{interrupted}", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
     return int(code or 0)
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group before exiting: left to the interpreter's exit,
+    its background threads can abort a process that has finished its work (seen once in CI:
+    "terminate called without an active exception" after a 2-process PPO run)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
