@@ -61,7 +61,7 @@ def _tasks(grid: dict, kernel: str, bucket: str, fields: list[tuple] | None = No
     tasks = []
     for hd in grid["head_dims"]:
         cands = [(c.block_m, c.block_n, c.num_warps, c.num_stages)
-                 for c in candidates(kernel, hd, dtype)[:grid.get("per_kernel")]]
+                 for c in candidates(kernel, hd, dtype, gqa=False)[:grid.get("per_kernel")]]
         tasks += [(kernel, hd, bucket, f) for f in cands if fields is None or f in fields.get(hd, ())]
     return tasks
 
@@ -175,13 +175,37 @@ def best_entries(rows: list[dict], arch: str, source: str, exclude: frozenset[st
                  ) -> dict[str, dict]:
     """Table entries from a sweep's rows: the fastest candidate per bucket, and per kernel the
     candidate with the least summed time relative to each bucket's fastest.  Candidates in
-    ``exclude`` ("kernel/d64 64x64 w4 s3", the offline compile's OVER_SM90_LIMITS) are left out."""
-    from fastgpt.kernels.launch import LaunchConfig, head_dim_class, table_key
-    timed = [r for r in rows if "ms" in r and "fields" in r
-             and f"{r['kernel']}/{head_dim_class(r['head_dim'])} {LaunchConfig(*r['fields'])}" not in exclude]
+    ``exclude`` (the offline compile's OVER_SM90_LIMITS: "kernel/d64 64x64 w4 s3", or with a
+    trailing " gqa" when only a GQA group is over) are left out; for the GQA-sensitive kernels
+    the ones over only at a GQA group may still make their MHA-only entries (``.../mha``)."""
+    from fastgpt.kernels.launch import GQA_SENSITIVE, LaunchConfig, head_dim_class
+
+    def name(r: dict) -> str:
+        return f"{r['kernel']}/{head_dim_class(r['head_dim'])} {LaunchConfig(*r['fields'])}"
+
+    timed = [r for r in rows if "ms" in r and "fields" in r and name(r) not in exclude]
+    entries = _best_of(timed, arch, source, mha=False, keep=lambda r: f"{name(r)} gqa" not in exclude)
+    mha = _best_of([r for r in timed if r["kernel"] in GQA_SENSITIVE], arch, source, mha=True,
+                   keep=lambda r: True)
+    # an MHA-only entry is only worth its key where it differs from the entry for every group
+    for key, entry in mha.items():
+        plain = entries.get(key.replace("/mha", ""))
+        if plain is None or _fields(plain) != _fields(entry):
+            entries[key] = entry
+    return entries
+
+
+def _fields(entry: dict) -> tuple:
+    return entry["block_m"], entry["block_n"], entry["num_warps"], entry["num_stages"]
+
+
+def _best_of(timed: list[dict], arch: str, source: str, mha: bool, keep: Callable[[dict], bool]
+             ) -> dict[str, dict]:
+    from fastgpt.kernels.launch import table_key
     groups: dict[tuple, list[dict]] = {}
     for r in timed:
-        groups.setdefault((r["kernel"], r["head_dim"], r["dtype"]), []).append(r)
+        if keep(r):
+            groups.setdefault((r["kernel"], r["head_dim"], r["dtype"]), []).append(r)
     entries = {}
     for (kernel, hd, dtype_name), group in groups.items():
         dtype = getattr(torch, dtype_name)
@@ -190,7 +214,7 @@ def best_entries(rows: list[dict], arch: str, source: str, exclude: frozenset[st
             if r["bucket"] not in fastest or r["ms"] < fastest[r["bucket"]]["ms"]:
                 fastest[r["bucket"]] = r
         for bucket, r in fastest.items():
-            entries[table_key(kernel, hd, dtype, arch, bucket)] = _entry(
+            entries[table_key(kernel, hd, dtype, arch, bucket, mha=mha)] = _entry(
                 r["fields"], f"{source}: {r['ms']:.4g} ms at S={r['seqlen']}")
         score: dict[tuple, float] = {}
         for r in group:
@@ -199,7 +223,7 @@ def best_entries(rows: list[dict], arch: str, source: str, exclude: frozenset[st
                     if sum(tuple(r["fields"]) == f for r in group) == len(fastest)}
         if complete:
             best = min(complete, key=complete.get)
-            entries[table_key(kernel, hd, dtype, arch)] = _entry(
+            entries[table_key(kernel, hd, dtype, arch, mha=mha)] = _entry(
                 list(best), f"{source}: {complete[best] / len(fastest):.3f}x the per-bucket best on average")
     return entries
 
@@ -239,6 +263,18 @@ def test_best_entries_pick_the_fastest_per_bucket():
     assert entries["attn_fwd/d64/16bit/sm90"]["block_m"] == 128
     entries = best_entries(rows, "sm90", "test", exclude=frozenset({"attn_fwd/d64 64x64 w4 s2"}))
     assert entries["attn_fwd/d64/16bit/sm90/short"]["block_m"] == 128  # the faster one is excluded
+
+
+def test_best_entries_keep_mha_only_picks_apart():
+    """A backward configuration over the limits only at a GQA group may make the MHA-only entry,
+    never the entry that holds at any group."""
+    rows = [{"kernel": "attn_bwd_fused", "head_dim": 64, "dtype": "bfloat16", "bucket": "long", "seqlen": 8192,
+             "fields": list(f), "ms": ms} for f, ms in (((64, 64, 4, 3), 5.0), ((64, 128, 8, 2), 5.5))]
+    entries = best_entries(rows, "sm90", "test", exclude=frozenset({"attn_bwd_fused/d64 64x64 w4 s3 gqa"}))
+    assert entries["attn_bwd_fused/d64/16bit/sm90/long"]["block_n"] == 128
+    assert entries["attn_bwd_fused/d64/16bit/sm90/mha/long"]["block_n"] == 64
+    same = best_entries(rows, "sm90", "test")  # nothing excluded: no separate MHA entry
+    assert not [k for k in same if "/mha" in k]
 
 
 def test_table_file_round_trips(tmp_path):

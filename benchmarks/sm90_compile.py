@@ -114,7 +114,9 @@ def plans(subset: str, kernels: tuple[str, ...] | None = None) -> Iterator[tuple
     from fastgpt.kernels.launch_table import TABLE
     fast = subset == "fast"
     for key, entry in sorted(TABLE.items()):
-        kernel, d_class, dtype_class, arch, *bucket = key.split("/")
+        kernel, d_class, dtype_class, arch, *rest = key.split("/")
+        mha = "mha" in rest  # an MHA-only entry: checked at group 1 only
+        bucket = [part for part in rest if part != "mha"]
         if arch != "sm90" or (kernels and kernel not in kernels):
             continue
         cfg = LaunchConfig(entry["block_m"], entry["block_n"], entry["num_warps"], entry["num_stages"])
@@ -129,7 +131,7 @@ def plans(subset: str, kernels: tuple[str, ...] | None = None) -> Iterator[tuple
                 # A GQA group loop adds registers to the kernels that sum over it (dK/dV):
                 # the fast subset checks those at group 4 too.
                 gqa = kernel in ("attn_bwd_dkdv", "attn_bwd_fused") or not fast
-                groups = (1, 4) if dt_name == "bf16" and gqa and kernel != "attn_decode" else (1,)
+                groups = (1, 4) if dt_name == "bf16" and gqa and kernel != "attn_decode" and not mha else (1,)
                 for group in groups:
                     yield ("table", f"{kernel} hd{hd} {dt_name} g{group} [{key}] {cfg}",
                            attention_launches(kernel, hd, DTYPES[dt_name], cfg, group))
@@ -244,17 +246,20 @@ def to_markdown(rows: list[dict], env: dict) -> str:
 
 
 def over_limit_candidates(reports: list[Path]) -> frozenset[str]:
-    """"kernel/head-dim class config" of every tune candidate over the limits in ``reports``."""
+    """"kernel/head-dim class config" of every tune candidate over the limits at group 1 in
+    ``reports``, and "kernel/head-dim class config gqa" of those over only at a GQA group."""
     from fastgpt.kernels.launch import head_dim_class
-    over = set()
+    over, over_gqa = set(), set()
     for report in reports:
         for r in json.loads(report.read_text())["rows"]:
             if r["plan"] == "tune" and r["verdict"].startswith("over"):
                 kernel, hd, _, config = r["what"].split(" [")[0].split(" ", 3)
+                group = 1
                 if re.match(r"g\d+ ", config):  # the GQA group, in reports since 2026-11-27
-                    config = config.split(" ", 1)[1]
-                over.add(f"{kernel}/{head_dim_class(int(hd[2:]))} {config}")
-    return frozenset(over)
+                    group_text, config = config.split(" ", 1)
+                    group = int(group_text[1:])
+                (over if group == 1 else over_gqa).add(f"{kernel}/{head_dim_class(int(hd[2:]))} {config}")
+    return frozenset(over | {f"{name} gqa" for name in over_gqa - over})
 
 
 def can_compile_offline() -> str | None:

@@ -6,7 +6,9 @@ A configuration is block sizes plus ``num_warps`` / ``num_stages``.  Which one a
    CPU tests cross several blocks and ragged tails.
 2. On a GPU: the committed table (:mod:`.launch_table`), keyed by
    ``kernel / head-dim class / dtype class / GPU arch``, optionally refined by a sequence-length
-   bucket (``.../short`` for max_seqlen <= 2048, ``.../long`` above).  Head-dim class: ``d64``
+   bucket (``.../short`` for max_seqlen <= 2048, ``.../long`` above); the backward kernels that
+   sum over a GQA group may also have MHA-only entries (``.../mha[/bucket]``), used at group 1,
+   while their plain entries must hold at any group.  Head-dim class: ``d64``
    for padded head dims up to 64, ``d128`` up to 128; dtype class: ``16bit`` (fp16 and bf16) or
    ``fp32``; arch: ``sm90`` for an H100/H200.  ``gpu_check.py --tune`` measures a grid on a GPU
    and ``gpu_check.py --apply-tune RESULTS.json`` rewrites the table from it.
@@ -79,8 +81,14 @@ def seq_bucket(max_seqlen: int) -> str:
     return "short" if max_seqlen <= SHORT_SEQ else "long"
 
 
-def table_key(kernel: str, block_d: int, dtype: torch.dtype, arch: str, bucket: str | None = None) -> str:
-    key = f"{kernel}/{head_dim_class(block_d)}/{dtype_class(dtype)}/{arch}"
+# Kernels whose registers grow with the GQA group (they sum dK/dV over the group's query heads):
+# a configuration fast at group 1 may spill at group 4, so the table can hold MHA-only entries.
+GQA_SENSITIVE = frozenset({"attn_bwd_dkdv", "attn_bwd_fused"})
+
+
+def table_key(kernel: str, block_d: int, dtype: torch.dtype, arch: str, bucket: str | None = None,
+              *, mha: bool = False) -> str:
+    key = f"{kernel}/{head_dim_class(block_d)}/{dtype_class(dtype)}/{arch}" + ("/mha" if mha else "")
     return f"{key}/{bucket}" if bucket else key
 
 
@@ -98,11 +106,13 @@ _INTERPRETER = {
 }
 
 
-def candidates(kernel: str, block_d: int, dtype: torch.dtype, *, exclude: bool = True
-               ) -> list[LaunchConfig]:
+def candidates(kernel: str, block_d: int, dtype: torch.dtype, *, exclude: bool = True,
+               gqa: bool = True) -> list[LaunchConfig]:
     """The grid the autotune fallback and ``--tune`` choose from.  16-bit: block pairs x warps x
     stages, without the ones the offline sm_90 compile reports found over the limits
-    (``launch_table.OVER_SM90_LIMITS``; ``exclude=False`` keeps them, for that report)."""
+    (``launch_table.OVER_SM90_LIMITS``; ``exclude=False`` keeps them, for that report).  With
+    ``gqa=False`` (the sweep, which times group 1) the ones over the limits only at a GQA group
+    (tagged `` gqa`` there) stay in."""
     rows_major = kernel in ("attn_fwd", "attn_fwd_tma", "attn_bwd_dq")  # BLOCK_M % BLOCK_N == 0
     if kernel == "attn_decode":
         grid = [LaunchConfig(0, n, w, s) for n, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3))]
@@ -120,19 +130,26 @@ def candidates(kernel: str, block_d: int, dtype: torch.dtype, *, exclude: bool =
     if not exclude:
         return grid
     from .launch_table import OVER_SM90_LIMITS
-    return [c for c in grid if f"{kernel}/{head_dim_class(block_d)} {c}" not in OVER_SM90_LIMITS]
+    name = f"{kernel}/{head_dim_class(block_d)}"
+    return [c for c in grid if f"{name} {c}" not in OVER_SM90_LIMITS
+            and not (gqa and f"{name} {c} gqa" in OVER_SM90_LIMITS)]
 
 
 def lookup(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device,
-           max_seqlen: int) -> tuple[LaunchConfig | None, str]:
+           max_seqlen: int, group: int = 1) -> tuple[LaunchConfig | None, str]:
     """(configuration, where it came from) for one launch; (None, "autotune") when the table has
-    no entry for this GPU and the caller should autotune."""
+    no entry for this GPU and the caller should autotune.  Without GQA (``group`` 1) a
+    GQA-sensitive kernel first looks for its MHA-only entries (``.../mha[/bucket]``)."""
     if INTERPRET or device.type != "cuda":
         return _INTERPRETER[kernel], "interpreter"
     from .launch_table import TABLE
     arch = gpu_arch(device.index or 0)
-    for key in (table_key(kernel, block_d, dtype, arch, seq_bucket(max_seqlen)),
-                table_key(kernel, block_d, dtype, arch)):
+    bucket = seq_bucket(max_seqlen)
+    keys = [table_key(kernel, block_d, dtype, arch, bucket), table_key(kernel, block_d, dtype, arch)]
+    if group == 1 and kernel in GQA_SENSITIVE:
+        keys = [table_key(kernel, block_d, dtype, arch, bucket, mha=True),
+                table_key(kernel, block_d, dtype, arch, mha=True)] + keys
+    for key in keys:
         entry = TABLE.get(key)
         if entry is not None:
             cfg = LaunchConfig(entry["block_m"], entry["block_n"], entry["num_warps"], entry["num_stages"])

@@ -464,7 +464,8 @@ def _launch(kernel: str, grid, args: tuple, constexprs: dict, block_d: int, dtyp
             device: torch.device, max_seqlen: int, configs: dict | None) -> None:
     """Launch ``kernel`` with ``configs[kernel]`` if given (the tuning sweep), else its table
     configuration, else through its autotuning fallback."""
-    cfg = (configs or {}).get(kernel) or lookup(kernel, block_d, dtype, device, max_seqlen)[0]
+    cfg = (configs or {}).get(kernel) or lookup(kernel, block_d, dtype, device, max_seqlen,
+                                                constexprs.get("GROUP", 1))[0]
     if cfg is None:
         run(_autotuned(kernel), grid, *args, **constexprs)
         return
@@ -482,7 +483,7 @@ def describe_launch(head_dim: int, dtype: torch.dtype, device: torch.device, max
         kernels += ["attn_bwd_dkdv", "attn_bwd_dq"] if deterministic else ["attn_bwd_fused"]
     parts = []
     for kernel in kernels:
-        cfg, source = lookup(kernel, block_d, dtype, device, max_seqlen)
+        cfg, source = lookup(kernel, block_d, dtype, device, max_seqlen, group)
         if cfg is None and kernel in _JIT:
             best = getattr(_autotuned(kernel), "best_config", None)
             cfg_text = (f"{best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_N']} w{best.num_warps} "

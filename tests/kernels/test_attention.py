@@ -202,6 +202,27 @@ def test_launch_description_names_every_kernel():
     assert "attn_bwd_fused" in fused and "attn_bwd_dq" not in fused
 
 
+def test_table_lookup_uses_mha_entries_at_group_one_only(monkeypatch):
+    """A GQA-sensitive backward kernel takes its MHA-only entry without GQA and the entry that
+    holds at any group with it; other kernels have no MHA-only entries."""
+    launch = importlib.import_module("fastgpt.kernels.launch")
+    table = importlib.import_module("fastgpt.kernels.launch_table").TABLE
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    monkeypatch.setattr(launch, "gpu_arch", lambda index=0: "sm90")
+    cuda = torch.device("cuda", 0)  # a device object only: nothing runs
+    mha = {k: v for k, v in table.items() if "/mha" in k}
+    assert mha and all(k.split("/")[0] in launch.GQA_SENSITIVE for k in mha)
+    key = next(k for k in mha if k.endswith("/mha/short"))
+    kernel, d_class = key.split("/")[:2]
+    block_d = 64 if d_class == "d64" else 128
+    cfg, source = launch.lookup(kernel, block_d, torch.bfloat16, cuda, 1024, group=1)
+    assert f"table {key} " in source and cfg.block_n == table[key]["block_n"]
+    _, source = launch.lookup(kernel, block_d, torch.bfloat16, cuda, 1024, group=4)
+    assert "/mha" not in source and "table " in source
+    _, source = launch.lookup("attn_fwd", 64, torch.bfloat16, cuda, 1024, group=1)
+    assert "/mha" not in source
+
+
 def test_input_validation():
     q = torch.randn(8, 2, 16, device=DEVICE)
     with pytest.raises(TypeError, match="int32"):
