@@ -42,7 +42,7 @@ if not torch.cuda.is_available():
 
 import fastgpt.kernels as K  # noqa: E402
 from fastgpt.config import PRESETS, ModelConfig  # noqa: E402
-from fastgpt.engine import SamplingParams, generate  # noqa: E402
+from fastgpt.engine import SamplingParams, capture_step, decode_autocast, generate  # noqa: E402
 from fastgpt.model import GPT  # noqa: E402
 from measure import Plan, error_text, free_memory, sync, time_ms  # noqa: E402
 
@@ -69,12 +69,6 @@ def decode_bytes_per_step(cfg: ModelConfig, batch: int, context: float, elem: in
 
 
 # ------------------------------------------------------------------- device-side decode loop
-def _autocast(device: torch.device):
-    # cache_enabled=False: autocast's cast cache must not outlive a CUDA-graph capture.
-    return (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if device.type == "cuda"
-            else contextlib.nullcontext())
-
-
 @torch.no_grad()
 def device_loop(model: GPT, prompts: list[list[int]], new_tokens: int, graph: bool = False
                 ) -> torch.Tensor:
@@ -85,29 +79,19 @@ def device_loop(model: GPT, prompts: list[list[int]], new_tokens: int, graph: bo
     B, P = len(prompts), len(prompts[0])
     cache = model.new_cache(B, P + new_tokens, dtype=torch.bfloat16 if device.type == "cuda" else None)
     rows = torch.arange(B, device=device)
-    with _autocast(device):
+    with decode_autocast(device):
         logits = model.prefill(prompts, cache, rows)
     out = torch.empty(B, new_tokens, dtype=torch.long, device=device)
     token = logits.argmax(-1, keepdim=True)  # (B, 1): the static input of every step
     out[:, 0] = token[:, 0]
 
     def step() -> None:
-        with _autocast(device):
+        with decode_autocast(device):
             token.copy_(model.decode(token, cache, rows)[:, -1].argmax(-1, keepdim=True))
 
     if graph and device.type == "cuda":
-        filled = cache.seqlens.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream (compiles Triton kernels)
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):
-            step()
-        cache.seqlens.copy_(filled)  # undo the warm-up step (capture itself runs nothing)
-        token.copy_(out[:, :1])
-        step = cuda_graph.replay  # noqa: F811
+        step = capture_step(step, cache)  # noqa: F811
+        token.copy_(out[:, :1])  # the warm-up step overwrote it
     for i in range(1, new_tokens):
         step()
         out[:, i] = token[:, 0]

@@ -144,7 +144,9 @@ class _Decoding:
     max_new: int
     on_token: Callable[[int, int], None] | None
     logprobs: bool
-    autocast: Callable
+
+    def autocast(self):
+        return decode_autocast(self.cache.k.device)
 
     def sample(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = logits.float()
@@ -157,13 +159,14 @@ class _Decoding:
         return tokens, lps
 
 
-def _autocast(device: torch.device):
-    # cache_enabled=False: autocast's cast cache must not outlive a CUDA-graph capture
+def decode_autocast(device: torch.device):
+    """bf16 autocast on CUDA (nothing elsewhere) for prefill and decode steps; cache_enabled=False:
+    autocast's cast cache must not outlive a CUDA-graph capture."""
     return (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if device.type == "cuda"
             else contextlib.nullcontext())
 
 
-def _choose_loop(decode_loop: str, device: torch.device, compile_decode: bool) -> str:
+def _choose_loop(decode_loop: str, device: torch.device) -> str:
     if decode_loop not in DECODE_LOOPS:
         raise GenerationError(f"decode_loop={decode_loop!r}: expected one of {', '.join(DECODE_LOOPS)}")
     if decode_loop != "auto":
@@ -210,7 +213,7 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParam
                             compile_decode=compile_decode, decode_loop=decode_loop)
         return out
     device = model.wte.weight.device
-    loop = _choose_loop(decode_loop, device, compile_decode)
+    loop = _choose_loop(decode_loop, device)
     longest = max(len(p) for p in prompts)
     max_new = min(params.max_new_tokens, model.config.block_size - longest)
     B = len(prompts)
@@ -229,7 +232,7 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], params: SamplingParam
     decode = _decode_fn(model, compile_decode, dynamic=loop == "shrinking")
     run = _Decoding(model, decode, cache, params, gen, seen,
                     torch.tensor(list(params.stop_ids) or [-1], device=device), vocab_limit, max_new,
-                    on_token, logprobs, lambda: _autocast(device))
+                    on_token, logprobs)
     try:
         with run.autocast():
             logits = model.prefill([list(p) for p in prompts], cache, torch.arange(B, device=device))
@@ -264,6 +267,31 @@ def _shrinking_loop(run: _Decoding, logits: torch.Tensor) -> list[Generation]:
     return results
 
 
+def capture_step(step: Callable[[], torch.Tensor | None], cache: KVCache) -> Callable[[], torch.Tensor | None]:
+    """``step`` (a decode step on ``cache``, CUDA) captured as a CUDA graph: one warm-up run on a
+    side stream compiles its kernels, then the capture records it.  Calling the result replays
+    the graph and returns what the captured call returned (static buffers, rewritten by every
+    replay).  The cache's fill levels are left as they were, also when capture fails (raises)."""
+    filled = cache.seqlens.clone()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        cache.seqlens.copy_(filled)  # undo the warm-up step
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = step()
+    finally:
+        cache.seqlens.copy_(filled)  # capture records the step without running it
+
+    def replay() -> torch.Tensor | None:
+        graph.replay()
+        return output
+    return replay
+
+
 def _static_step(run: _Decoding, token: torch.Tensor, rows: torch.Tensor) -> Callable[[], torch.Tensor]:
     """The decode step of all rows from the token buffer ``token`` (B, 1): logits (B, V).  On
     CUDA it is captured once as a CUDA graph and replayed (its output is the graph's static
@@ -277,29 +305,13 @@ def _static_step(run: _Decoding, token: torch.Tensor, rows: torch.Tensor) -> Cal
     step = step_of(run.decode)
     if token.device.type != "cuda":
         return step
-    filled = run.cache.seqlens.clone()
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream: compiles the kernels
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        run.cache.seqlens.copy_(filled)  # undo the warm-up step
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_logits = step()
+        return capture_step(step, run.cache)
     except RuntimeError as err:  # e.g. a model whose step syncs with the host, a failed compile
         warnings.warn(f"generation: decoding without a CUDA graph, its capture failed: "
                       f"{str(err).splitlines()[0] if str(err) else type(err).__name__}",
                       RuntimeWarning, stacklevel=4)
-        run.cache.seqlens.copy_(filled)
         return step_of(run.model.decode)
-    run.cache.seqlens.copy_(filled)  # capture records the step without running it
-
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return static_logits
-    return replay
 
 
 def _static_loop(run: _Decoding, logits: torch.Tensor) -> list[Generation]:

@@ -44,8 +44,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if use_triton(q):
         from .triton_decode import decode_attention_op, decode_attention_triton
         if torch.compiler.is_compiling():  # one opaque op in the traced graph
-            scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-            return decode_attention_op(q, k_cache, v_cache, cache_seqlens, scale, cache_batch_idx)
+            return decode_attention_op(q, k_cache, v_cache, cache_seqlens, softmax_scale,
+                                       cache_batch_idx)
         return decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale,
                                        cache_batch_idx)
     return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, softmax_scale,

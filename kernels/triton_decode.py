@@ -226,7 +226,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 # benchmarks/results/2026-11-27-NVIDIA-H200.md), so compiled code calls it as one opaque op.
 @torch.library.custom_op("fastgpt::decode_attention", mutates_args=())
 def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        cache_seqlens: torch.Tensor, softmax_scale: float,
+                        cache_seqlens: torch.Tensor, softmax_scale: Optional[float],
                         cache_batch_idx: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`decode_attention_triton` as a torch custom op (for graphs traced by torch.compile)."""
     return decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale, cache_batch_idx)
