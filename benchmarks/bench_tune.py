@@ -184,9 +184,8 @@ def best_entries(rows: list[dict], arch: str, source: str, exclude: frozenset[st
         return f"{r['kernel']}/{head_dim_class(r['head_dim'])} {LaunchConfig(*r['fields'])}"
 
     timed = [r for r in rows if "ms" in r and "fields" in r and name(r) not in exclude]
-    entries = _best_of(timed, arch, source, mha=False, keep=lambda r: f"{name(r)} gqa" not in exclude)
-    mha = _best_of([r for r in timed if r["kernel"] in GQA_SENSITIVE], arch, source, mha=True,
-                   keep=lambda r: True)
+    entries = _best_of([r for r in timed if f"{name(r)} gqa" not in exclude], arch, source, mha=False)
+    mha = _best_of([r for r in timed if r["kernel"] in GQA_SENSITIVE], arch, source, mha=True)
     # an MHA-only entry is only worth its key where it differs from the entry for every group
     for key, entry in mha.items():
         plain = entries.get(key.replace("/mha", ""))
@@ -199,13 +198,11 @@ def _fields(entry: dict) -> tuple:
     return entry["block_m"], entry["block_n"], entry["num_warps"], entry["num_stages"]
 
 
-def _best_of(timed: list[dict], arch: str, source: str, mha: bool, keep: Callable[[dict], bool]
-             ) -> dict[str, dict]:
+def _best_of(timed: list[dict], arch: str, source: str, mha: bool) -> dict[str, dict]:
     from fastgpt.kernels.launch import table_key
     groups: dict[tuple, list[dict]] = {}
     for r in timed:
-        if keep(r):
-            groups.setdefault((r["kernel"], r["head_dim"], r["dtype"]), []).append(r)
+        groups.setdefault((r["kernel"], r["head_dim"], r["dtype"]), []).append(r)
     entries = {}
     for (kernel, hd, dtype_name), group in groups.items():
         dtype = getattr(torch, dtype_name)
@@ -243,10 +240,11 @@ def apply_tune(results_json: Path, table_path: Path = table_file.TABLE_PATH) -> 
         raise SystemExit(f"{results_json}: not a GPU run (a rehearsal's timings would not mean anything)")
     arch = "sm" + env["capability"].replace(".", "")
     source = f"measured {env['date'][:10]} on {env['gpu']} (triton {env['triton']})"
-    new = best_entries(rows, arch, source, table_file.load(table_path)[1])
+    table, over = table_file.load(table_path)
+    new = best_entries(rows, arch, source, over)
     if not new:
         raise SystemExit(f"{results_json}: no timed tune rows")
-    table = {**table_file.load(table_path)[0], **new}
+    table = {**table, **new}
     table_file.write(table, path=table_path)
     return f"{table_path}: {len(new)} entries from {results_json} ({len(table)} in all)"
 

@@ -383,8 +383,9 @@ class Trainer:
 
     def keep_best(self, metrics: dict[str, float]) -> None:
         """Write best.pt (weights only) and best.json when this evaluation (of the model as it is
-        now, at ``self.step``) beats every earlier one; every process calls it. Rank 0 decides, by its own evaluation and the best.json it wrote, and every process
-        follows: a sharded model is gathered by all of them."""
+        now, at ``self.step``) beats every earlier one; every process calls it. Rank 0 decides,
+        by its own evaluation and the best.json it wrote, and every process follows: a sharded
+        model is gathered by all of them."""
         select = getattr(self.task, "selection_score", None)
         if select is None:  # a stage that ranks no evaluations
             return
