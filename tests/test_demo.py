@@ -25,7 +25,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, float]:
     """One quick demo through the CLI, as a user runs it, with every method; returns (folder, seconds)."""
     out = tmp_path_factory.mktemp("demo") / "seed-1"  # the folder compare-methods gives seed 1
     start = time.perf_counter()
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--seed", "1", "--methods", "ppo,dpo,grpo"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--seed", "1", "--methods", ",".join(METHODS)]) == 0
     return out, time.perf_counter() - start
 
 
@@ -84,7 +84,12 @@ def test_report_has_table_plots_and_figures(demo_run):
     for name in METHODS:
         m = fig["methods"][name]
         assert m["kl_to_sft"] == m["kl_to_sft"] and m["seconds"] > 0 and m["peak_mb"] > 0 and 0 <= m["win_rate"] <= 1
-    assert f"| {'GRPO'} |" in md
+    assert "| GRPO |" in md and "| PPO-ptx, reward off |" in md
+    # PPO-ptx: PPO's and GRPO's steps add the pre-training loss; the ablation's reward is 0 (less the length guard)
+    from fastgpt.demo.report import read_metrics
+    for stage in ("ppo", "grpo", "ptx_only"):
+        assert any("ptx_loss" in r for r in read_metrics(out / stage / "run")), stage
+    assert all(r["score"] == 0 for r in read_metrics(out / "ptx_only" / "run") if "score" in r)
 
 
 def test_compare_methods_aggregates_seeds(tmp_path):
@@ -100,11 +105,11 @@ def test_compare_methods_command_tables_the_seeds(demo_run, capsys):
     and writes the methods table over the seeds."""
     out, _ = demo_run
     assert main(["compare-methods", "--out", str(out.parent), "--seeds", "1", "--scale", str(QUICK),
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--methods", ",".join(METHODS)]) == 0
     printed = capsys.readouterr().out
     assert "compare-methods: 1 seed; table in" in printed
     table = (out.parent / "methods.md").read_text()
-    for row in ("| SFT (start) |", "| PPO |", "| DPO |", "| GRPO |"):
+    for row in ("| SFT (start) |", "| PPO |", "| DPO |", "| GRPO |", "| PPO-ptx, reward off |"):
         assert row in table and row in printed, row
     saved = json.loads((out.parent / "methods.json").read_text())
     assert saved["run"]["seeds"] == [1] and set(saved["aggregate"]) == {"sft", *METHODS}

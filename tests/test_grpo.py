@@ -112,6 +112,36 @@ def test_grpo_shares_ppos_guards(ckpts, tmp_path):  # noqa: F811
     assert summary["sft"]["gold_score_greedy"] == 0.0
 
 
+def test_grpo_ptx_adds_the_pretraining_loss_and_resumes_its_stream(ckpts, tmp_path):  # noqa: F811
+    """PPO-ptx in GRPO: a step's loss is GRPO's plus ptx_coef times the policy's LM loss on the
+    pre-training rows of that step, and the rows' stream is part of the resumable state."""
+    import json
+
+    from fastgpt.data import prepare
+    from fastgpt.stages.grpo import build_grpo
+    from fastgpt.tokenizer import ByteTokenizer
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"the cat sat on mat {i}. " * 4}) + "\n" for i in range(30)))
+    prepare([corpus], tmp_path / "data", ByteTokenizer(), val_fraction=0.1, progress=False)
+    trainer, task = build_grpo(_cfg(ckpts, tmp_path / "run", ptx_data=str(tmp_path / "data"), ptx_coef=0.7,
+                                    ptx_batch_size=3), reward_fn=starts_with_a)
+    b = task.next_batch()
+    lm_idx, lm_targets = b["ptx"]
+    assert lm_idx.shape[0] == 3
+    model = trainer.model
+    with torch.no_grad():
+        with_ptx, metrics = task.loss(model, b)
+        without, _ = task.loss(model, {k: v for k, v in b.items() if k != "ptx"})
+        lm = model.policy(lm_idx, lm_targets)[1]
+    assert torch.allclose(with_ptx, without + 0.7 * lm, atol=1e-6) and metrics["ptx_loss"] == pytest.approx(float(lm))
+    state = task.state_dict()
+    following = task.ptx.next_batch()[0]
+    _, again = build_grpo(_cfg(ckpts, tmp_path / "run2", ptx_data=str(tmp_path / "data"), ptx_coef=0.7,
+                               ptx_batch_size=3), reward_fn=starts_with_a)
+    again.load_state_dict(state)
+    assert torch.equal(again.ptx.next_batch()[0], following)
+
+
 def test_grpo_with_lora_holds_one_copy_and_learns(ckpts, tmp_path):  # noqa: F811
     from fastgpt.lora import AdaptersOff
     from fastgpt.stages.grpo import build_grpo

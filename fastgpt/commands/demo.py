@@ -19,7 +19,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (--scale 0.05), for CI")
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     parser.add_argument("--methods", default="ppo", help="RL methods to run from the same SFT model and labels, "
-                        "compared in the report: a comma-separated subset of ppo,dpo,grpo (default ppo)")
+                        "compared in the report: a comma-separated subset of ppo,dpo,grpo,ptx_only (ptx_only: PPO with "
+                        "its reward set to 0, an ablation; default ppo)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -39,7 +40,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def add_compare_methods_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> None:
     from ..demo.pipeline import BUDGETS
-    parser.add_argument("--methods", default="ppo,dpo,grpo", help="a comma-separated subset of ppo,dpo,grpo")
+    parser.add_argument("--methods", default="ppo,dpo,grpo", help="a comma-separated subset of ppo,dpo,grpo,ptx_only")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--preset", choices=sorted(BUDGETS), default="tiny")
     parser.add_argument("--out", default="runs/methods", help="one demo run per seed under it, resumable")

@@ -1,5 +1,6 @@
 """The method comparison: PPO, DPO and GRPO from the same SFT model and the same labels, judged by
-the simulated labeler (the gold judge none of them trained against).
+the simulated labeler (the gold judge none of them trained against), and the ablation
+``ptx_only`` (PPO's run with its reward set to 0: what the pre-training mix alone does).
 
 ``fastgpt demo --methods ppo,dpo,grpo`` adds two stages after PPO — DPO on the labeler's
 rankings (the reward model's own training data) and GRPO against the reward model on PPO's
@@ -23,7 +24,11 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterator
 
-METHODS = ("ppo", "dpo", "grpo")
+METHODS = ("ppo", "dpo", "grpo", "ptx_only")
+# ptx_only is an ablation, not a method: PPO's run with the reward model's score replaced by 0, so
+# that only the pre-training mix, the KL penalty and the length guard move the policy. PPO's gain
+# over it is what the reward model adds.
+LABELS = {"sft": "SFT (start)", "ppo": "PPO", "dpo": "DPO", "grpo": "GRPO", "ptx_only": "PPO-ptx, reward off"}
 FIGURES = (  # (key, column title, format)
     ("gold_score", "gold score (labeler)", "{:+.2f}"),
     ("accuracy", "task accuracy", "{:.1%}"),
@@ -92,6 +97,19 @@ def stage_grpo(ctx: Any) -> dict[str, Any]:
                 gold=gold_judge(ctx))
 
 
+def stage_ptx_only(ctx: Any) -> dict[str, Any]:
+    from ..config import build_config
+    from ..stages.ppo import PPOConfig, ppo
+    from .pipeline import gold_judge, on_policy_overrides
+
+    def no_reward(prompts: list[list[int]], responses: list[list[int]]) -> Any:
+        import torch
+        return torch.zeros(len(responses))
+
+    return ppo(build_config(PPOConfig, overrides=on_policy_overrides(ctx, "ptx_only", beta=ctx.budget.beta)),
+               reward_fn=no_reward, gold=gold_judge(ctx))
+
+
 def stage_methods(ctx: Any, methods: tuple[str, ...]) -> dict[str, Any]:
     """Answer the held-out prompts with SFT and every method; the labeler's figures per method."""
     from ..checkpoint import load_model
@@ -142,7 +160,7 @@ def methods_table(per_method: dict[str, dict[str, float]]) -> list[str]:
     lines = ["| method | " + " | ".join(title for _, title, _ in FIGURES) + " |", "|---" * (len(FIGURES) + 1) + "|"]
     for name, m in per_method.items():
         cells = ["–" if not math.isfinite(m.get(k, math.nan)) else fmt.format(m[k]) for k, _, fmt in FIGURES]
-        lines.append(f"| {name.upper() if name != 'sft' else 'SFT (start)'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -172,7 +190,7 @@ def aggregate_table(agg: dict[str, dict[str, dict[str, float]]]) -> list[str]:
                 cells.append(f"{fmt.format(f['mean'])} ± {fmt.format(f['sd']).lstrip('+')}")
             else:
                 cells.append(fmt.format(f["mean"]))
-        lines.append(f"| {name.upper() if name != 'sft' else 'SFT (start)'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -8,8 +8,9 @@ from ``build_config``), writes into its own folder under ``--out`` and, once it 
 stage that has its ``done.json``, and a stage interrupted half-way resumes from its own
 checkpoint (the trainer's exact resume), so a killed demo loses at most a few steps.
 
-PPO trains on the reward model alone: the simulated labeler ranks the SFT model's samples (as a
-person would with ``fastgpt rank``), and is PPO's gold judge only on its held-out dev prompts (the
+PPO's reward is the reward model alone (its loss adds the pre-training loss on the demo's corpus,
+InstructGPT's PPO-ptx): the simulated labeler ranks the SFT model's samples (as a person would
+with ``fastgpt rank``), and is PPO's gold judge only on its held-out dev prompts (the
 over-optimisation curve and the choice of best.pt), never on a rollout; with ``--methods``, GRPO's
 too, on the same dev prompts and settings (:func:`on_policy_overrides`). It judges the held-out
 evaluation answers at the end.
@@ -34,9 +35,9 @@ from ..console import plural
 from ..errors import FastGPTError
 from ..files import atomic_write
 
-STAGES = ("world", "prepare", "pretrain", "sft", "compare", "rank", "reward", "ppo", "dpo", "grpo", "evaluate",
-          "methods", "report")
-OPTIONAL = {"dpo", "grpo", "methods"}  # run with --methods (see demo/methods.py)
+STAGES = ("world", "prepare", "pretrain", "sft", "compare", "rank", "reward", "ppo", "dpo", "grpo", "ptx_only",
+          "evaluate", "methods", "report")
+OPTIONAL = {"dpo", "grpo", "ptx_only", "methods"}  # run with --methods (see demo/methods.py)
 DONE = "done.json"
 
 
@@ -77,6 +78,8 @@ class Budget:
     ppo_lr: float = 1e-4
     beta: float = 0.05
     length_penalty: float = 0.5      # guard: reward -= this x |length - SFT length| / SFT length (tokens)
+    ptx_coef: float = 1.0            # PPO-ptx: the pre-training loss on 4 corpus rows added to every step
+    ptx_batch: int = 4
     ppo_evals: int = 10              # held-out evaluations (proxy, gold, KL) over the run
     warn_kl: float = 8.0             # PPO warns past this KL to SFT (nats / response) ...
     warn_length_ratio: float = 2.0   # ... or when its mean length changes by more than this factor
@@ -235,8 +238,10 @@ def stage_reward(ctx: Context) -> dict[str, Any]:
 
 def on_policy_overrides(ctx: Context, stage: str, **extra: Any) -> dict[str, Any]:
     """The settings PPO and GRPO share in the demo: the same SFT start, reward model, prompts,
-    steps, rollout size, learning rate and guards, and the same dev prompts for their held-out
-    curves and best.pt, so that the methods table compares like with like."""
+    steps, rollout size, learning rate, guards and pre-training mix (PPO-ptx: the SFT model's
+    demonstrations teach the world's slips, the pre-training corpus does not), and the same dev
+    prompts for their held-out curves and best.pt, so that the methods table compares like with
+    like."""
     b = ctx.budget
     world = ctx.dir("world")
     return _train_overrides(
@@ -245,7 +250,8 @@ def on_policy_overrides(ctx: Context, stage: str, **extra: Any) -> dict[str, Any
         eval_max_prompts=b.n_dev, eval_interval=max(1, b.ppo_steps // b.ppo_evals), max_steps=b.ppo_steps,
         rollout_batch_size=b.rollout_batch, mini_batch_size=b.mini_batch, ppo_epochs=b.ppo_epochs, lr=b.ppo_lr,
         max_new_tokens=b.max_new_tokens, ckpt_interval=max(1, b.ppo_steps // 4),
-        warn_kl=b.warn_kl, warn_length_ratio=b.warn_length_ratio, length_penalty=b.length_penalty, **extra)
+        warn_kl=b.warn_kl, warn_length_ratio=b.warn_length_ratio, length_penalty=b.length_penalty,
+        ptx_data=ctx.summary("prepare")["data"], ptx_coef=b.ptx_coef, ptx_batch_size=b.ptx_batch, **extra)
 
 
 def gold_judge(ctx: Context) -> Callable[..., dict[str, list[float]]]:
@@ -354,7 +360,7 @@ def _headline(name: str, s: dict[str, Any]) -> str:
         return f" (val_loss {ev['val_loss']:.3f}{extra})"
     if name == "reward" and "val_accuracy" in ev:
         return f" (held-out pairwise accuracy {ev['val_accuracy']:.3f})"
-    if name in ("ppo", "grpo") and "score_greedy" in ev:
+    if name in ("ppo", "grpo", "ptx_only") and "score_greedy" in ev:
         sft = s.get("sft", {})
         gold = (f", labeler score {sft.get('gold_score_greedy', math.nan):+.2f} -> {ev['gold_score_greedy']:+.2f}"
                 if "gold_score_greedy" in ev else "")

@@ -212,9 +212,14 @@ class Policy(nn.Module):
         return self.policy.config
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
-                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.policy.token_logprobs(idx, targets, cu_seqlens=cu_seqlens, temperature=temperature,
-                                          ignore_index=IGNORE_INDEX)
+                temperature: float = 1.0, lm_idx: torch.Tensor | None = None, lm_targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(log p(target), entropy) per token, and the LM loss on an optional pre-training batch
+        (GRPO with PPO-ptx), in one forward for DDP."""
+        lp, ent = self.policy.token_logprobs(idx, targets, cu_seqlens=cu_seqlens, temperature=temperature,
+                                             ignore_index=IGNORE_INDEX)
+        lm_loss = self.policy(lm_idx, lm_targets)[1] if lm_idx is not None else None
+        return lp, ent, lm_loss
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -120,7 +120,18 @@ class RewardGuardConfig:
 
 
 @dataclass
-class PPOConfig(LoRAConfig, RewardGuardConfig, OnPolicyConfig):
+class PretrainMixConfig:
+    """PPO-ptx (InstructGPT, section 3.5): the on-policy stages (PPO, GRPO) can add the
+    pre-training loss on a batch of pre-training text to every step, which keeps what the
+    pre-trained model knew while the policy follows a learned reward."""
+
+    ptx_data: str = ""                # dataset folder (`fastgpt prepare`) mixed in; "" = none
+    ptx_coef: NonNegativeFloat = 0.0  # weight of the pre-training loss (PPO-ptx's gamma)
+    ptx_batch_size: Positive = 4      # pre-training rows per step
+
+
+@dataclass
+class PPOConfig(LoRAConfig, RewardGuardConfig, PretrainMixConfig, OnPolicyConfig):
     out_dir: str = "runs/ppo"
     sft_checkpoint: str = ""          # required: the policy's start and its frozen KL reference (or hf:<folder>)
     reward_checkpoint: str = ""       # required: the frozen reward model (fastgpt reward)
@@ -157,10 +168,6 @@ class PPOConfig(LoRAConfig, RewardGuardConfig, OnPolicyConfig):
     # models
     value_model: Literal["reward", "head"] = "reward"  # reward: a copy of the reward model; head: on the policy
     value_head_zero: bool = False     # start the value head at zero
-    # PPO-ptx
-    ptx_data: str = ""                # dataset folder (`fastgpt prepare`) mixed into PPO; "" = none
-    ptx_coef: NonNegativeFloat = 0.0  # weight of the pre-training loss (PPO-ptx)
-    ptx_batch_size: Positive = 4      # pre-training rows per step
     max_bad_rollouts: NonNegative = 3  # rollouts with non-finite rewards tolerated before stopping
 
     RESUME_SAFE: ClassVar[frozenset[str]] = (TrainConfig.RESUME_SAFE | RewardGuardConfig.RESUME_SAFE
@@ -194,7 +201,7 @@ class DPOConfig(LoRAConfig, TrainConfig):
 
 
 @dataclass
-class GRPOConfig(LoRAConfig, RewardGuardConfig, OnPolicyConfig):
+class GRPOConfig(LoRAConfig, RewardGuardConfig, PretrainMixConfig, OnPolicyConfig):
     """Group-relative policy optimisation (Shao et al. 2024) and RLOO (Ahmadian et al. 2024):
     K samples per prompt, the group's other samples as the baseline, no value model."""
 

@@ -69,7 +69,7 @@ class DPOTask(RewardTask):
                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         better, worse, prompt, n_prompts = pair_tensors(batch)
-        lp, _ = model(batch.idx, batch.labels, cu_seqlens=batch.cu_seqlens)
+        lp = model(batch.idx, batch.labels, cu_seqlens=batch.cu_seqlens)[0]
         logp = sequence_logprobs(lp.float(), batch)
         ref = batch.extras.get("ref_logp")
         ref = reference_logprobs(self.ref, batch) if ref is None else ref.to(logp.device)

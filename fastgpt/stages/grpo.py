@@ -15,7 +15,8 @@ rolls out afresh:
 4. the policy's log-probs at sampling time (and the reference's, when ``beta`` > 0), one packed
    no-grad forward each through the fused log-prob kernel;
 5. ``ppo_epochs`` passes of ``mini_batch_size`` sequences minimising the clipped surrogate plus
-   ``beta`` times the KL estimate to the reference (GRPO puts the KL in the loss, not the reward).
+   ``beta`` times the KL estimate to the reference (GRPO puts the KL in the loss, not the reward),
+   plus, with ``ptx_coef`` > 0, the pre-training loss on a batch of ``ptx_data`` (PPO-ptx's mix).
 
 Loss normalisation and its length bias. ``loss_level="sequence"`` (the GRPO paper's) averages
 each response's token losses first and then the responses, so a token of a short response weighs
@@ -156,11 +157,15 @@ class GRPOTask(RolloutTask):
                "old_logp": ro["old_logp"][idx, :R]}
         if "ref_logp" in ro:
             out["ref_logp"] = ro["ref_logp"][idx, :R]
+        if self.ptx is not None:
+            out["ptx"] = self.ptx.next_batch()
         return out
 
     def loss(self, model: nn.Module, b: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, batch, mask = self.cfg, b["batch"], b["mask"]
-        lp, ent = model(batch.idx, batch.labels, cu_seqlens=batch.cu_seqlens, temperature=cfg.temperature)
+        lm_idx, lm_targets = b["ptx"] if "ptx" in b else (None, None)
+        lp, ent, lm_loss = model(batch.idx, batch.labels, cu_seqlens=batch.cu_seqlens, temperature=cfg.temperature,
+                                 lm_idx=lm_idx, lm_targets=lm_targets)
         lp, ent = unpack_responses(lp, b["flat"], mask), unpack_responses(ent, b["flat"], mask)
         adv = b["adv"][:, None].expand_as(lp)
         loss, clipfrac, approx_kl = ppo_policy_loss(lp, b["old_logp"], adv, mask, cfg.clip_range, cfg.loss_level)
@@ -171,6 +176,9 @@ class GRPOTask(RolloutTask):
             kl = masked_mean(kl_estimate(lp, b["ref_logp"], cfg.kl_estimator), mask, cfg.loss_level)
             loss = loss + cfg.beta * kl
             metrics["kl_loss"] = float(kl.detach())
+        if lm_loss is not None:
+            loss = loss + cfg.ptx_coef * lm_loss
+            metrics["ptx_loss"] = float(lm_loss.detach())
         return loss, metrics
 
 
@@ -187,7 +195,7 @@ def build_grpo(cfg: GRPOConfig, reward_fn: RewardFn | None = None, gold: GoldJud
     prompts, eval_prompts, eval_records, held_out = policy_prompts(cfg, tok, block)
     model = Policy(policy.train())
     task = GRPOTask(cfg, model, ref, tok, prompts, reward_fn, eval_prompts, device, gold, eval_records)
-    data = {"prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts}
+    data = {"prompts": cfg.prompts, "eval_prompts": cfg.eval_prompts, "ptx_data": cfg.ptx_data}
     trainer = Trainer(cfg, model, task, stage="grpo", tokenizer=tok, model_kind="policy",
                       extra={"sft_checkpoint": str(cfg.sft_checkpoint)}, data=data,
                       plan=rollout_plan(cfg, prompts, eval_prompts, block, held_out, cfg.group_size),

@@ -282,6 +282,10 @@ class RolloutTask:
         self.queue: list[list[int]] = []
         self.bad_rollouts = 0
         self.rollouts_done = 0
+        self.ptx = None  # PPO-ptx: pre-training rows added to every step's loss
+        if cfg.ptx_data and cfg.ptx_coef > 0:
+            self.ptx = TokenLoader(cfg.ptx_data, "train", self.block, cfg.ptx_batch_size,
+                                   model.config.vocab_size, cfg.seed, self.rank, self.device, self.world)
 
     def _sample_prompts(self, n: int) -> list[list[int]]:
         out = []
@@ -365,7 +369,7 @@ class RolloutTask:
         return {"rng": self.rng.bit_generator.state, "order": list(self.order), "rollout": self.rollout,
                 "queue": [list(q) for q in self.queue], "bad_rollouts": self.bad_rollouts,
                 "rollouts_done": self.rollouts_done, "first_length": self.first_length,
-                "drift": sorted(self.drift.out)}
+                "drift": sorted(self.drift.out), "ptx": None if self.ptx is None else self.ptx.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state["rng"]
@@ -374,6 +378,8 @@ class RolloutTask:
         # a checkpoint from before the guards has neither
         self.first_length = state.get("first_length", self.first_length)
         self.drift.out = set(state.get("drift", ()))
+        if self.ptx is not None and state.get("ptx") is not None:
+            self.ptx.load_state_dict(state["ptx"])
 
 
 class PPOTask(RolloutTask):
@@ -389,10 +395,6 @@ class PPOTask(RolloutTask):
         super().__init__(cfg, model, ref, tokenizer, prompts, reward_fn, eval_prompts, device, gold, eval_records)
         self.kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.beta))
-        self.ptx = None
-        if cfg.ptx_data and cfg.ptx_coef > 0:
-            self.ptx = TokenLoader(cfg.ptx_data, "train", self.block, cfg.ptx_batch_size,
-                                   model.config.vocab_size, cfg.seed, self.rank, self.device, self.world)
         self._train_clock: float | None = None  # end of the last next_batch: times the update
         self._prev_tokens = 0
 
@@ -524,14 +526,11 @@ class PPOTask(RolloutTask):
         return loss, metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
-                "ptx": None if self.ptx is None else self.ptx.state_dict()}
+        return {**super().state_dict(), "kl_ctl": self.kl_ctl.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-        if self.ptx is not None and state.get("ptx") is not None:
-            self.ptx.load_state_dict(state["ptx"])
 
 
 # ------------------------------------------------------------------------------- stage
