@@ -169,3 +169,11 @@ def test_scaled_budget_shrinks_every_stage():
         assert 0 < getattr(quick, name) < getattr(full, name), name
     assert quick.mini_batch <= quick.rollout_batch
     assert BUDGETS["tiny"].scaled(1.0) == full
+
+
+def test_progress_headline_leaves_the_ablations_zero_reward_out():
+    from fastgpt.demo.pipeline import _headline
+    summary = {"eval": {"score_greedy": 0.0, "gold_score_greedy": 2.5, "kl_to_ref": 1.2},
+               "sft": {"score_greedy": 0.0, "gold_score_greedy": 2.0}}
+    assert _headline("ptx_only", summary) == " (dev: labeler score +2.00 -> +2.50, KL 1.20)"
+    assert _headline("ppo", summary) == " (dev: RM score +0.00 -> +0.00, labeler score +2.00 -> +2.50, KL 1.20)"

@@ -361,11 +361,13 @@ def _headline(name: str, s: dict[str, Any]) -> str:
     if name == "reward" and "val_accuracy" in ev:
         return f" (held-out pairwise accuracy {ev['val_accuracy']:.3f})"
     if name in ("ppo", "grpo", "ptx_only") and "score_greedy" in ev:
-        sft = s.get("sft", {})
-        gold = (f", labeler score {sft.get('gold_score_greedy', math.nan):+.2f} -> {ev['gold_score_greedy']:+.2f}"
-                if "gold_score_greedy" in ev else "")
-        return (f" (dev: RM score {sft.get('score_greedy', math.nan):+.2f} -> {ev['score_greedy']:+.2f}{gold}, "
-                f"KL {ev.get('kl_to_ref', math.nan):.2f})")
+        sft, parts = s.get("sft", {}), []
+        if name != "ptx_only":  # the ablation trains on a zero reward: its "RM score" would be that zero
+            parts.append(f"RM score {sft.get('score_greedy', math.nan):+.2f} -> {ev['score_greedy']:+.2f}")
+        if "gold_score_greedy" in ev:
+            parts.append(f"labeler score {sft.get('gold_score_greedy', math.nan):+.2f} -> {ev['gold_score_greedy']:+.2f}")
+        parts.append(f"KL {ev.get('kl_to_ref', math.nan):.2f}")
+        return f" (dev: {', '.join(parts)})"
     if name == "dpo" and "val_accuracy" in ev:
         return f" (held-out implicit-reward accuracy {ev['val_accuracy']:.3f})"
     if name == "compare":
