@@ -110,7 +110,7 @@ def loss_launches(dtype: torch.dtype, options: dict, op: str) -> list[tuple]:
 def plans(subset: str, kernels: tuple[str, ...] | None = None) -> Iterator[tuple[str, str, list[tuple]]]:
     """(plan, description, launches) for every configuration to compile (of ``kernels`` only,
     if given: attention kernel names, or "losses")."""
-    from fastgpt.kernels.launch import LaunchConfig, candidates, head_dim_block, table_key
+    from fastgpt.kernels.launch import GQA_SENSITIVE, LaunchConfig, candidates, head_dim_block, table_key
     from fastgpt.kernels.launch_table import TABLE
     fast = subset == "fast"
     for key, entry in sorted(TABLE.items()):
@@ -130,7 +130,7 @@ def plans(subset: str, kernels: tuple[str, ...] | None = None) -> Iterator[tuple
             for dt_name in dtypes:
                 # A GQA group loop adds registers to the kernels that sum over it (dK/dV):
                 # the fast subset checks those at group 4 too.
-                gqa = kernel in ("attn_bwd_dkdv", "attn_bwd_fused") or not fast
+                gqa = kernel in GQA_SENSITIVE or not fast
                 groups = (1, 4) if dt_name == "bf16" and gqa and kernel != "attn_decode" and not mha else (1,)
                 for group in groups:
                     yield ("table", f"{kernel} hd{hd} {dt_name} g{group} [{key}] {cfg}",
@@ -142,7 +142,7 @@ def plans(subset: str, kernels: tuple[str, ...] | None = None) -> Iterator[tuple
                 continue
             # the kernels that loop over a GQA group are checked at group 4 too: the sweep times
             # group 1, and a configuration it picks must not spill where training uses GQA
-            groups = (1, 4) if kernel in ("attn_bwd_dkdv", "attn_bwd_fused") else (1,)
+            groups = (1, 4) if kernel in GQA_SENSITIVE else (1,)
             for hd in (64, 128):
                 for cfg in candidates(kernel, hd, torch.bfloat16, exclude=False):
                     for group in groups:

@@ -98,16 +98,13 @@ def stage_grpo(ctx: Any) -> dict[str, Any]:
 
 
 def stage_ptx_only(ctx: Any) -> dict[str, Any]:
-    from ..config import build_config
-    from ..stages.ppo import PPOConfig, ppo
-    from .pipeline import gold_judge, on_policy_overrides
+    from .pipeline import stage_ppo
 
     def no_reward(prompts: list[list[int]], responses: list[list[int]]) -> Any:
         import torch
         return torch.zeros(len(responses))
 
-    return ppo(build_config(PPOConfig, overrides=on_policy_overrides(ctx, "ptx_only", beta=ctx.budget.beta)),
-               reward_fn=no_reward, gold=gold_judge(ctx))
+    return stage_ppo(ctx, "ptx_only", reward_fn=no_reward)
 
 
 def stage_methods(ctx: Any, methods: tuple[str, ...]) -> dict[str, Any]:

@@ -262,10 +262,12 @@ def gold_judge(ctx: Context) -> Callable[..., dict[str, list[float]]]:
     return SimulatedLabeler(seed=ctx.seed).judge
 
 
-def stage_ppo(ctx: Context) -> dict[str, Any]:
+def stage_ppo(ctx: Context, stage: str = "ppo", reward_fn: Callable | None = None) -> dict[str, Any]:
+    """PPO on the demo's settings; ``reward_fn`` replaces the reward model's score (the
+    ``ptx_only`` ablation runs it as stage ``ptx_only`` with a zero reward)."""
     from ..stages.ppo import PPOConfig, ppo
-    return ppo(build_config(PPOConfig, overrides=on_policy_overrides(ctx, "ppo", beta=ctx.budget.beta)),
-               gold=gold_judge(ctx))
+    return ppo(build_config(PPOConfig, overrides=on_policy_overrides(ctx, stage, beta=ctx.budget.beta)),
+               reward_fn=reward_fn, gold=gold_judge(ctx))
 
 
 def stage_evaluate(ctx: Context) -> dict[str, Any]:
