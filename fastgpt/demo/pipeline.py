@@ -70,6 +70,10 @@ class Budget:
     reward_epochs: float = 2.0       # 1.5, 4, 8 and 20 all agree with the labeler alike (README, "What the redesign tried")
     reward_batch: int = 16
     reward_lr: float = 3e-4
+    # The base model's likelihood of each answer joins the reward (fastgpt.stages.likelihood): it
+    # knows the world's facts as a generator, which the scalar head does not relearn from ~800
+    # rankings (README: 65-75% agreement on correctness pairs without it)
+    reward_likelihood: bool = True
     # ppo
     ppo_steps: int = 160
     rollout_batch: int = 64
@@ -232,7 +236,8 @@ def stage_reward(ctx: Context) -> dict[str, Any]:
         epochs=b.reward_epochs, batch_size=b.reward_batch, lr=b.reward_lr, warmup_steps=5, eval_interval=20,
         val_fraction=0.15,  # ~90 held-out prompts: a steadier accuracy than the default 10% gives
         min_steps=0,  # the budget's epochs decide, also in a shrunk (--quick) run
-        log_interval=2, ckpt_interval=1000))
+        log_interval=2, ckpt_interval=1000,
+        likelihood_from=ctx.summary("pretrain")["out_dir"] if b.reward_likelihood else ""))
     return train_reward(cfg)
 
 

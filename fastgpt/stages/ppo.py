@@ -64,6 +64,7 @@ from .common import (Reference, add_lora, cast_parameters, freeze, load_start_mo
                      reference_model, require_same_tokenizer, set_dropout, split_holdout)
 from .configs import PPOConfig
 from .policy_eval import GoldJudge, RewardFn, evaluate_policy, selection_score
+from .likelihood import LikelihoodTerm
 from .reward import raw_scores, response_labels
 
 T = TypeVar("T")
@@ -124,15 +125,20 @@ def value_from_reward(rm: ScalarModel, offset: float, scale: float, zero_head: b
 
 class RewardModelScorer:
     """reward_fn from a reward model: normalised score at the last token of each prompt +
-    response, scored as packed rows by the reward stage's own scoring function."""
+    response (with the likelihood term it was trained with, if any), scored as packed rows by the
+    reward stage's own scoring function."""
 
-    def __init__(self, model: ScalarModel, offset: float, scale: float, pad_id: int, rows: int = 64) -> None:
+    def __init__(self, model: ScalarModel, offset: float, scale: float, pad_id: int, rows: int = 64,
+                 likelihood: LikelihoodTerm | None = None) -> None:
         self.model, self.offset, self.scale, self.pad_id, self.rows = model, offset, scale, pad_id, rows
+        self.likelihood = likelihood
 
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
         block = self.model.config.block_size
         seqs = [(p + r)[-block:] for p, r in zip(prompts, responses)]
         raw = torch.tensor(raw_scores(self.model, seqs, self.rows, block, self.pad_id))
+        if self.likelihood is not None:
+            raw = self.likelihood.combine(raw, self.likelihood.features(prompts, responses, self.rows))
         return (raw - self.offset) / self.scale
 
 
@@ -534,15 +540,19 @@ class PPOTask(RolloutTask):
 
 
 # ------------------------------------------------------------------------------- stage
-def load_reward(path: str, tok: Tokenizer, device: torch.device) -> tuple[ScalarModel, float, float]:
-    """The frozen reward model and its normalisation (offset, scale), after checking its tokenizer."""
+LoadedReward = tuple[ScalarModel, float, float, LikelihoodTerm | None]
+
+
+def load_reward(path: str, tok: Tokenizer, device: torch.device) -> LoadedReward:
+    """The frozen reward model, its normalisation (offset, scale) and the likelihood term it was
+    trained with (or None), after checking its tokenizer."""
     rm, rm_tok, ckpt = load_model(path, kind="scalar", device=device)
     require_same_tokenizer(tok, rm_tok, f"reward_checkpoint={path}")
     extra = ckpt.get("extra", {})
     offset, scale = float(extra.get("reward_offset", 0.0)), float(extra.get("reward_scale", 1.0))
     if not math.isfinite(offset) or not math.isfinite(scale) or scale <= 0:
         raise PPOError(f"reward_checkpoint={path}: bad normalisation offset={offset} scale={scale}")
-    return rm, offset, scale  # type: ignore[return-value]
+    return rm, offset, scale, LikelihoodTerm.from_extra(extra, tok, device, f"reward_checkpoint={path}")  # type: ignore[return-value]
 
 
 def start_policy(cfg: Any, reward_fn: RewardFn | None, stage: str
@@ -565,21 +575,23 @@ def start_policy(cfg: Any, reward_fn: RewardFn | None, stage: str
     return policy, tok, ref, device
 
 
-def reward_models(cfg: Any, rm: ScalarModel, offset: float, scale: float, tok: Tokenizer,
-                  device: torch.device) -> RewardFn:
+def reward_models(cfg: Any, rm: ScalarModel, offset: float, scale: float, likelihood: LikelihoodTerm | None,
+                  tok: Tokenizer, device: torch.device) -> RewardFn:
     """The frozen reward model as an on-policy stage's reward (PPO, GRPO), or with
     ``reward_ensemble`` the ensemble of it and the listed checkpoints (bf16 on CUDA: they only
     run forward)."""
     if cfg.ensemble_mode not in ENSEMBLE_MODES:
         raise PPOError(f"ensemble_mode={cfg.ensemble_mode!r}: expected one of {ENSEMBLE_MODES}")
-    models = [(rm, offset, scale)]
+    models = [(rm, offset, scale, likelihood)]
     models += [load_reward(path.strip(), tok, device) for path in cfg.reward_ensemble.split(",") if path.strip()]
     scorers: list[RewardFn] = []
-    for model, off, sc in models:
+    for model, off, sc, term in models:
         freeze(model)
         if device.type == "cuda":
             cast_parameters(model, torch.bfloat16)
-        scorers.append(RewardModelScorer(model, off, sc, tok.pad_id, rows=cfg.mini_batch_size))
+            if term is not None:
+                cast_parameters(term.lm, torch.bfloat16)
+        scorers.append(RewardModelScorer(model, off, sc, tok.pad_id, rows=cfg.mini_batch_size, likelihood=term))
     return scorers[0] if len(scorers) == 1 else EnsembleScorer(scorers, cfg.ensemble_mode)
 
 
@@ -590,7 +602,7 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, gold: GoldJudge
     policy, tok, ref, device = start_policy(cfg, reward_fn, "ppo")
     rm = None
     if cfg.reward_checkpoint:
-        rm, offset, scale = load_reward(cfg.reward_checkpoint, tok, device)
+        rm, offset, scale, likelihood = load_reward(cfg.reward_checkpoint, tok, device)
     value = None
     extra: dict[str, Any] = {}
     if cfg.value_model == "reward":
@@ -600,7 +612,7 @@ def build_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, gold: GoldJudge
         add_lora(value.gpt, cfg, "ppo value model")  # its head stays trainable
         extra["value_config"] = asdict(value.config)
     if reward_fn is None:
-        reward_fn = reward_models(cfg, rm, offset, scale, tok, device)
+        reward_fn = reward_models(cfg, rm, offset, scale, likelihood, tok, device)
     if value is not None:
         set_dropout(value, 0.0)  # as the policy's (start_policy)
     model = PolicyValue(policy.train(), value)

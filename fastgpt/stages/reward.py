@@ -14,6 +14,7 @@ rankings file) score mean 0, std 1: ``reward_offset`` / ``reward_scale`` go to t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -33,6 +34,7 @@ from ..tokenizer import Message, Tokenizer, encode_prompt
 from ..trainer import DataPlan, Trainer, distributed_env, resolve_device, seed_everything
 from .configs import RewardConfig
 from .common import add_lora, load_start_model, micro_batch_rows, packed_plan, shorten_context, split_holdout
+from .likelihood import WEIGHT_NAMES, LikelihoodTerm, fit_weights, load_likelihood_model, split_example
 
 
 # ---------------------------------------------------------------------------- data
@@ -203,19 +205,25 @@ def score(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str | list[M
           extra: dict[str, Any] | None = None, batch_size: int = 16) -> list[float]:
     """Normalised rewards ``(r - reward_offset) / reward_scale`` of (prompt, response) pairs.
 
-    ``extra`` is the reward checkpoint's ``extra`` (None: raw scores). A prompt is a user string
-    or a messages list; ``finished`` (default all True) appends the end of turn as in training.
+    ``extra`` is the reward checkpoint's ``extra`` (None: raw scores; with ``likelihood``, the
+    reward model's score combined with its language model's features, see :mod:`.likelihood`).
+    A prompt is a user string or a messages list; ``finished`` (default all True) appends the end
+    of turn as in training.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     finished = [True] * len(responses) if finished is None else list(finished)
     T = model.config.block_size
-    seqs = [encode_response(tokenizer, encode_prompt(tokenizer, parse_prompt(p)), r, f, T)[0]
-            for p, r, f in zip(prompts, responses, finished)]
+    prompt_ids = [encode_prompt(tokenizer, parse_prompt(p)) for p in prompts]
+    seqs = [encode_response(tokenizer, p, r, f, T)[0] for p, r, f in zip(prompt_ids, responses, finished)]
     was_training = model.training
     model.eval()
     raw = raw_scores(model, seqs, batch_size, T, tokenizer.pad_id)
     model.train(was_training)
+    likelihood = LikelihoodTerm.from_extra(extra or {}, tokenizer, next(model.parameters()).device, "reward model")
+    if likelihood is not None:
+        features = likelihood.features(prompt_ids, [tokenizer.encode(r) for r in responses], batch_size)
+        raw = likelihood.combine(torch.tensor(raw), features).tolist()
     offset = (extra or {}).get("reward_offset", 0.0)
     scale = (extra or {}).get("reward_scale", 1.0)
     return [(r - offset) / scale for r in raw]
@@ -276,18 +284,60 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     task = RewardTask(cfg, train, val, tok.pad_id, T, device)
     trainer = Trainer(cfg, model, task, stage="reward", tokenizer=tok, model_kind="scalar", data={"data": cfg.data},
                       plan=plan, flops_per_token=model.gpt.flops_per_token(T))
+    likelihood = (load_likelihood_model(cfg.likelihood_from, tok, device, "likelihood_from")
+                  if cfg.likelihood_from else None)  # before training: a wrong path fails at once
     summary = trainer.fit()
-    # SFT responses score mean 0, std 1: PPO's reward scale then does not depend on this run.
     model.eval()
+    examples = [e for g in every for e in g.examples]
     with trainer.autocast():
-        raw = torch.tensor(raw_scores(model, [ids for g in every for ids, _ in g.examples], cfg.batch_size, T,
-                                      tok.pad_id))
+        raw = torch.tensor(raw_scores(model, [ids for ids, _ in examples], cfg.batch_size, T, tok.pad_id))
+        if likelihood is not None:
+            prompts, responses = zip(*map(split_example, examples))
+            features = likelihood.features(prompts, responses, rows=cfg.batch_size)
+            raw = stack_likelihood(likelihood, raw, features, every, train, val, summary)
+            trainer.extra["likelihood"] = likelihood.to_extra(str(Path(cfg.likelihood_from).resolve()))
+    # SFT responses score mean 0, std 1: PPO's reward scale then does not depend on this run.
     trainer.extra.update(reward_offset=float(raw.mean()), reward_scale=float(raw.std().clamp(min=1e-6)))
     trainer.save()
     summary["data"] = {"train": len(train), "val": len(val), "skipped": len(report.bad),
                        "truncated": report.truncated, "responses": len(raw)}
     summary.update(reward_offset=trainer.extra["reward_offset"], reward_scale=trainer.extra["reward_scale"])
     return summary
+
+
+def stack_likelihood(term: LikelihoodTerm, reward: torch.Tensor, features: torch.Tensor, every: list[RankedGroup],
+                     train: list[RankedGroup], val: list[RankedGroup], summary: dict[str, Any]) -> torch.Tensor:
+    """Fit ``term``'s weights and return the combined scores (rows of ``reward``/``features``
+    follow ``every``'s examples).
+
+    The weights are fitted on the held-out pairs: on its own training pairs the reward model is
+    overconfident (it has fitted them), so a fit there trusts it over the features it never saw.
+    ``summary["eval"]`` gets the held-out pairwise accuracy of the reward model alone and of the
+    combination, the latter cross-fitted (each half of the held-out prompts scored with weights
+    fitted on the other half). Without held-out prompts the training pairs are used."""
+    start, offset = {}, 0
+    for g in every:
+        start[id(g)] = offset
+        offset += len(g.examples)
+
+    def pairs(groups: list[RankedGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = [(start[id(g)] + b, start[id(g)] + w) for g in groups for b, w in g.pairs]
+        t = torch.tensor(idx, dtype=torch.long).reshape(-1, 2)
+        return t[:, 0], t[:, 1]
+
+    if len(val) >= 2:
+        halves = (val[::2], val[1::2])
+        right = total = 0
+        for fit_on, test_on in (halves, halves[::-1]):
+            term.weights = fit_weights(reward, features, *pairs(fit_on))
+            combined, (b, w) = term.combine(reward, features), pairs(test_on)
+            right, total = right + int((combined[b] > combined[w]).sum()), total + len(b)
+        b, w = pairs(val)
+        summary.setdefault("eval", {}).update(val_accuracy_reward_model=float((reward[b] > reward[w]).float().mean()),
+                                              val_accuracy=right / max(total, 1))
+    term.weights = fit_weights(reward, features, *pairs(val if len(val) >= 2 else train))
+    summary["likelihood_weights"] = dict(zip(WEIGHT_NAMES, term.weights))
+    return term.combine(reward, features)
 
 
 def read_scoring_file(path: str) -> list[dict]:
