@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fastgpt.checkpoint import load_checkpoint
 from fastgpt.cli import main
 from fastgpt.demo.methods import METHODS
 from fastgpt.demo.pipeline import BUDGETS, DONE, STAGES, run_pipeline
@@ -67,7 +68,13 @@ def test_report_has_table_plots_and_figures(demo_run):
         assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["format_compliance"] <= 1.0
     win = fig["win_rates"]["ppo_vs_sft"]
     assert win["wins"] + win["losses"] + win["ties"] == fig["models"]["ppo"]["n"]
-    assert {"val_accuracy", "labeler_agreement", "correctness_accuracy", "style_accuracy"} <= set(fig["reward"])
+    assert {"val_accuracy", "val_accuracy_reward_model", "labeler_agreement", "correctness_accuracy",
+            "style_accuracy"} <= set(fig["reward"])
+    # the demo's reward reads the base model's likelihood, and PPO reads the same reward
+    reward = json.loads((out / "reward" / DONE).read_text())["summary"]
+    assert set(reward["likelihood_weights"]) == {"reward", "mean_logprob", "min_logprob"}
+    extra = load_checkpoint(out / "reward" / "run")["extra"]
+    assert Path(extra["likelihood"]["checkpoint"]) == (out / "pretrain" / "run").resolve()
     assert "kl_to_sft" in fig["ppo"] and fig["models"]["best_of_16"]["kl_to_sft"] > fig["models"]["best_of_4"]["kl_to_sft"]
     # the over-optimisation curve: SFT at step 0, then every PPO evaluation; best.pt is one of them
     curve = fig["ppo"]["overoptimisation"]

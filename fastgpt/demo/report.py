@@ -79,6 +79,8 @@ def figures(out: Path, records: dict[str, dict[str, Any]], run: dict[str, Any]) 
         "per_task_accuracy": {name: m.get("per_task", {}) for name, m in models.items()},
         "reward": {
             "val_accuracy": reward_acc,
+            # with the likelihood term, val_accuracy is the combined reward's; this is the head's alone
+            "val_accuracy_reward_model": s["reward"].get("eval", {}).get("val_accuracy_reward_model", reward_acc),
             "val_accuracy_ceiling": 1.0 - noise,  # the labels themselves are flipped this often
             "labeler_agreement": agreement.get("accuracy", math.nan),
             "labeler_agreement_pairs": agreement.get("pairs", 0),
@@ -315,7 +317,7 @@ def format_table(fig: dict[str, Any]) -> str:
     rw, best = fig["reward"], fig["ppo"].get("best")
     lines += [
         f"reward model: held-out pairwise accuracy {rw['val_accuracy']:.1%} (noisy labels, ceiling "
-        f"~{rw['val_accuracy_ceiling']:.0%}); agreement with the labeler's true preference {rw['labeler_agreement']:.1%} "
+        f"~{rw['val_accuracy_ceiling']:.0%}; its scalar head alone {rw.get('val_accuracy_reward_model', math.nan):.1%}); agreement with the labeler's true preference {rw['labeler_agreement']:.1%} "
         f"(pairs differing in correctness {rw['correctness_accuracy']:.1%}, in style only {rw['style_accuracy']:.1%})",
         f"PPO best.pt: {_best_step(best)} of {fig['ppo']['steps']} "
         f"(chosen by the labeler's score on {fig['run']['budget']['n_dev']} dev prompts)",
