@@ -80,9 +80,7 @@ class RewardConfig(LoRAConfig, TrainConfig):
     lr: PositiveFloat = 1e-4
     warmup_steps: NonNegative = 10
     eval_interval: NonNegative = 50
-    # A frozen language model (e.g. the pre-trained base) whose log-probs of each response join the
-    # reward as two features, weighted by a fit on the training pairs (fastgpt.stages.likelihood); "" = off
-    likelihood_from: str = ""
+    likelihood_from: str = ""      # a frozen LM checkpoint (e.g. the base model) whose log-probs of each response join the score, weights fitted on held-out pairs; "" = off
 
     RESUME_SAFE: ClassVar[frozenset[str]] = TrainConfig.RESUME_SAFE | {"epochs", "min_steps"}
 
