@@ -63,8 +63,8 @@ from ..trainer import (DataPlan, Trainer, TrainingError, autocast_context, distr
 from .common import (Reference, add_lora, cast_parameters, freeze, load_start_model, reference_generator,
                      reference_model, require_same_tokenizer, set_dropout, split_holdout)
 from .configs import PPOConfig
-from .policy_eval import GoldJudge, RewardFn, evaluate_policy, selection_score
 from .likelihood import LikelihoodTerm
+from .policy_eval import GoldJudge, RewardFn, evaluate_policy, selection_score
 from .reward import raw_scores, response_labels
 
 T = TypeVar("T")
