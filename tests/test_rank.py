@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 import pexpect
@@ -69,9 +70,16 @@ COMPARISONS = [
 ]
 
 
+def _sigint_as_from_a_terminal() -> None:
+    # A background job of a non-interactive shell (CI started with `&`) ignores SIGINT, and an
+    # ignored signal stays ignored across exec: the CLI would never see the Ctrl-C sent here.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(comps, out):
     return pexpect.spawn(sys.executable, ["-m", "fastgpt.cli", "rank", comps, "--out", out], encoding="utf-8",
-                         timeout=30, env={"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"})
+                         timeout=30, env={"PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"},
+                         preexec_fn=_sigint_as_from_a_terminal)
 
 
 def answer(child, text, expect=ASK):
