@@ -65,7 +65,7 @@ from .common import (Reference, add_lora, cast_parameters, freeze, load_start_mo
 from .configs import PPOConfig
 from .likelihood import LikelihoodTerm
 from .policy_eval import GoldJudge, RewardFn, evaluate_policy, selection_score
-from .reward import raw_scores, response_labels
+from .reward import response_labels, reward_scores
 
 T = TypeVar("T")
 
@@ -136,9 +136,7 @@ class RewardModelScorer:
     def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
         block = self.model.config.block_size
         seqs = [(p + r)[-block:] for p, r in zip(prompts, responses)]
-        raw = torch.tensor(raw_scores(self.model, seqs, self.rows, block, self.pad_id))
-        if self.likelihood is not None:
-            raw = self.likelihood.combine(raw, self.likelihood.features(prompts, responses, self.rows))
+        raw = reward_scores(self.model, seqs, prompts, responses, self.rows, self.pad_id, self.likelihood)
         return (raw - self.offset) / self.scale
 
 

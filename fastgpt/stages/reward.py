@@ -200,6 +200,18 @@ def raw_scores(model: nn.Module, sequences: Sequence[list[int]], rows: int, row_
     return out
 
 
+def reward_scores(model: nn.Module, sequences: Sequence[list[int]], prompts: Sequence[list[int]],
+                  responses: Sequence[list[int]], rows: int, pad_id: int,
+                  likelihood: LikelihoodTerm | None = None) -> torch.Tensor:
+    """Unnormalised rewards: the reward model's score of each id sequence (prompt + response cut
+    to its context), plus, when it was trained with one, the likelihood term of the (prompt,
+    response) ids it came from. The one place both ``score`` and PPO's scorer combine them."""
+    raw = torch.tensor(raw_scores(model, sequences, rows, model.config.block_size, pad_id))
+    if likelihood is None:
+        return raw
+    return likelihood.combine(raw, likelihood.features(prompts, responses, rows))
+
+
 def score(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str | list[Message]],
           responses: Sequence[str], finished: Sequence[bool] | None = None,
           extra: dict[str, Any] | None = None, batch_size: int = 16) -> list[float]:
@@ -216,14 +228,12 @@ def score(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str | list[M
     T = model.config.block_size
     prompt_ids = [encode_prompt(tokenizer, parse_prompt(p)) for p in prompts]
     seqs = [encode_response(tokenizer, p, r, f, T)[0] for p, r, f in zip(prompt_ids, responses, finished)]
+    likelihood = LikelihoodTerm.from_extra(extra or {}, tokenizer, next(model.parameters()).device, "reward model")
     was_training = model.training
     model.eval()
-    raw = raw_scores(model, seqs, batch_size, T, tokenizer.pad_id)
+    raw = reward_scores(model, seqs, prompt_ids, [tokenizer.encode(r) for r in responses], batch_size,
+                        tokenizer.pad_id, likelihood).tolist()
     model.train(was_training)
-    likelihood = LikelihoodTerm.from_extra(extra or {}, tokenizer, next(model.parameters()).device, "reward model")
-    if likelihood is not None:
-        features = likelihood.features(prompt_ids, [tokenizer.encode(r) for r in responses], batch_size)
-        raw = likelihood.combine(torch.tensor(raw), features).tolist()
     offset = (extra or {}).get("reward_offset", 0.0)
     scale = (extra or {}).get("reward_scale", 1.0)
     return [(r - offset) / scale for r in raw]
