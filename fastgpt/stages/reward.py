@@ -294,14 +294,17 @@ def train_reward(cfg: RewardConfig) -> dict[str, Any]:
     task = RewardTask(cfg, train, val, tok.pad_id, T, device)
     trainer = Trainer(cfg, model, task, stage="reward", tokenizer=tok, model_kind="scalar", data={"data": cfg.data},
                       plan=plan, flops_per_token=model.gpt.flops_per_token(T))
-    likelihood = (load_likelihood_model(cfg.likelihood_from, tok, device, "likelihood_from")
-                  if cfg.likelihood_from else None)  # before training: a wrong path fails at once
+    # Loaded before training, so that a wrong path or tokenizer fails at once, but on the CPU: the
+    # frozen model needs no device memory until the head has trained.
+    likelihood = (load_likelihood_model(cfg.likelihood_from, tok, "cpu", "likelihood_from")
+                  if cfg.likelihood_from else None)
     summary = trainer.fit()
     model.eval()
     examples = [e for g in every for e in g.examples]
     with trainer.autocast():
         raw = torch.tensor(raw_scores(model, [ids for ids, _ in examples], cfg.batch_size, T, tok.pad_id))
         if likelihood is not None:
+            likelihood.lm.to(device)
             prompts, responses = zip(*map(split_example, examples))
             features = likelihood.features(prompts, responses, rows=cfg.batch_size)
             raw = stack_likelihood(likelihood, raw, features, every, train, val, summary)
