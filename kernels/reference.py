@@ -141,13 +141,19 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     cache_batch_idx int32 (B,) optional: which cache row each query row reads (default b).
     """
     B, Tq, Hq, D = q.shape
+    if q.device.type == "cpu":
+        # Read only the filled part of the cache: on the CPU (where this reference serves generation)
+        # gathering all Tmax positions of every row each step cost more than the attention itself.
+        used = int(cache_seqlens.max())
+        k_cache, v_cache = k_cache[:, :used], v_cache[:, :used]
     if cache_batch_idx is not None:
         k_cache, v_cache = k_cache[cache_batch_idx.long()], v_cache[cache_batch_idx.long()]
     Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     qf = q.float().transpose(1, 2)  # (B, Hq, Tq, D)
-    kf = k_cache.float().transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)
-    vf = v_cache.float().transpose(1, 2).repeat_interleave(Hq // Hkv, dim=1)
+    kf, vf = k_cache.float().transpose(1, 2), v_cache.float().transpose(1, 2)
+    if Hq != Hkv:
+        kf, vf = kf.repeat_interleave(Hq // Hkv, dim=1), vf.repeat_interleave(Hq // Hkv, dim=1)
     scores = qf @ kf.transpose(-1, -2) * scale  # (B, Hq, Tq, Tmax)
     query_pos = cache_seqlens.long()[:, None] - Tq + torch.arange(Tq, device=q.device)  # (B, Tq)
     key_pos = torch.arange(Tmax, device=q.device)
