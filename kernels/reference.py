@@ -144,6 +144,7 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     if q.device.type == "cpu":
         # Read only the filled part of the cache: on the CPU (where this reference serves generation)
         # gathering all Tmax positions of every row each step cost more than the attention itself.
+        # Not on CUDA: the length is a host sync there, which a captured CUDA graph cannot hold.
         used = int(cache_seqlens.max())
         k_cache, v_cache = k_cache[:, :used], v_cache[:, :used]
     if cache_batch_idx is not None:
