@@ -57,7 +57,7 @@ class Budget:
     # the same tokens and CPU time: the tiny model learns to copy a question's subject (a number,
     # a word) into its answer only after ~1,000 optimizer steps, and a base model that cannot
     # copy makes SFT answers restate the wrong subject, which the reward's likelihood term then
-    # cannot judge (README, "Copying needs steps")
+    # cannot judge (README, "Copying needs optimizer steps")
     pretrain_steps: int = 1300
     pretrain_batch: int = 8
     pretrain_lr: float = 3e-3
